@@ -1,0 +1,260 @@
+//! Address newtypes and page sizes.
+//!
+//! Three address spaces meet in vmbind, and mixing them up is the classic bug of DMA code:
+//!
+//! - [`PhysAddr`]: an address in [`crate::mem::PhysMem`], the "physical memory" of the model;
+//! - [`DmaAddr`]: what a device puts on the bus: an IOVA when an IOMMU translates, else a bus
+//!   address equal to the physical one;
+//! - [`GpuVa`]: a GPU virtual address, translated by the GPU page table.
+//!
+//! Each is a distinct type with checked arithmetic only (in the manner of rust-vmm's
+//! `vm-memory` address traits): an operation that would wrap returns `None`.
+#![forbid(unsafe_code)]
+
+use core::fmt;
+
+/// The page sizes a radix table of 512-entry levels can map with one leaf.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PageSize {
+    /// 4 KiB, a leaf at level 0.
+    Size4K,
+    /// 2 MiB, a leaf at level 1.
+    Size2M,
+    /// 1 GiB, a leaf at level 2.
+    Size1G,
+}
+
+impl PageSize {
+    /// All sizes, smallest first.
+    pub const ALL: [PageSize; 3] = [PageSize::Size4K, PageSize::Size2M, PageSize::Size1G];
+
+    /// Size in bytes.
+    #[must_use]
+    pub const fn bytes(self) -> u64 {
+        1 << self.shift()
+    }
+
+    /// log2 of the size in bytes.
+    #[must_use]
+    pub const fn shift(self) -> u32 {
+        match self {
+            PageSize::Size4K => 12,
+            PageSize::Size2M => 21,
+            PageSize::Size1G => 30,
+        }
+    }
+
+    /// The table level whose entries map this size (0 = the 4 KiB leaf table).
+    #[must_use]
+    pub const fn level(self) -> u8 {
+        match self {
+            PageSize::Size4K => 0,
+            PageSize::Size2M => 1,
+            PageSize::Size1G => 2,
+        }
+    }
+
+    /// The page size mapped by one entry at `level`, if a leaf can live there.
+    #[must_use]
+    pub const fn from_level(level: u8) -> Option<PageSize> {
+        match level {
+            0 => Some(PageSize::Size4K),
+            1 => Some(PageSize::Size2M),
+            2 => Some(PageSize::Size1G),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for PageSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PageSize::Size4K => "4KiB",
+            PageSize::Size2M => "2MiB",
+            PageSize::Size1G => "1GiB",
+        })
+    }
+}
+
+/// The base page size, 4 KiB.
+pub const PAGE_SIZE: u64 = 4096;
+/// log2 of [`PAGE_SIZE`].
+pub const PAGE_SHIFT: u32 = 12;
+
+/// Behaviour shared by the address newtypes, so that generic code (the page-table engine is
+/// generic over the address space it translates) can take any of them.
+pub trait Address: Copy + Eq + Ord + fmt::Debug + fmt::Display + Send + Sync + 'static {
+    /// Wraps a raw value.
+    fn new(raw: u64) -> Self;
+    /// The raw value.
+    fn as_u64(self) -> u64;
+}
+
+macro_rules! address_type {
+    ($(#[$doc:meta])* $name:ident, $label:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        #[repr(transparent)]
+        pub struct $name(u64);
+
+        impl $name {
+            /// The address zero.
+            pub const ZERO: $name = $name(0);
+
+            /// Wraps a raw value.
+            #[must_use]
+            pub const fn new(raw: u64) -> Self {
+                $name(raw)
+            }
+
+            /// The raw value.
+            #[must_use]
+            pub const fn as_u64(self) -> u64 {
+                self.0
+            }
+
+            /// `self + bytes`, or `None` on overflow.
+            #[must_use]
+            pub const fn checked_add(self, bytes: u64) -> Option<Self> {
+                match self.0.checked_add(bytes) {
+                    Some(v) => Some($name(v)),
+                    None => None,
+                }
+            }
+
+            /// `self - bytes`, or `None` on underflow.
+            #[must_use]
+            pub const fn checked_sub(self, bytes: u64) -> Option<Self> {
+                match self.0.checked_sub(bytes) {
+                    Some(v) => Some($name(v)),
+                    None => None,
+                }
+            }
+
+            /// Bytes from `base` up to `self`, or `None` when `self < base`.
+            #[must_use]
+            pub const fn offset_from(self, base: Self) -> Option<u64> {
+                self.0.checked_sub(base.0)
+            }
+
+            /// Whether the address is a multiple of `align` (a power of two).
+            #[must_use]
+            pub const fn is_aligned(self, align: u64) -> bool {
+                debug_assert!(align.is_power_of_two());
+                self.0 & (align - 1) == 0
+            }
+
+            /// Rounds down to a multiple of `align` (a power of two).
+            #[must_use]
+            pub const fn align_down(self, align: u64) -> Self {
+                debug_assert!(align.is_power_of_two());
+                $name(self.0 & !(align - 1))
+            }
+
+            /// Rounds up to a multiple of `align` (a power of two), or `None` on overflow.
+            #[must_use]
+            pub const fn align_up(self, align: u64) -> Option<Self> {
+                debug_assert!(align.is_power_of_two());
+                match self.0.checked_add(align - 1) {
+                    Some(v) => Some($name(v & !(align - 1))),
+                    None => None,
+                }
+            }
+
+            /// The offset within a page of `size`.
+            #[must_use]
+            pub const fn page_offset(self, size: PageSize) -> u64 {
+                self.0 & (size.bytes() - 1)
+            }
+        }
+
+        impl Address for $name {
+            fn new(raw: u64) -> Self {
+                $name(raw)
+            }
+            fn as_u64(self) -> u64 {
+                self.0
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!($label, "({:#x})"), self.0)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!($label, " {:#x}"), self.0)
+            }
+        }
+
+        impl fmt::LowerHex for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::LowerHex::fmt(&self.0, f)
+            }
+        }
+    };
+}
+
+address_type!(
+    /// A physical address: an offset into [`crate::mem::PhysMem`] (whose address 0 is never
+    /// handed out), or any machine physical address a table may point at.
+    PhysAddr,
+    "phys"
+);
+address_type!(
+    /// A DMA (bus) address: an IOVA when an IOMMU translates, else equal to the physical address.
+    DmaAddr,
+    "dma"
+);
+address_type!(
+    /// A GPU virtual address.
+    GpuVa,
+    "gpuva"
+);
+
+/// `base + len` as an exclusive end, or `None` when it overflows `u64`.
+#[must_use]
+pub const fn checked_end(base: u64, len: u64) -> Option<u64> {
+    base.checked_add(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checked_arithmetic_reports_overflow_instead_of_wrapping() {
+        assert_eq!(PhysAddr::new(u64::MAX).checked_add(1), None);
+        assert_eq!(DmaAddr::new(0).checked_sub(1), None);
+        assert_eq!(GpuVa::new(u64::MAX - 10).align_up(PAGE_SIZE), None);
+        assert_eq!(
+            PhysAddr::new(0x1234).align_down(PAGE_SIZE),
+            PhysAddr::new(0x1000)
+        );
+        assert_eq!(
+            PhysAddr::new(0x1234).align_up(PAGE_SIZE),
+            Some(PhysAddr::new(0x2000))
+        );
+        assert_eq!(
+            PhysAddr::new(0x3000).offset_from(PhysAddr::new(0x1000)),
+            Some(0x2000)
+        );
+        assert_eq!(
+            PhysAddr::new(0x1000).offset_from(PhysAddr::new(0x3000)),
+            None
+        );
+    }
+
+    #[test]
+    fn page_sizes_match_their_levels() {
+        for s in PageSize::ALL {
+            assert_eq!(PageSize::from_level(s.level()), Some(s));
+            assert_eq!(s.bytes(), 1 << (12 + 9 * u32::from(s.level())));
+        }
+        assert_eq!(PageSize::from_level(3), None);
+        assert!(PhysAddr::new(0x20_0000).is_aligned(PageSize::Size2M.bytes()));
+        assert_eq!(GpuVa::new(0x20_1234).page_offset(PageSize::Size2M), 0x1234);
+    }
+}

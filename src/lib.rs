@@ -1,0 +1,17 @@
+//! # vmbind
+//!
+//! Populate GPU page tables from DMA-mapped memory, fast: a userspace model, at full speed, of
+//! what the Linux kernel does to let a device reach memory — the two-step DMA API on a software
+//! IOMMU, batched `bio_vec` mapping with one radix walk, a drm_gpuvm-style GPU VM manager whose
+//! tables fill like NVMe PRP lists, VM_BIND-style bind queues, and Vulkan import.
+//!
+//! Layers, each using only those above it in this list (see `DESIGN.md`):
+//!
+//! - [`addr`]: address newtypes and page sizes;
+//! - [`mem`]: [`mem::PhysMem`], the arena of "physical memory", and [`mem::BioVec`];
+//! - [`pt`]: the one radix page-table engine, generic over an entry [`pt::Format`].
+#![warn(missing_docs)]
+
+pub mod addr;
+pub mod mem;
+pub mod pt;
