@@ -847,21 +847,25 @@ impl<F: Format> PageTable<F> {
         let i1 = i0 + ((end - 1 - (va & !(s - 1))) >> shift(level)) as usize + 1;
         if level == 0 {
             let entries = &t[i0..i1];
-            let mut present = 0u64;
-            if doomed {
-                for e in entries {
-                    present += u64::from(F::is_present(e.load(Ordering::Relaxed)));
-                }
-            } else {
-                for e in entries {
-                    if F::is_present(e.load(Ordering::Relaxed)) {
-                        present += 1;
+            let (mut present, mut first, mut last) = (0u64, usize::MAX, 0usize);
+            for (k, e) in entries.iter().enumerate() {
+                if F::is_present(e.load(Ordering::Relaxed)) {
+                    present += 1;
+                    first = first.min(k);
+                    last = k;
+                    if !doomed {
                         e.store(0, Ordering::Release);
                     }
                 }
             }
             if present > 0 {
-                inv.add(va, end - va, present * PAGE_SIZE, 0);
+                let lo = va + first as u64 * PAGE_SIZE;
+                inv.add(
+                    lo,
+                    (last - first + 1) as u64 * PAGE_SIZE,
+                    present * PAGE_SIZE,
+                    0,
+                );
             }
             return;
         }
