@@ -1,1 +1,191 @@
-fn main() {}
+//! The side-by-side report: vmbind and its peers on the same pages, in the same process, with
+//! interleaved samples.
+//!
+//! `cargo bench --bench report -- [--quick] [--json FILE] [FILTER]`
+//!
+//! Absolute times drift on shared machines; the ratios printed at the end are what to read.
+
+#[path = "common/harness.rs"]
+mod harness;
+#[path = "common/peers.rs"]
+mod peers;
+
+use std::sync::Arc;
+
+use harness::{Report, timed};
+use peers::arm::{Arm, ArmConstraints};
+use peers::x86::X86;
+use vmbind::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
+use vmbind::mem::{PhysMem, SplitMix64};
+use vmbind::pt::{MapOptions, MapSource, PageTable, Prot, X86Iommu};
+
+/// 1 GiB of 4 KiB pages.
+const PAGES: usize = 262_144;
+const LEN: u64 = PAGES as u64 * PAGE_SIZE;
+const IOVA: u64 = 1 << 32;
+const PER_PAGE: &str = "ns/4KiB page";
+
+fn main() {
+    let (mut r, json) = Report::from_args();
+    // 2 GiB arena, committed lazily: data frames are never written, only their addresses mapped.
+    let mem = Arc::new(PhysMem::new(2 << 30).unwrap());
+    let frames = mem.alloc_scattered(PAGES, 0x5eed).unwrap();
+    r.header();
+    pt_cases(&mut r, &mem, &frames);
+    raw_case(&mut r);
+    println!("\nratios (higher = vmbind faster unless noted):");
+    for peer in ["x86_64", "aarch64-paging"] {
+        let label = format!("pt/map_4k_scattered {peer} / vmbind");
+        r.ratio(&label, ("pt/map_4k_scattered", peer), ("pt/map_4k_scattered", "vmbind"));
+    }
+    let label = "pt/map_4k_scattered vmbind / raw store (lower better)";
+    r.ratio(label, ("pt/map_4k_scattered", "vmbind"), ("raw/store_8b", "raw"));
+    for (case, peer) in [
+        ("pt/map_4k_contiguous", "aarch64-paging"),
+        ("pt/map_4k_contiguous", "x86_64"),
+        ("pt/map_huge", "aarch64-paging"),
+        ("pt/translate", "x86_64"),
+        ("pt/unmap_4k", "x86_64"),
+    ] {
+        r.ratio(&format!("{case} {peer} / vmbind"), (case, peer), (case, "vmbind"));
+    }
+    if let Some(path) = json {
+        r.write_json(&path).unwrap();
+        println!("wrote {path}");
+    }
+}
+
+fn pt_cases(r: &mut Report, mem: &Arc<PhysMem>, frames: &[PhysAddr]) {
+    let pt = PageTable::<X86Iommu>::new(mem.clone()).unwrap();
+    let iova = DmaAddr::new(IOVA);
+    let units = PAGES as f64;
+    // Untimed: empty the range (and give the tables back) before each timed map.
+    let clear = || pt.unmap(iova, LEN).unwrap().complete();
+
+    let case = "pt/map_4k_scattered";
+    if r.wants(case) {
+        let n = r.samples(15.0);
+        let vm = timed(clear, |()| {
+            pt.map(iova, MapSource::Pages(frames), Prot::RW, MapOptions::default()).unwrap()
+        });
+        let x86 = timed(
+            || X86::new(mem),
+            |mut x| {
+                x.map_pages(IOVA, frames);
+                x
+            },
+        );
+        let arm = timed(
+            || Arm::new(mem),
+            |mut a| {
+                a.map_pages(IOVA, frames);
+                a
+            },
+        );
+        r.compare(case, PER_PAGE, units, n, vec![("vmbind", vm), ("x86_64", x86), ("aarch64-paging", arm)]);
+    }
+
+    let case = "pt/map_4k_contiguous";
+    if r.wants(case) {
+        let pa = PhysAddr::new(1 << 30);
+        let n = r.samples(8.0);
+        let range = MapSource::Range { pa, len: LEN };
+        let vm = timed(clear, |()| pt.map(iova, range, Prot::RW, MapOptions::FORCE_4K).unwrap());
+        let arm = timed(
+            || Arm::new(mem),
+            |mut a| {
+                a.map_range(IOVA, pa.as_u64(), LEN, ArmConstraints::NO_BLOCK_MAPPINGS);
+                a
+            },
+        );
+        let x86 = timed(
+            || X86::new(mem),
+            |mut x| {
+                x.map_contiguous(IOVA, pa.as_u64(), PAGES as u64);
+                x
+            },
+        );
+        r.compare(case, PER_PAGE, units, n, vec![("vmbind", vm), ("aarch64-paging", arm), ("x86_64", x86)]);
+    }
+
+    let case = "pt/map_huge";
+    if r.wants(case) {
+        // 2 MiB aligned but not 1 GiB aligned: both engines build 512 2 MiB leaves.
+        let pa = PhysAddr::new((1 << 30) + (2 << 20));
+        let n = r.samples(0.02);
+        let range = MapSource::Range { pa, len: LEN };
+        let vm = timed(clear, |()| pt.map(iova, range, Prot::RW, MapOptions::default()).unwrap());
+        let arm = timed(
+            || Arm::new(mem),
+            |mut a| {
+                a.map_range(IOVA, pa.as_u64(), LEN, ArmConstraints::empty());
+                a
+            },
+        );
+        r.compare(case, PER_PAGE, units, n, vec![("vmbind", vm), ("aarch64-paging", arm)]);
+    }
+
+    let case = "pt/unmap_4k";
+    if r.wants(case) {
+        let n = r.samples(8.0);
+        let vm = timed(
+            || {
+                clear();
+                pt.map(iova, MapSource::Pages(frames), Prot::RW, MapOptions::default()).unwrap();
+            },
+            |()| pt.unmap(iova, LEN).unwrap().complete(),
+        );
+        let x86 = timed(
+            || {
+                let mut x = X86::new(mem);
+                x.map_pages(IOVA, frames);
+                x
+            },
+            |mut x| {
+                x.unmap_pages(IOVA, PAGES as u64);
+                x
+            },
+        );
+        r.compare(case, PER_PAGE, units, n, vec![("vmbind", vm), ("x86_64", x86)]);
+    }
+
+    let case = "pt/translate";
+    if r.wants(case) {
+        let mut rng = SplitMix64::new(42);
+        let probes: Vec<u64> = (0..PAGES).map(|_| (IOVA + rng.below(LEN)) & !7).collect();
+        clear();
+        pt.map(iova, MapSource::Pages(frames), Prot::RW, MapOptions::default()).unwrap();
+        let mut x = X86::new(mem);
+        x.map_pages(IOVA, frames);
+        let n = r.samples(3.0);
+        let probes = &probes;
+        let vm = timed(
+            || (),
+            |()| {
+                probes.iter().fold(0u64, |acc, &va| acc ^ pt.translate(DmaAddr::new(va)).unwrap().pa.as_u64())
+            },
+        );
+        let x86 = timed(|| (), |()| probes.iter().fold(0u64, |acc, &va| acc ^ x.translate(va).unwrap()));
+        r.compare(case, "ns/lookup", probes.len() as f64, n, vec![("vmbind", vm), ("x86_64", x86)]);
+        clear();
+    }
+}
+
+fn raw_case(r: &mut Report) {
+    let case = "raw/store_8b";
+    if !r.wants(case) {
+        return;
+    }
+    let mut buf = vec![0u64; PAGES];
+    let n = r.samples(0.1);
+    let raw = timed(
+        || (),
+        |()| {
+            for (i, e) in buf.iter_mut().enumerate() {
+                *e = ((i as u64) << 12) | 3;
+            }
+            std::hint::black_box(&buf);
+        },
+    );
+    r.compare(case, "ns/store", PAGES as f64, n, vec![("raw", raw)]);
+}

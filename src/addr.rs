@@ -229,22 +229,10 @@ mod tests {
         assert_eq!(PhysAddr::new(u64::MAX).checked_add(1), None);
         assert_eq!(DmaAddr::new(0).checked_sub(1), None);
         assert_eq!(GpuVa::new(u64::MAX - 10).align_up(PAGE_SIZE), None);
-        assert_eq!(
-            PhysAddr::new(0x1234).align_down(PAGE_SIZE),
-            PhysAddr::new(0x1000)
-        );
-        assert_eq!(
-            PhysAddr::new(0x1234).align_up(PAGE_SIZE),
-            Some(PhysAddr::new(0x2000))
-        );
-        assert_eq!(
-            PhysAddr::new(0x3000).offset_from(PhysAddr::new(0x1000)),
-            Some(0x2000)
-        );
-        assert_eq!(
-            PhysAddr::new(0x1000).offset_from(PhysAddr::new(0x3000)),
-            None
-        );
+        assert_eq!(PhysAddr::new(0x1234).align_down(PAGE_SIZE), PhysAddr::new(0x1000));
+        assert_eq!(PhysAddr::new(0x1234).align_up(PAGE_SIZE), Some(PhysAddr::new(0x2000)));
+        assert_eq!(PhysAddr::new(0x3000).offset_from(PhysAddr::new(0x1000)), Some(0x2000));
+        assert_eq!(PhysAddr::new(0x1000).offset_from(PhysAddr::new(0x3000)), None);
     }
 
     #[test]

@@ -35,10 +35,7 @@ fn threads_mapping_disjoint_and_overlapping_ranges_end_consistent() {
                     let pa = PhysAddr::new((t + 1) << 32);
                     match pt.map(
                         DmaAddr::new(shared),
-                        MapSource::Range {
-                            pa,
-                            len: 16 * PAGE_SIZE,
-                        },
+                        MapSource::Range { pa, len: 16 * PAGE_SIZE },
                         Prot::RW,
                         MapOptions::default(),
                     ) {
@@ -51,18 +48,13 @@ fn threads_mapping_disjoint_and_overlapping_ranges_end_consistent() {
                     let va = base + rng.below(16 * 512) * PAGE_SIZE;
                     let n = 1 + rng.below(600);
                     let n = n.min((base + 32 * MIB2 - va) / PAGE_SIZE);
-                    let pages: Vec<PhysAddr> = (0..n)
-                        .map(|_| PhysAddr::new((1 + rng.below(1 << 28)) << 12))
-                        .collect();
+                    let pages: Vec<PhysAddr> =
+                        (0..n).map(|_| PhysAddr::new((1 + rng.below(1 << 28)) << 12)).collect();
                     let free = (va..va + n * PAGE_SIZE)
                         .step_by(PAGE_SIZE as usize)
                         .all(|p| !oracle.contains_key(&p));
-                    let r = pt.map(
-                        DmaAddr::new(va),
-                        MapSource::Pages(&pages),
-                        Prot::RW,
-                        MapOptions::default(),
-                    );
+                    let r =
+                        pt.map(DmaAddr::new(va), MapSource::Pages(&pages), Prot::RW, MapOptions::default());
                     assert_eq!(r.is_ok(), free, "thread {t} round {round}");
                     if free {
                         for (i, pa) in pages.iter().enumerate() {
@@ -72,10 +64,7 @@ fn threads_mapping_disjoint_and_overlapping_ranges_end_consistent() {
                     let uva = base + rng.below(16 * 512) * PAGE_SIZE;
                     let un = (1 + rng.below(800)).min((base + 32 * MIB2 - uva) / PAGE_SIZE);
                     let inv = pt.unmap(DmaAddr::new(uva), un * PAGE_SIZE).unwrap();
-                    let gone: Vec<u64> = oracle
-                        .range(uva..uva + un * PAGE_SIZE)
-                        .map(|(&k, _)| k)
-                        .collect();
+                    let gone: Vec<u64> = oracle.range(uva..uva + un * PAGE_SIZE).map(|(&k, _)| k).collect();
                     assert_eq!(inv.unmapped_bytes(), gone.len() as u64 * PAGE_SIZE);
                     inv.complete();
                     for k in gone {
@@ -90,11 +79,7 @@ fn threads_mapping_disjoint_and_overlapping_ranges_end_consistent() {
     for h in handles {
         all.extend(h.join().unwrap());
     }
-    assert_eq!(
-        shared_wins.load(Ordering::Relaxed),
-        rounds as usize,
-        "one winner per round"
-    );
+    assert_eq!(shared_wins.load(Ordering::Relaxed), rounds as usize, "one winner per round");
     for t in 0..THREADS {
         for page in (t * 32 * MIB2..(t + 1) * 32 * MIB2).step_by(PAGE_SIZE as usize) {
             let got = pt.translate(DmaAddr::new(page)).map(|x| x.pa.as_u64());
@@ -102,9 +87,7 @@ fn threads_mapping_disjoint_and_overlapping_ranges_end_consistent() {
         }
     }
     for round in 0..rounds {
-        let t = pt
-            .translate(DmaAddr::new((1 << 40) + round * MIB2 + 5))
-            .unwrap();
+        let t = pt.translate(DmaAddr::new((1 << 40) + round * MIB2 + 5)).unwrap();
         assert_eq!(t.pa.as_u64() & 0xffff_ffff, 5);
     }
     pt.unmap(DmaAddr::new(0), 1 << 41).unwrap().complete();
@@ -142,10 +125,7 @@ fn lock_free_translations_during_maps_see_all_or_nothing_of_each_page() {
         for i in 0..16u64 {
             pt.map(
                 DmaAddr::new((r << 30) + i * MIB2),
-                MapSource::Range {
-                    pa: PhysAddr::new((r * 16 + i + 1) << 24),
-                    len: 64 * PAGE_SIZE,
-                },
+                MapSource::Range { pa: PhysAddr::new((r * 16 + i + 1) << 24), len: 64 * PAGE_SIZE },
                 Prot::READ,
                 MapOptions::default(),
             )

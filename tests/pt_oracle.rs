@@ -63,8 +63,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         let a = align_of(k);
         (r % (WINDOW / a)) * a
     });
-    let pages =
-        (prop_oneof![8 => 0u8..3, 1 => Just(3u8)], any::<u64>()).prop_map(|(k, n)| pages_of(k, n));
+    let pages = (prop_oneof![8 => 0u8..3, 1 => Just(3u8)], any::<u64>()).prop_map(|(k, n)| pages_of(k, n));
     prop_oneof![
         4 => (va.clone(), 0u8..3, any::<u64>(), pages.clone(), prot_strategy(), proptest::bool::weighted(0.2))
             .prop_map(|(va, k, r, pages, prot, force_4k)| {
@@ -80,9 +79,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 
 fn scattered(seed: u64, n: u64) -> Vec<PhysAddr> {
     let mut rng = vmbind::mem::SplitMix64::new(seed);
-    (0..n)
-        .map(|_| PhysAddr::new((1 + rng.below(1 << 30)) << 12))
-        .collect()
+    (0..n).map(|_| PhysAddr::new((1 + rng.below(1 << 30)) << 12)).collect()
 }
 
 struct Model {
@@ -96,62 +93,31 @@ impl Model {
     fn new() -> Self {
         let mem = Arc::new(PhysMem::new(1 << 30).unwrap());
         let pt = PageTable::new(mem.clone()).unwrap();
-        Model {
-            mem,
-            pt,
-            oracle: BTreeMap::new(),
-            touched: Vec::new(),
-        }
+        Model { mem, pt, oracle: BTreeMap::new(), touched: Vec::new() }
     }
 
     fn mapped_in(&self, va: u64, pages: u64) -> Option<u64> {
-        self.oracle
-            .range(va..va + pages * PAGE_SIZE)
-            .next()
-            .map(|(&k, _)| k)
+        self.oracle.range(va..va + pages * PAGE_SIZE).next().map(|(&k, _)| k)
     }
 
     fn apply(&mut self, op: &Op) {
         match *op {
-            Op::MapRange {
-                va,
-                pa,
-                pages,
-                prot,
-                force_4k,
-            } => {
+            Op::MapRange { va, pa, pages, prot, force_4k } => {
                 let pages = pages.min((WINDOW - va) / PAGE_SIZE).max(1);
                 let len = pages * PAGE_SIZE;
-                let opts = if force_4k {
-                    MapOptions::FORCE_4K
-                } else {
-                    MapOptions::default()
-                };
+                let opts = if force_4k { MapOptions::FORCE_4K } else { MapOptions::default() };
                 let r = self.pt.map(
                     DmaAddr::new(va),
-                    MapSource::Range {
-                        pa: PhysAddr::new(pa),
-                        len,
-                    },
+                    MapSource::Range { pa: PhysAddr::new(pa), len },
                     prot,
                     opts,
                 );
                 self.check_map(va, pages, r, |i| pa + i * PAGE_SIZE, prot);
             }
-            Op::MapPages {
-                va,
-                seed,
-                pages,
-                prot,
-            } => {
+            Op::MapPages { va, seed, pages, prot } => {
                 let pages = pages.min((WINDOW - va) / PAGE_SIZE).max(1);
                 let list = scattered(seed, pages);
-                let r = self.pt.map(
-                    DmaAddr::new(va),
-                    MapSource::Pages(&list),
-                    prot,
-                    MapOptions::default(),
-                );
+                let r = self.pt.map(DmaAddr::new(va), MapSource::Pages(&list), prot, MapOptions::default());
                 self.check_map(va, pages, r, |i| list[i as usize].as_u64(), prot);
             }
             Op::Unmap { va, pages } => {
@@ -185,12 +151,7 @@ impl Model {
         prot: Prot,
     ) {
         match self.mapped_in(va, pages) {
-            Some(first) => assert_eq!(
-                r,
-                Err(MapError::AlreadyMapped {
-                    va: DmaAddr::new(first)
-                })
-            ),
+            Some(first) => assert_eq!(r, Err(MapError::AlreadyMapped { va: DmaAddr::new(first) })),
             None => {
                 let stats = r.unwrap();
                 assert_eq!(stats.bytes, pages * PAGE_SIZE);
@@ -206,10 +167,8 @@ impl Model {
         for &(va, pages) in &self.touched {
             for i in 0..pages {
                 let page = va + i * PAGE_SIZE;
-                let got = self
-                    .pt
-                    .translate(DmaAddr::new(page + 0x18))
-                    .map(|t| (t.pa.as_u64() - 0x18, t.prot));
+                let got =
+                    self.pt.translate(DmaAddr::new(page + 0x18)).map(|t| (t.pa.as_u64() - 0x18, t.prot));
                 assert_eq!(got, self.oracle.get(&page).copied(), "page {page:#x}");
             }
         }

@@ -5,10 +5,19 @@
 //! uncommitted until its frames are written. Free lists are stacks with lazy deletion: a merged
 //! buddy's stale stack entry is dropped when popped, because the per-frame `free_order` byte is
 //! the single source of truth. Stacks are compacted when stale entries outnumber live ones.
+//!
+//! Like Linux's per-CPU page lists, freed single frames first go to a "hot" list without merging
+//! and are handed out again first: a page table that frees and re-creates its tables keeps
+//! reusing frames that are already committed and cached, instead of touching fresh memory. The
+//! hot list is drained into the buddy lists when it grows past [`HOT_MAX`] or when a larger block
+//! cannot be found otherwise.
 #![forbid(unsafe_code)]
 
 /// Highest order: 2^18 frames = 1 GiB.
 pub const MAX_ORDER: u8 = 18;
+
+/// Most frames kept on the hot list before half of it is merged back.
+pub const HOT_MAX: usize = 1024;
 
 /// Why the frame allocator refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +37,7 @@ pub struct Buddy {
     alloc_order: Vec<u8>,
     stacks: Vec<Vec<u32>>,
     live: Vec<u32>,
+    hot: Vec<u32>,
     free_frames: u64,
     reserved: u64,
 }
@@ -43,6 +53,7 @@ impl Buddy {
             alloc_order: vec![0; n],
             stacks: vec![Vec::new(); usize::from(MAX_ORDER) + 1],
             live: vec![0; usize::from(MAX_ORDER) + 1],
+            hot: Vec::new(),
             free_frames: 0,
             reserved: 0,
         };
@@ -112,21 +123,29 @@ impl Buddy {
             return Err(FrameError::Exhausted);
         }
         let need = 1u64 << order;
-        let ok = if from_reserve {
-            need <= self.reserved
-        } else {
-            need <= self.available()
-        };
+        let ok = if from_reserve { need <= self.reserved } else { need <= self.available() };
         if !ok {
             return Err(FrameError::Exhausted);
         }
+        if order == 0 {
+            if let Some(f) = self.hot.pop() {
+                return Ok(self.take(f, 0, from_reserve));
+            }
+        }
+        let mut drained = false;
         let mut k = order;
         let head = loop {
             if let Some(f) = self.pop_free(k) {
                 break f;
             }
             if k == MAX_ORDER {
-                return Err(FrameError::Exhausted);
+                if drained || self.hot.is_empty() {
+                    return Err(FrameError::Exhausted);
+                }
+                self.drain_hot(0);
+                drained = true;
+                k = order;
+                continue;
             }
             k += 1;
         };
@@ -134,12 +153,26 @@ impl Buddy {
             k -= 1;
             self.push_free(head + (1 << k), k);
         }
+        Ok(self.take(head, order, from_reserve))
+    }
+
+    fn take(&mut self, head: u32, order: u8, from_reserve: bool) -> u32 {
+        let need = 1u64 << order;
         self.alloc_order[head as usize] = order + 1;
         self.free_frames -= need;
         if from_reserve {
             self.reserved -= need;
         }
-        Ok(head)
+        head
+    }
+
+    /// Merges hot frames back into the buddy lists until `keep` remain.
+    fn drain_hot(&mut self, keep: usize) {
+        while self.hot.len() > keep {
+            if let Some(f) = self.hot.pop() {
+                self.merge_free(f, 0);
+            }
+        }
     }
 
     /// Frees a block allocated by [`Buddy::alloc`] with the same order.
@@ -149,6 +182,18 @@ impl Buddy {
         }
         self.alloc_order[frame as usize] = 0;
         self.free_frames += 1u64 << order;
+        if order == 0 {
+            self.hot.push(frame);
+            if self.hot.len() > HOT_MAX {
+                self.drain_hot(HOT_MAX / 2);
+            }
+        } else {
+            self.merge_free(frame, order);
+        }
+        Ok(())
+    }
+
+    fn merge_free(&mut self, frame: u32, order: u8) {
         let mut head = frame;
         let mut k = order;
         while k < MAX_ORDER {
@@ -164,7 +209,6 @@ impl Buddy {
             k += 1;
         }
         self.push_free(head, k);
-        Ok(())
     }
 
     /// Promises `n` frames to a reservation: later plain allocations cannot take them.
@@ -206,7 +250,7 @@ mod tests {
         for f in frames {
             b.free(f, 0).unwrap();
         }
-        // The top half is one order-9 block again.
+        // The top half is one order-9 block again (the hot list is merged back on demand).
         let big = b.alloc(9, false).unwrap();
         assert_eq!(big, 512);
         assert_eq!(b.free(big, 8), Err(FrameError::NotAllocated));

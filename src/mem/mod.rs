@@ -128,10 +128,7 @@ unsafe impl Sync for PhysMem {}
 
 impl core::fmt::Debug for PhysMem {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("PhysMem")
-            .field("size", &self.size)
-            .field("usage", &self.usage())
-            .finish()
+        f.debug_struct("PhysMem").field("size", &self.size).field("usage", &self.usage()).finish()
     }
 }
 
@@ -147,7 +144,7 @@ impl PhysMem {
     /// [`MemError::BadSize`] for a size that is not a 4 KiB multiple, below 8 KiB or at least
     /// 16 TiB; [`MemError::Mmap`] when the OS refuses the mapping.
     pub fn new(size: u64) -> Result<Self, MemError> {
-        if size % PAGE_SIZE != 0 || size < 2 * PAGE_SIZE || size >= (1u64 << 44) {
+        if size % PAGE_SIZE != 0 || !(2 * PAGE_SIZE..(1u64 << 44)).contains(&size) {
             return Err(MemError::BadSize { size });
         }
         let len = usize::try_from(size).map_err(|_| MemError::BadSize { size })?;
@@ -167,13 +164,12 @@ impl PhysMem {
             let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
             return Err(MemError::Mmap { size, errno });
         }
+        // Best effort: transparent huge pages make walks over a large arena cheaper.
+        // SAFETY: advice on the mapping just made; it cannot change its contents.
+        let _ = unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
         let base = NonNull::new(ptr.cast::<u8>()).ok_or(MemError::Mmap { size, errno: 0 })?;
         let nframes = u32::try_from(size >> PAGE_SHIFT).map_err(|_| MemError::BadSize { size })?;
-        Ok(PhysMem {
-            base,
-            size,
-            frames: Mutex::new(Buddy::new(nframes)),
-        })
+        Ok(PhysMem { base, size, frames: Mutex::new(Buddy::new(nframes)) })
     }
 
     /// The arena size in bytes.
@@ -194,10 +190,7 @@ impl PhysMem {
     }
 
     fn oom(b: &Buddy, requested: u64) -> MemError {
-        MemError::OutOfMemory {
-            requested,
-            available: b.available(),
-        }
+        MemError::OutOfMemory { requested, available: b.available() }
     }
 
     /// Allocates one 4 KiB frame. Its contents are whatever was there before.
@@ -253,13 +246,11 @@ impl PhysMem {
     pub fn alloc_contig(&self, size: PageSize) -> Result<PhysAddr, MemError> {
         let order = (size.shift() - PAGE_SHIFT) as u8;
         let mut b = self.frames.lock();
-        b.alloc(order, false)
-            .map(to_pa)
-            .map_err(|_| Self::oom(&b, 1 << order))
+        b.alloc(order, false).map(to_pa).map_err(|_| Self::oom(&b, 1 << order))
     }
 
     fn frame_of(&self, pa: PhysAddr, size: u64) -> Result<u32, MemError> {
-        if !pa.is_aligned(size) || pa.as_u64() >= self.size {
+        if !pa.is_aligned(size) || pa.as_u64() == 0 || pa.as_u64() >= self.size {
             return Err(MemError::NotAllocated { pa, size });
         }
         Ok((pa.as_u64() >> PAGE_SHIFT) as u32)
@@ -272,13 +263,7 @@ impl PhysMem {
     /// inside a larger block, an address outside the arena); nothing changes then.
     pub fn free_frame(&self, pa: PhysAddr) -> Result<(), MemError> {
         let f = self.frame_of(pa, PAGE_SIZE)?;
-        self.frames
-            .lock()
-            .free(f, 0)
-            .map_err(|_| MemError::NotAllocated {
-                pa,
-                size: PAGE_SIZE,
-            })
+        self.frames.lock().free(f, 0).map_err(|_| MemError::NotAllocated { pa, size: PAGE_SIZE })
     }
 
     /// Frees many frames under one lock. Stops at the first bad address.
@@ -289,10 +274,7 @@ impl PhysMem {
         let mut b = self.frames.lock();
         for &pa in pas {
             let f = self.frame_of(pa, PAGE_SIZE)?;
-            b.free(f, 0).map_err(|_| MemError::NotAllocated {
-                pa,
-                size: PAGE_SIZE,
-            })?;
+            b.free(f, 0).map_err(|_| MemError::NotAllocated { pa, size: PAGE_SIZE })?;
         }
         Ok(())
     }
@@ -304,13 +286,7 @@ impl PhysMem {
     pub fn free_contig(&self, pa: PhysAddr, size: PageSize) -> Result<(), MemError> {
         let f = self.frame_of(pa, size.bytes())?;
         let order = (size.shift() - PAGE_SHIFT) as u8;
-        self.frames
-            .lock()
-            .free(f, order)
-            .map_err(|_| MemError::NotAllocated {
-                pa,
-                size: size.bytes(),
-            })
+        self.frames.lock().free(f, order).map_err(|_| MemError::NotAllocated { pa, size: size.bytes() })
     }
 
     /// Promises `n` free frames to the caller: plain allocations can no longer take them, and
@@ -341,11 +317,7 @@ impl PhysMem {
     fn check(&self, pa: PhysAddr, len: u64) -> Result<usize, MemError> {
         match pa.as_u64().checked_add(len) {
             Some(end) if end <= self.size => Ok(pa.as_u64() as usize),
-            _ => Err(MemError::OutOfBounds {
-                pa,
-                len,
-                size: self.size,
-            }),
+            _ => Err(MemError::OutOfBounds { pa, len, size: self.size }),
         }
     }
 
@@ -369,11 +341,7 @@ impl PhysMem {
         // SAFETY: the source range is inside the live mapping (checked above) and cannot overlap
         // `buf`, which is Rust-owned memory outside the arena.
         unsafe {
-            core::ptr::copy_nonoverlapping(
-                self.base.as_ptr().add(off),
-                buf.as_mut_ptr(),
-                buf.len(),
-            );
+            core::ptr::copy_nonoverlapping(self.base.as_ptr().add(off), buf.as_mut_ptr(), buf.len());
         }
         Ok(())
     }
@@ -415,13 +383,7 @@ impl PhysMem {
         // SAFETY: the frame lies wholly inside the mapping (size is a 4 KiB multiple and off is a
         // 4 KiB-aligned offset below it), is 8-byte aligned, lives as long as `self`, and
         // `AtomicU64` has the layout of `u64`; atomics make shared access sound.
-        Some(unsafe {
-            &*self
-                .base
-                .as_ptr()
-                .add(off as usize)
-                .cast::<[AtomicU64; 512]>()
-        })
+        Some(unsafe { &*self.base.as_ptr().add(off as usize).cast::<[AtomicU64; 512]>() })
     }
 
     /// Places `data` into freshly allocated frames and returns the bio_vec array describing it:
@@ -431,11 +393,7 @@ impl PhysMem {
     /// # Errors
     /// [`MemError::ZeroLength`] for empty data; [`MemError::OutOfMemory`] when the frames are not
     /// there (nothing is allocated then).
-    pub fn bvecs_from_bytes(
-        &self,
-        data: &[u8],
-        scatter_seed: Option<u64>,
-    ) -> Result<Vec<BioVec>, MemError> {
+    pub fn bvecs_from_bytes(&self, data: &[u8], scatter_seed: Option<u64>) -> Result<Vec<BioVec>, MemError> {
         if data.is_empty() {
             return Err(MemError::ZeroLength);
         }
@@ -443,11 +401,7 @@ impl PhysMem {
         let mut out = Vec::with_capacity(frames.len());
         for (chunk, &pa) in data.chunks(PAGE_SIZE as usize).zip(&frames) {
             self.write(pa, chunk)?;
-            out.push(BioVec {
-                phys: pa,
-                offset: 0,
-                len: chunk.len() as u32,
-            });
+            out.push(BioVec { phys: pa, offset: 0, len: chunk.len() as u32 });
         }
         Ok(out)
     }
@@ -458,15 +412,9 @@ impl PhysMem {
     /// # Errors
     /// [`MemError::Io`] when the file cannot be read, [`MemError::ZeroLength`] for an empty file,
     /// [`MemError::OutOfMemory`] when the frames are not there; frames taken are given back.
-    pub fn bvecs_from_file(
-        &self,
-        path: &Path,
-        scatter_seed: Option<u64>,
-    ) -> Result<Vec<BioVec>, MemError> {
-        let io = |e: std::io::Error| MemError::Io {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        };
+    pub fn bvecs_from_file(&self, path: &Path, scatter_seed: Option<u64>) -> Result<Vec<BioVec>, MemError> {
+        let io =
+            |e: std::io::Error| MemError::Io { path: path.display().to_string(), message: e.to_string() };
         let mut file = std::fs::File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         if len == 0 {
@@ -483,11 +431,7 @@ impl PhysMem {
                 return Err(io(e));
             }
             self.write(pa, &page[..n])?;
-            out.push(BioVec {
-                phys: pa,
-                offset: 0,
-                len: n as u32,
-            });
+            out.push(BioVec { phys: pa, offset: 0, len: n as u32 });
             left -= n as u64;
         }
         Ok(out)
@@ -549,11 +493,7 @@ impl BioVec {
     /// A whole 4 KiB page.
     #[must_use]
     pub const fn page(phys: PhysAddr) -> Self {
-        BioVec {
-            phys,
-            offset: 0,
-            len: PAGE_SIZE as u32,
-        }
+        BioVec { phys, offset: 0, len: PAGE_SIZE as u32 }
     }
 
     /// Physical address of the first byte, `None` on overflow.
@@ -621,14 +561,8 @@ mod tests {
     fn reads_and_writes_outside_the_arena_are_refused() {
         let mem = PhysMem::new(1 << 20).unwrap();
         let mut b = [0u8; 8];
-        assert!(matches!(
-            mem.read(PhysAddr::new((1 << 20) - 4), &mut b),
-            Err(MemError::OutOfBounds { .. })
-        ));
-        assert!(matches!(
-            mem.write(PhysAddr::new(u64::MAX - 2), &b),
-            Err(MemError::OutOfBounds { .. })
-        ));
+        assert!(matches!(mem.read(PhysAddr::new((1 << 20) - 4), &mut b), Err(MemError::OutOfBounds { .. })));
+        assert!(matches!(mem.write(PhysAddr::new(u64::MAX - 2), &b), Err(MemError::OutOfBounds { .. })));
         assert!(mem.table(PhysAddr::new(1 << 20)).is_none());
         assert!(mem.table(PhysAddr::new(0x1008)).is_none());
     }
@@ -636,14 +570,8 @@ mod tests {
     #[test]
     fn bad_sizes_are_refused() {
         assert_eq!(PhysMem::new(0).unwrap_err(), MemError::BadSize { size: 0 });
-        assert_eq!(
-            PhysMem::new(4097).unwrap_err(),
-            MemError::BadSize { size: 4097 }
-        );
-        assert_eq!(
-            PhysMem::new(4096).unwrap_err(),
-            MemError::BadSize { size: 4096 }
-        );
+        assert_eq!(PhysMem::new(4097).unwrap_err(), MemError::BadSize { size: 4097 });
+        assert_eq!(PhysMem::new(4096).unwrap_err(), MemError::BadSize { size: 4096 });
     }
 
     #[test]
@@ -651,13 +579,7 @@ mod tests {
         let mem = PhysMem::new(1 << 20).unwrap();
         let pa = mem.alloc_frame().unwrap();
         mem.free_frame(pa).unwrap();
-        assert_eq!(
-            mem.free_frame(pa),
-            Err(MemError::NotAllocated {
-                pa,
-                size: PAGE_SIZE
-            })
-        );
+        assert_eq!(mem.free_frame(pa), Err(MemError::NotAllocated { pa, size: PAGE_SIZE }));
         assert!(mem.free_frame(PhysAddr::new(0)).is_err());
     }
 
@@ -670,14 +592,8 @@ mod tests {
         let b = mem.alloc_contig(PageSize::Size2M).unwrap();
         let c = mem.alloc_contig(PageSize::Size2M).unwrap();
         // Frame 0 is held back, so the first 2 MiB block can never form.
-        assert!(matches!(
-            mem.alloc_contig(PageSize::Size2M),
-            Err(MemError::OutOfMemory { .. })
-        ));
-        assert!(matches!(
-            mem.alloc_contig(PageSize::Size1G),
-            Err(MemError::OutOfMemory { .. })
-        ));
+        assert!(matches!(mem.alloc_contig(PageSize::Size2M), Err(MemError::OutOfMemory { .. })));
+        assert!(matches!(mem.alloc_contig(PageSize::Size1G), Err(MemError::OutOfMemory { .. })));
         for x in [a, b, c] {
             mem.free_contig(x, PageSize::Size2M).unwrap();
         }

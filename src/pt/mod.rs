@@ -70,13 +70,13 @@ const fn index(va: u64, level: u8) -> usize {
     ((va >> shift(level)) & 511) as usize
 }
 
-/// Frames needed to split a huge leaf at `level` all the way down to 4 KiB leaves.
-const fn split_cost(level: u8) -> u64 {
-    if level == 0 {
-        0
-    } else {
-        1 + 512 * split_cost(level - 1)
-    }
+/// Frames needed to split a huge leaf at `level` all the way down to 4 KiB leaves:
+/// `cost(0) = 0`, `cost(l) = 1 + 512 cost(l - 1)`.
+const SPLIT_COST: [u64; 5] = [0, 1, 513, 1 + 512 * 513, 1 + 512 * (1 + 512 * 513)];
+
+#[inline]
+fn split_cost(level: u8) -> u64 {
+    SPLIT_COST[usize::from(level)]
 }
 
 /// Where the physical side of a map comes from.
@@ -106,17 +106,13 @@ pub struct MapOptions {
 
 impl Default for MapOptions {
     fn default() -> Self {
-        MapOptions {
-            max_leaf: PageSize::Size1G,
-        }
+        MapOptions { max_leaf: PageSize::Size1G }
     }
 }
 
 impl MapOptions {
     /// Only 4 KiB leaves.
-    pub const FORCE_4K: MapOptions = MapOptions {
-        max_leaf: PageSize::Size4K,
-    };
+    pub const FORCE_4K: MapOptions = MapOptions { max_leaf: PageSize::Size4K };
 }
 
 /// Errors of [`PageTable::map`]. A failed map changes nothing.
@@ -132,9 +128,7 @@ pub enum MapError<V: Address> {
         va: V,
     },
     /// A source segment does not start or end on a 4 KiB boundary, or is empty.
-    #[error(
-        "source segment {index} ({pa}, length {len:#x}) does not start and end on 4 KiB boundaries"
-    )]
+    #[error("source segment {index} ({pa}, length {len:#x}) does not start and end on 4 KiB boundaries")]
     UnalignedSource {
         /// Index of the segment (0 for a range).
         index: usize,
@@ -293,9 +287,7 @@ impl<V: Address> Invalidation<V> {
 
     /// Leaf sizes that were removed, smallest first (a TLB flushes by these granules).
     pub fn page_sizes(&self) -> impl Iterator<Item = PageSize> + '_ {
-        PageSize::ALL
-            .into_iter()
-            .filter(|s| self.sizes & (1 << s.level()) != 0)
+        PageSize::ALL.into_iter().filter(|s| self.sizes & (1 << s.level()) != 0)
     }
 
     /// Table pages that became empty and will be freed on completion.
@@ -325,15 +317,13 @@ struct Cursor<'a> {
     idx: usize,
     /// Bytes consumed in the current segment (range / bvecs).
     off: u64,
+    /// Address bits that make a page-list entry invalid (unaligned, or beyond the format).
+    reject: u64,
 }
 
 impl<'a> Cursor<'a> {
-    fn new(src: MapSource<'a>) -> Self {
-        Cursor {
-            src,
-            idx: 0,
-            off: 0,
-        }
+    fn new(src: MapSource<'a>, pa_limit: u64) -> Self {
+        Cursor { src, idx: 0, off: 0, reject: (PAGE_SIZE - 1) | !(pa_limit - 1) }
     }
 
     /// The current contiguous physical run: (address, bytes left in it).
@@ -371,14 +361,22 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// Writes `entries.len()` consecutive 4 KiB leaves from the source.
+    /// Writes `entries.len()` consecutive 4 KiB leaves from the source. With `check`, a page
+    /// list is validated in the same pass (one read of the source); on a bad page the entries
+    /// hold garbage and the index of the first bad page comes back, so callers only use this
+    /// on tables nobody can see yet.
     #[inline]
-    fn fill_4k(&mut self, entries: &[AtomicU64], bits: u64) {
+    fn fill_4k(&mut self, entries: &[AtomicU64], bits: u64, check: bool) -> Result<(), usize> {
         match self.src {
             MapSource::Pages(p) => {
                 let pages = &p[self.idx..self.idx + entries.len()];
+                let mut all = 0;
                 for (e, pa) in entries.iter().zip(pages) {
+                    all |= pa.as_u64();
                     e.store(pa.as_u64() | bits, Ordering::Relaxed);
+                }
+                if check && all & self.reject != 0 {
+                    return Err(self.idx + first_bad_page(pages, self.reject));
                 }
                 self.idx += entries.len();
             }
@@ -405,7 +403,25 @@ impl<'a> Cursor<'a> {
                 }
             }
         }
+        Ok(())
     }
+
+    /// Validates the next `n` pages of a page list without writing anything (ranges and bio_vec
+    /// arrays are validated before the walk).
+    fn check_4k(&mut self, n: usize) -> Result<(), usize> {
+        if let MapSource::Pages(p) = self.src {
+            let pages = &p[self.idx..self.idx + n];
+            if pages.iter().fold(0, |a, pa| a | pa.as_u64()) & self.reject != 0 {
+                return Err(self.idx + first_bad_page(pages, self.reject));
+            }
+        }
+        self.advance(n as u64 * PAGE_SIZE);
+        Ok(())
+    }
+}
+
+fn first_bad_page(pages: &[PhysAddr], reject: u64) -> usize {
+    pages.iter().position(|p| p.as_u64() & reject != 0).unwrap_or(0)
 }
 
 #[derive(Default)]
@@ -509,7 +525,6 @@ impl<F: Format> PageTable<F> {
 
     fn check_source(src: &MapSource<'_>) -> Result<u64, MapError<F::Va>> {
         const LOW: u64 = PAGE_SIZE - 1;
-        let high = !(Self::PA_LIMIT - 1);
         match *src {
             MapSource::Range { pa, len } => {
                 let bad = (pa.as_u64() | len) & LOW != 0;
@@ -525,31 +540,14 @@ impl<F: Format> PageTable<F> {
                 }
             }
             MapSource::Pages(p) => {
+                // Each page is validated as the commit reads it, chunk by chunk, before anything
+                // becomes visible (see `commit`): one pass over the list instead of two.
                 if p.is_empty() {
                     return Err(MapError::ZeroLength);
                 }
-                let all = p.iter().fold(0u64, |a, pa| a | pa.as_u64());
-                if all & (LOW | high) != 0 {
-                    for (index, &pa) in p.iter().enumerate() {
-                        if pa.as_u64() & LOW != 0 {
-                            return Err(MapError::UnalignedSource {
-                                index,
-                                pa,
-                                len: PAGE_SIZE,
-                            });
-                        }
-                        if pa.as_u64() & high != 0 {
-                            return Err(MapError::PhysTooHigh {
-                                index,
-                                pa,
-                                len: PAGE_SIZE,
-                            });
-                        }
-                    }
-                }
                 (p.len() as u64)
                     .checked_mul(PAGE_SIZE)
-                    .ok_or(MapError::ZeroLength)
+                    .ok_or(MapError::OutOfRange { va: F::Va::new(0), len: u64::MAX })
             }
             MapSource::BioVecs(b) => {
                 if b.is_empty() {
@@ -558,11 +556,7 @@ impl<F: Format> PageTable<F> {
                 let mut total = 0u64;
                 for (index, v) in b.iter().enumerate() {
                     let len = u64::from(v.len);
-                    let pa = v.start().ok_or(MapError::PhysTooHigh {
-                        index,
-                        pa: v.phys,
-                        len,
-                    })?;
+                    let pa = v.start().ok_or(MapError::PhysTooHigh { index, pa: v.phys, len })?;
                     if len == 0 || (pa.as_u64() | len) & LOW != 0 {
                         return Err(MapError::UnalignedSource { index, pa, len });
                     }
@@ -620,15 +614,13 @@ impl<F: Format> PageTable<F> {
             Some(root),
             v,
             v + len,
-            &mut Cursor::new(src),
+            &mut Cursor::new(src, Self::PA_LIMIT),
             max_level,
             &mut plan,
         )
         .map_err(|at| MapError::AlreadyMapped { va: F::Va::new(at) })?;
 
-        self.mem
-            .reserve(plan.reserve)
-            .map_err(MapError::OutOfMemory)?;
+        self.mem.reserve(plan.reserve).map_err(MapError::OutOfMemory)?;
         let mut pool = match self.mem.alloc_frames(plan.tables as usize) {
             Ok(p) => p,
             Err(e) => {
@@ -636,44 +628,58 @@ impl<F: Format> PageTable<F> {
                 return Err(MapError::OutOfMemory(e));
             }
         };
-        let mut stats = MapStats {
-            bytes: len,
-            tables_created: plan.tables,
-            ..MapStats::default()
-        };
-        let mut cur = Cursor::new(src);
-        let mut ctx = Commit {
-            bits: &bits,
-            max_level,
-            pool: &mut pool,
-            stats: &mut stats,
-        };
-        self.commit(
+        let mut stats = MapStats { bytes: len, tables_created: plan.tables, ..MapStats::default() };
+        let all_new = pool.clone();
+        let mut deferred = Vec::new();
+        let mut ctx =
+            Commit { bits: &bits, max_level, pool: &mut pool, stats: &mut stats, deferred: &mut deferred };
+        let built = self.build(
             Self::ROOT_LEVEL,
-            root,
+            self.root,
             false,
             v,
             v + len,
-            &mut cur,
+            &mut Cursor::new(src, Self::PA_LIMIT),
             &mut ctx,
         );
+        if let Err(index) = built {
+            // Nothing was published: every new table is still private. Give it all back.
+            let _ = self.mem.free_frames(&all_new);
+            self.mem.unreserve(plan.reserve);
+            let pa = match src {
+                MapSource::Pages(p) => p[index],
+                _ => PhysAddr::new(0),
+            };
+            return Err(if pa.as_u64() & (PAGE_SIZE - 1) != 0 {
+                MapError::UnalignedSource { index, pa, len: PAGE_SIZE }
+            } else {
+                MapError::PhysTooHigh { index, pa, len: PAGE_SIZE }
+            });
+        }
         debug_assert!(pool.is_empty());
+        self.publish(&deferred, &bits);
         self.tables.fetch_add(plan.tables, Ordering::Relaxed);
         self.reserved.fetch_add(plan.reserve, Ordering::Relaxed);
         Ok(stats)
     }
 
+    /// How many whole entries from `v` on, at `level`, can be huge leaves of the current
+    /// contiguous source run (0 when the first cannot). Stays within the current table.
     #[inline]
-    fn huge_ok(level: u8, max_level: u8, v: u64, end: u64, cur: &Cursor<'_>) -> bool {
+    fn huge_run(level: u8, max_level: u8, v: u64, end: u64, cur: &Cursor<'_>) -> usize {
         if level == 0 || level > max_level || !F::leaf_allowed(level) {
-            return false;
+            return 0;
         }
         let s = span(level);
         if v & (s - 1) != 0 || end - v < s {
-            return false;
+            return 0;
         }
         let (pa, left) = cur.run();
-        pa & (s - 1) == 0 && left >= s
+        if pa & (s - 1) != 0 || left < s {
+            return 0;
+        }
+        let in_table = (ENTRIES - index(v, level)) as u64;
+        ((end - v) / s).min(left / s).min(in_table) as usize
     }
 
     /// Read-only descent: counts tables and reserve, finds overlaps (returns the mapped address).
@@ -690,14 +696,8 @@ impl<F: Format> PageTable<F> {
     ) -> Result<(), u64> {
         if level == 0 {
             if let Some(t) = table {
-                let (i0, i1) = (
-                    index(va, 0),
-                    index(va, 0) + ((end - va) / PAGE_SIZE) as usize,
-                );
-                if let Some(k) = t[i0..i1]
-                    .iter()
-                    .position(|e| F::is_present(e.load(Ordering::Acquire)))
-                {
+                let (i0, i1) = (index(va, 0), index(va, 0) + ((end - va) / PAGE_SIZE) as usize);
+                if let Some(k) = t[i0..i1].iter().position(|e| F::is_present(e.load(Ordering::Acquire))) {
                     return Err(va + k as u64 * PAGE_SIZE);
                 }
             }
@@ -707,45 +707,55 @@ impl<F: Format> PageTable<F> {
         let s = span(level);
         let mut v = va;
         while v < end {
+            // A run of whole entries that become huge leaves: counted in one step.
+            let i = index(v, level);
+            let mut n = Self::huge_run(level, max_level, v, end, cur);
+            if let (Some(t), true) = (table, n > 0) {
+                n = t[i..i + n].iter().take_while(|e| !F::is_present(e.load(Ordering::Acquire))).count();
+            }
+            if n > 0 {
+                plan.reserve += n as u64 * split_cost(level);
+                cur.advance(n as u64 * s);
+                v += n as u64 * s;
+                continue;
+            }
             let e_end = ((v & !(s - 1)) + s).min(end);
-            let raw = table.map_or(0, |t| t[index(v, level)].load(Ordering::Acquire));
-            let pte = F::decode(raw, level);
-            if pte == Pte::Empty && Self::huge_ok(level, max_level, v, e_end, cur) {
-                plan.reserve += split_cost(level);
-                cur.advance(s);
-            } else {
-                // A table in the way of a huge leaf is descended into: it holds at least one
-                // present entry (emptied tables are freed), which the descent reports exactly.
-                match pte {
-                    Pte::Empty => {
-                        plan.tables += 1;
-                        self.plan(level - 1, None, v, e_end, cur, max_level, plan)?;
-                    }
-                    Pte::Table(pa) => {
-                        let child = self.table(pa);
-                        self.plan(level - 1, Some(child), v, e_end, cur, max_level, plan)?;
-                    }
-                    Pte::Leaf { .. } => return Err(v),
+            // A table where a huge leaf could go is descended into: it holds at least one present
+            // entry (emptied tables are freed), which the descent reports exactly.
+            match table.map_or(Pte::Empty, |t| F::decode(t[i].load(Ordering::Acquire), level)) {
+                Pte::Empty => {
+                    plan.tables += 1;
+                    self.plan(level - 1, None, v, e_end, cur, max_level, plan)?;
                 }
+                Pte::Table(pa) => {
+                    let child = self.table(pa);
+                    self.plan(level - 1, Some(child), v, e_end, cur, max_level, plan)?;
+                }
+                Pte::Leaf { .. } => return Err(v),
             }
             v = e_end;
         }
         Ok(())
     }
 
-    /// Writing descent. `fresh`: the table was just allocated (its contents are garbage and no
-    /// one else can see it yet).
+    /// First writing pass. New tables (`fresh`: just allocated, contents garbage, invisible to
+    /// everyone) are filled directly, validating a page list as it is read. Every write that
+    /// would become visible — leaves into existing tables, and the entry that hangs a new
+    /// subtree from an existing table — is only validated and recorded in `ctx.deferred`, for
+    /// [`Self::publish`] once the whole source has proven valid. Returns the index of the first
+    /// bad page of a page list.
     #[allow(clippy::too_many_arguments)]
-    fn commit(
+    fn build<'s>(
         &self,
         level: u8,
-        t: &[AtomicU64; ENTRIES],
+        table_pa: PhysAddr,
         fresh: bool,
         va: u64,
         end: u64,
-        cur: &mut Cursor<'_>,
-        ctx: &mut Commit<'_>,
-    ) {
+        cur: &mut Cursor<'s>,
+        ctx: &mut Commit<'_, 's>,
+    ) -> Result<(), usize> {
+        let t = self.table(table_pa);
         let s = span(level);
         let i0 = index(va, level);
         let i1 = i0 + ((end - 1 - (va & !(s - 1))) >> shift(level)) as usize + 1;
@@ -755,34 +765,83 @@ impl<F: Format> PageTable<F> {
             }
         }
         if level == 0 {
-            cur.fill_4k(&t[i0..i1], ctx.bits[0]);
             ctx.stats.leaves[0] += (i1 - i0) as u64;
-            return;
+            if fresh {
+                return cur.fill_4k(&t[i0..i1], ctx.bits[0], true);
+            }
+            ctx.deferred.push(Deferred::Leaves { table: table_pa, i0, i1, level, cur: cur.clone() });
+            return cur.check_4k(i1 - i0);
         }
         let mut v = va;
-        for e in &t[i0..i1] {
+        let mut i = i0;
+        while i < i1 {
+            let mut n = Self::huge_run(level, ctx.max_level, v, end, cur);
+            if n > 0 && !fresh {
+                n = t[i..i + n].iter().take_while(|e| !F::is_present(e.load(Ordering::Acquire))).count();
+            }
+            if n > 0 {
+                // Huge leaves from one contiguous run (ranges and bio_vecs are validated up
+                // front): a tight loop of stores, or one deferred record.
+                ctx.stats.leaves[usize::from(level)] += n as u64;
+                if fresh {
+                    let (pa, _) = cur.run();
+                    write_huge(&t[i..i + n], pa | ctx.bits[usize::from(level)], s);
+                } else {
+                    ctx.deferred.push(Deferred::Leaves {
+                        table: table_pa,
+                        i0: i,
+                        i1: i + n,
+                        level,
+                        cur: cur.clone(),
+                    });
+                }
+                cur.advance(n as u64 * s);
+                v += n as u64 * s;
+                i += n;
+                continue;
+            }
             let e_end = ((v & !(s - 1)) + s).min(end);
-            let raw = if fresh { 0 } else { e.load(Ordering::Acquire) };
-            let pte = F::decode(raw, level);
-            if pte == Pte::Empty && Self::huge_ok(level, ctx.max_level, v, e_end, cur) {
-                let (pa, _) = cur.run();
-                e.store(pa | ctx.bits[usize::from(level)], Ordering::Release);
-                ctx.stats.leaves[usize::from(level)] += 1;
-                cur.advance(s);
+            let raw = if fresh { 0 } else { t[i].load(Ordering::Acquire) };
+            if let Pte::Table(pa) = F::decode(raw, level) {
+                self.build(level - 1, pa, false, v, e_end, cur, ctx)?;
             } else {
-                match pte {
-                    Pte::Table(pa) => {
-                        self.commit(level - 1, self.table(pa), false, v, e_end, cur, ctx);
-                    }
-                    _ => {
-                        let child_pa = ctx.pool.pop().expect("the plan counted every new table");
-                        self.commit(level - 1, self.table(child_pa), true, v, e_end, cur, ctx);
-                        e.store(F::table_entry(child_pa), Ordering::Release);
-                    }
+                let child = ctx.pool.pop().expect("the plan counted every new table");
+                self.build(level - 1, child, true, v, e_end, cur, ctx)?;
+                if fresh {
+                    t[i].store(F::table_entry(child), Ordering::Relaxed);
+                } else {
+                    ctx.deferred.push(Deferred::Publish { table: table_pa, index: i, child });
                 }
             }
             v = e_end;
+            i += 1;
         }
+        Ok(())
+    }
+
+    /// Second writing pass: the visible writes recorded by [`Self::build`], in address order.
+    /// New subtrees are complete before the release store that publishes them.
+    fn publish(&self, deferred: &[Deferred<'_>], bits: &[u64; 4]) {
+        for d in deferred {
+            match d {
+                Deferred::Leaves { table, i0, i1, level, cur } => {
+                    let t = &self.table(*table)[*i0..*i1];
+                    let mut cur = cur.clone();
+                    if *level == 0 {
+                        // Validated by `build`; cannot fail.
+                        let _ = cur.fill_4k(t, bits[0], false);
+                    } else {
+                        let (pa, _) = cur.run();
+                        write_huge(t, pa | bits[usize::from(*level)], span(*level));
+                    }
+                }
+                Deferred::Publish { table, index, child } => {
+                    self.table(*table)[*index].store(F::table_entry(*child), Ordering::Release);
+                }
+            }
+        }
+        // Leaves written into existing tables become visible with this fence at the latest.
+        core::sync::atomic::fence(Ordering::Release);
     }
 
     /// Unmaps exactly `[va, va + len)`: present leaves inside go away, huge leaves partly inside
@@ -811,21 +870,11 @@ impl<F: Format> PageTable<F> {
         let mut unreserve = 0;
         let mut created = 0;
         let root = self.table(self.root);
-        self.unmap_level(
-            Self::ROOT_LEVEL,
-            root,
-            false,
-            v,
-            v + len,
-            &mut inv,
-            &mut unreserve,
-            &mut created,
-        );
+        self.unmap_level(Self::ROOT_LEVEL, root, false, v, v + len, &mut inv, &mut unreserve, &mut created);
         self.mem.unreserve(unreserve);
         self.reserved.fetch_sub(unreserve, Ordering::Relaxed);
         self.tables.fetch_add(created, Ordering::Relaxed);
-        self.tables
-            .fetch_sub(inv.freed.len() as u64, Ordering::Relaxed);
+        self.tables.fetch_sub(inv.freed.len() as u64, Ordering::Relaxed);
         Ok(inv)
     }
 
@@ -847,25 +896,29 @@ impl<F: Format> PageTable<F> {
         let i1 = i0 + ((end - 1 - (va & !(s - 1))) >> shift(level)) as usize + 1;
         if level == 0 {
             let entries = &t[i0..i1];
+            let present_at = |e: &AtomicU64| F::is_present(e.load(Ordering::Relaxed));
             let (mut present, mut first, mut last) = (0u64, usize::MAX, 0usize);
-            for (k, e) in entries.iter().enumerate() {
-                if F::is_present(e.load(Ordering::Relaxed)) {
-                    present += 1;
-                    first = first.min(k);
-                    last = k;
-                    if !doomed {
+            if doomed {
+                // The table goes away whole: count (branch-free), and find the ends for the
+                // invalidation range, without clearing anything.
+                present = entries.iter().map(|e| u64::from(present_at(e))).sum();
+                if present > 0 {
+                    first = entries.iter().position(present_at).unwrap_or(0);
+                    last = entries.iter().rposition(present_at).unwrap_or(0);
+                }
+            } else {
+                for (k, e) in entries.iter().enumerate() {
+                    if present_at(e) {
+                        present += 1;
+                        first = first.min(k);
+                        last = k;
                         e.store(0, Ordering::Release);
                     }
                 }
             }
             if present > 0 {
                 let lo = va + first as u64 * PAGE_SIZE;
-                inv.add(
-                    lo,
-                    (last - first + 1) as u64 * PAGE_SIZE,
-                    present * PAGE_SIZE,
-                    0,
-                );
+                inv.add(lo, (last - first + 1) as u64 * PAGE_SIZE, present * PAGE_SIZE, 0);
             }
             return;
         }
@@ -886,10 +939,8 @@ impl<F: Format> PageTable<F> {
                 Pte::Leaf { pa, prot } => {
                     // Split: the frame comes out of this leaf's reserve, and its 512 children keep
                     // the rest of it (split_cost(level) = 1 + 512 * split_cost(level - 1)).
-                    let child_pa = self
-                        .mem
-                        .alloc_reserved_frame()
-                        .expect("every huge leaf holds a split reserve");
+                    let child_pa =
+                        self.mem.alloc_reserved_frame().expect("every huge leaf holds a split reserve");
                     self.reserved.fetch_sub(1, Ordering::Relaxed);
                     *created += 1;
                     let child = self.table(child_pa);
@@ -907,11 +958,7 @@ impl<F: Format> PageTable<F> {
                     let child = self.table(pa);
                     let gone = doomed || full;
                     self.unmap_level(level - 1, child, gone, v, e_end, inv, unreserve, created);
-                    if gone
-                        || child
-                            .iter()
-                            .all(|c| !F::is_present(c.load(Ordering::Relaxed)))
-                    {
+                    if gone || child.iter().all(|c| !F::is_present(c.load(Ordering::Relaxed))) {
                         if !doomed {
                             e.store(0, Ordering::Release);
                         }
@@ -978,12 +1025,7 @@ impl<F: Format> PageTable<F> {
                 Pte::Empty => {}
                 Pte::Leaf { pa, prot } => {
                     if let Some(size) = PageSize::from_level(level) {
-                        f(Leaf {
-                            va: F::Va::new(va),
-                            pa,
-                            size,
-                            prot,
-                        });
+                        f(Leaf { va: F::Va::new(va), pa, size, prot });
                     }
                 }
                 Pte::Table(child) if level > 0 => self.visit(level - 1, child, va, f),
@@ -1004,11 +1046,29 @@ impl<F: Format> PageTable<F> {
     }
 }
 
-struct Commit<'a> {
+struct Commit<'a, 's> {
     bits: &'a [u64; 4],
     max_level: u8,
     pool: &'a mut Vec<PhysAddr>,
     stats: &'a mut MapStats,
+    deferred: &'a mut Vec<Deferred<'s>>,
+}
+
+/// A write into a table that others can already see, held back until the map is known good.
+enum Deferred<'s> {
+    /// Leaves `[i0, i1)` of an existing table at `level`, from the source at `cur`.
+    Leaves { table: PhysAddr, i0: usize, i1: usize, level: u8, cur: Cursor<'s> },
+    /// Hang the new subtree `child` from entry `index` of an existing table.
+    Publish { table: PhysAddr, index: usize, child: PhysAddr },
+}
+
+#[inline]
+fn write_huge(entries: &[AtomicU64], first: u64, step: u64) {
+    let mut at = first;
+    for e in entries {
+        e.store(at, Ordering::Release);
+        at += step;
+    }
 }
 
 impl<F: Format> Drop for PageTable<F> {

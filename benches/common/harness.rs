@@ -1,0 +1,143 @@
+//! A small side-by-side timing harness for the `report` bench: every sample runs an untimed
+//! setup, then the timed routine; results are per unit (page, lookup, pair) and summarised as
+//! median / min / max, printed as a table and optionally written as JSON.
+#![allow(dead_code)]
+
+use std::time::Instant;
+
+/// One implementation of a case: its name and a closure timing one run.
+pub type Imp<'a> = (&'static str, Box<dyn FnMut() -> f64 + 'a>);
+
+/// Wraps an untimed `setup` and a timed `routine` (fed the setup's value) into an [`Imp`] body.
+pub fn timed<'a, S, T>(
+    mut setup: impl FnMut() -> S + 'a,
+    mut routine: impl FnMut(S) -> T + 'a,
+) -> Box<dyn FnMut() -> f64 + 'a> {
+    Box::new(move || {
+        let s = setup();
+        let t0 = Instant::now();
+        let out = routine(s);
+        let dt = t0.elapsed().as_secs_f64() * 1e9;
+        std::hint::black_box(out);
+        dt
+    })
+}
+
+pub struct Row {
+    pub case: String,
+    pub imp: String,
+    pub unit: String,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+pub struct Report {
+    pub quick: bool,
+    pub rows: Vec<Row>,
+    filter: Option<String>,
+}
+
+impl Report {
+    pub fn from_args() -> (Self, Option<String>) {
+        let mut quick = false;
+        let mut json = None;
+        let mut filter = None;
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--quick" => quick = true,
+                "--json" => json = args.next(),
+                "--bench" => {}
+                s if s.starts_with("--") => {}
+                s => filter = Some(s.to_string()),
+            }
+        }
+        (Report { quick, rows: Vec::new(), filter }, json)
+    }
+
+    /// Whether a case is selected by the optional name filter.
+    pub fn wants(&self, case: &str) -> bool {
+        self.filter.as_deref().is_none_or(|f| case.contains(f))
+    }
+
+    /// Samples for a case whose single run takes about `est_ms`.
+    pub fn samples(&self, est_ms: f64) -> usize {
+        let budget = if self.quick { 150.0 } else { 1500.0 };
+        let max = if self.quick { 15 } else { 61 };
+        ((budget / est_ms.max(0.001)) as usize).clamp(5, max)
+    }
+
+    /// Measures several implementations of one case, interleaving their samples (a, b, c, a,
+    /// b, c, ...) so that machine noise hits all of them alike; each timed run follows an untimed
+    /// run of the same implementation. Each entry returns the
+    /// nanoseconds of one timed run (see [`timed`]); `units` divides them.
+    pub fn compare(&mut self, case: &str, unit: &str, units: f64, samples: usize, mut impls: Vec<Imp<'_>>) {
+        let mut times = vec![Vec::with_capacity(samples); impls.len()];
+        for _ in 0..samples {
+            for (k, (_, f)) in impls.iter_mut().enumerate() {
+                // An untimed run first, so that each timed run finds caches as a steady stream of
+                // its own work would leave them, not as the previous implementation left them.
+                f();
+                times[k].push(f() / units);
+            }
+        }
+        for ((imp, _), mut v) in impls.into_iter().zip(times) {
+            v.sort_by(|a, b| a.total_cmp(b));
+            let row = Row {
+                case: case.into(),
+                imp: imp.into(),
+                unit: unit.into(),
+                median: v[v.len() / 2],
+                min: v[0],
+                max: v[v.len() - 1],
+            };
+            println!(
+                "{:<26} {:<16} {:>12.3} {:>12.3} {:>12.3}  {}",
+                row.case, row.imp, row.median, row.min, row.max, row.unit
+            );
+            self.rows.push(row);
+        }
+    }
+
+    pub fn median(&self, case: &str, imp: &str) -> Option<f64> {
+        self.rows.iter().find(|r| r.case == case && r.imp == imp).map(|r| r.median)
+    }
+
+    /// Prints "a / b" for the ratios the issues set goals on.
+    pub fn ratio(&self, label: &str, a: (&str, &str), b: (&str, &str)) {
+        if let (Some(x), Some(y)) = (self.median(a.0, a.1), self.median(b.0, b.1)) {
+            println!("  {label:<58} {:>9.2}x", x / y);
+        }
+    }
+
+    pub fn header(&self) {
+        println!(
+            "{:<26} {:<16} {:>12} {:>12} {:>12}  unit  ({} mode)",
+            "case",
+            "impl",
+            "median",
+            "min",
+            "max",
+            if self.quick { "quick" } else { "full" }
+        );
+    }
+
+    pub fn write_json(&self, path: &str) -> std::io::Result<()> {
+        let mut s = String::from("{\"cases\": [\n");
+        for (i, r) in self.rows.iter().enumerate() {
+            s += &format!(
+                "  {{\"case\": \"{}\", \"impl\": \"{}\", \"unit\": \"{}\", \"median\": {}, \"min\": {}, \"max\": {}}}{}\n",
+                r.case,
+                r.imp,
+                r.unit,
+                r.median,
+                r.min,
+                r.max,
+                if i + 1 < self.rows.len() { "," } else { "" }
+            );
+        }
+        s += "]}\n";
+        std::fs::write(path, s)
+    }
+}
