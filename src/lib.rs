@@ -15,3 +15,8 @@
 pub mod addr;
 pub mod mem;
 pub mod pt;
+
+/// The README's examples, compiled and run as doc tests so the README stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
