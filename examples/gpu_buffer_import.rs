@@ -27,7 +27,9 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    println!("vmbind gpu_buffer_import: CPU path (this build has no Vulkan backend yet; the table is walked on the CPU)");
+    println!(
+        "vmbind gpu_buffer_import: CPU path (this build has no Vulkan backend yet; the table is walked on the CPU)"
+    );
     let arg = std::env::args().nth(1);
     let mem = Arc::new(PhysMem::new(1 << 30)?);
     let (data, bvecs) = match &arg {
@@ -36,7 +38,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             (std::fs::read(path)?, bvecs)
         }
         None => {
-            let data: Vec<u8> = (0..(16u32 << 20) + 1234).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+            let data: Vec<u8> =
+                (0..(16u32 << 20) + 1234).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
             let bvecs = mem.bvecs_from_bytes(&data, Some(0xb1f))?;
             (data, bvecs)
         }
@@ -81,7 +84,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         back.len() as f64 / read_ns as f64
     );
     let inv = table.unmap(iova, pages.len() as u64 * PAGE_SIZE)?;
-    println!("unmapped {} bytes; {} table pages to free after the IOTLB flush", inv.unmapped_bytes(), inv.freed_tables());
+    println!(
+        "unmapped {} bytes; {} table pages to free after the IOTLB flush",
+        inv.unmapped_bytes(),
+        inv.freed_tables()
+    );
     inv.complete();
     println!("OK (CPU path)");
     Ok(())
