@@ -9,12 +9,15 @@
 //!
 //! - [`addr`]: address newtypes and page sizes;
 //! - [`mem`]: [`mem::PhysMem`], the arena of "physical memory", and [`mem::BioVec`];
-//! - [`pt`]: the one radix page-table engine, generic over an entry [`pt::Format`].
+//! - [`pt`]: the one radix page-table engine, generic over an entry [`pt::Format`];
+//! - [`iommu`]: the software IOMMU: domains, devices, IOVA allocator, IOTLB, faults.
 #![warn(missing_docs)]
 
 pub mod addr;
+pub mod iommu;
 pub mod mem;
 pub mod pt;
+mod sync;
 
 /// The README's examples, compiled and run as doc tests so the README stays true.
 #[cfg(doctest)]

@@ -360,6 +360,41 @@ impl PhysMem {
         Ok(())
     }
 
+    /// Loads the 64-bit little-endian value at `pa` (atomically when 8-byte aligned, as a bus
+    /// read of a naturally aligned word is).
+    ///
+    /// # Errors
+    /// [`MemError::OutOfBounds`] when the 8 bytes leave the arena.
+    #[inline]
+    pub fn read_u64(&self, pa: PhysAddr) -> Result<u64, MemError> {
+        let off = self.check(pa, 8)?;
+        if off & 7 == 0 {
+            // SAFETY: 8 bytes inside the live mapping, 8-byte aligned; `AtomicU64` has the layout
+            // of `u64` and makes concurrent access sound.
+            let a = unsafe { &*self.base.as_ptr().add(off).cast::<AtomicU64>() };
+            return Ok(u64::from_le(a.load(core::sync::atomic::Ordering::Acquire)));
+        }
+        let mut b = [0u8; 8];
+        self.read(pa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Stores a 64-bit little-endian value at `pa` (atomically when 8-byte aligned).
+    ///
+    /// # Errors
+    /// [`MemError::OutOfBounds`] when the 8 bytes leave the arena.
+    #[inline]
+    pub fn write_u64(&self, pa: PhysAddr, v: u64) -> Result<(), MemError> {
+        let off = self.check(pa, 8)?;
+        if off & 7 == 0 {
+            // SAFETY: as in `read_u64`.
+            let a = unsafe { &*self.base.as_ptr().add(off).cast::<AtomicU64>() };
+            a.store(v.to_le(), core::sync::atomic::Ordering::Release);
+            return Ok(());
+        }
+        self.write(pa, &v.to_le_bytes())
+    }
+
     /// Fills `[pa, pa + len)` with zeros.
     ///
     /// # Errors

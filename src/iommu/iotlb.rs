@@ -1,0 +1,174 @@
+//! The IOTLB: a direct-mapped cache of 4 KiB translations shared by all domains of an IOMMU and
+//! tagged by domain id, like VT-d's domain-tagged IOTLB.
+//!
+//! A lookup is two loads of the tag around one load of the value, no lock: a hit is returned only
+//! if the tag read before and after the value is the wanted one, so a concurrent invalidation or
+//! refill of the slot shows up as a miss, never as a torn entry. Writers claim a slot by
+//! compare-and-swap of its tag to a busy marker. Invalidation by range (page by page when short,
+//! a sweep when long), by domain, and globally.
+#![forbid(unsafe_code)]
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::addr::PAGE_SHIFT;
+use crate::pt::Prot;
+
+const BUSY: u64 = 1 << 63;
+const EMPTY: u64 = 0;
+
+#[derive(Debug, Default)]
+struct Entry {
+    /// `pfn << 16 | domain` (domain ids start at 1, so 0 means empty), or BUSY while written.
+    tag: AtomicU64,
+    /// Physical page address | prot bits (1 read, 2 write).
+    val: AtomicU64,
+}
+
+/// A direct-mapped, domain-tagged translation cache.
+#[derive(Debug)]
+pub struct Iotlb {
+    entries: Box<[Entry]>,
+    shift: u32,
+}
+
+#[inline]
+fn tag(domain: u16, pfn: u64) -> u64 {
+    (pfn << 16) | u64::from(domain)
+}
+
+impl Iotlb {
+    /// A cache of `1 << bits` entries (16 bytes each).
+    #[must_use]
+    pub fn new(bits: u32) -> Self {
+        let bits = bits.clamp(4, 24);
+        Iotlb { entries: (0..1usize << bits).map(|_| Entry::default()).collect(), shift: 64 - bits }
+    }
+
+    /// Number of entries.
+    #[must_use]
+    pub fn capacity(&self) -> usize {
+        self.entries.len()
+    }
+
+    #[inline]
+    fn slot(&self, domain: u16, pfn: u64) -> &Entry {
+        let h = (pfn ^ (u64::from(domain) << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift;
+        &self.entries[h as usize]
+    }
+
+    /// The cached translation of page `pfn` in `domain`: (physical page address, prot).
+    #[inline]
+    pub fn lookup(&self, domain: u16, pfn: u64) -> Option<(u64, Prot)> {
+        let e = self.slot(domain, pfn);
+        let want = tag(domain, pfn);
+        if e.tag.load(Ordering::Acquire) != want {
+            return None;
+        }
+        let v = e.val.load(Ordering::Acquire);
+        if e.tag.load(Ordering::Relaxed) != want {
+            return None;
+        }
+        Some((v & !0xfff, Prot::from_bits_truncate((v & 3) as u8)))
+    }
+
+    /// Caches a translation (best effort: a slot being written by someone else is left alone).
+    pub fn insert(&self, domain: u16, pfn: u64, page_pa: u64, prot: Prot) {
+        let e = self.slot(domain, pfn);
+        let cur = e.tag.load(Ordering::Relaxed);
+        if cur & BUSY != 0 || e.tag.compare_exchange(cur, BUSY, Ordering::Acquire, Ordering::Relaxed).is_err()
+        {
+            return;
+        }
+        e.val.store(page_pa | u64::from(prot.bits() & 3), Ordering::Relaxed);
+        e.tag.store(tag(domain, pfn), Ordering::Release);
+    }
+
+    fn clear_if(&self, e: &Entry, pred: impl Fn(u64) -> bool) {
+        loop {
+            let cur = e.tag.load(Ordering::Acquire);
+            if cur == EMPTY || !pred(cur) {
+                return;
+            }
+            if cur & BUSY != 0 {
+                // A writer is mid-fill; the entry it writes may be the one to drop: wait it out.
+                std::hint::spin_loop();
+                continue;
+            }
+            if e.tag.compare_exchange(cur, EMPTY, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                return;
+            }
+        }
+    }
+
+    /// Drops the translations of `[iova, iova + len)` in `domain`.
+    pub fn invalidate_range(&self, domain: u16, iova: u64, len: u64) {
+        let first = iova >> PAGE_SHIFT;
+        let last = (iova + len.max(1) - 1) >> PAGE_SHIFT;
+        let pages = last - first + 1;
+        if pages <= (self.entries.len() as u64) / 4 {
+            for pfn in first..=last {
+                let want = tag(domain, pfn);
+                self.clear_if(self.slot(domain, pfn), |t| t == want || t & BUSY != 0);
+            }
+        } else {
+            for e in self.entries.iter() {
+                self.clear_if(e, |t| {
+                    t & BUSY != 0 || ((t & 0xffff) as u16 == domain && (first..=last).contains(&(t >> 16)))
+                });
+            }
+        }
+    }
+
+    /// Drops every translation of `domain`.
+    pub fn invalidate_domain(&self, domain: u16) {
+        for e in self.entries.iter() {
+            self.clear_if(e, |t| t & BUSY != 0 || (t & 0xffff) as u16 == domain);
+        }
+    }
+
+    /// Drops everything.
+    pub fn invalidate_all(&self) {
+        for e in self.entries.iter() {
+            self.clear_if(e, |_| true);
+        }
+    }
+
+    /// Entries currently holding a translation of `domain` (for tests and dumps).
+    #[must_use]
+    pub fn count(&self, domain: u16) -> usize {
+        self.entries
+            .iter()
+            .filter(|e| {
+                let t = e.tag.load(Ordering::Relaxed);
+                t != EMPTY && t & BUSY == 0 && (t & 0xffff) as u16 == domain
+            })
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_lookup_and_each_kind_of_invalidation() {
+        let t = Iotlb::new(8);
+        t.insert(1, 5, 0x7000, Prot::RW);
+        t.insert(2, 5, 0x9000, Prot::READ);
+        assert_eq!(t.lookup(1, 5), Some((0x7000, Prot::RW)));
+        assert_eq!(t.lookup(2, 5), Some((0x9000, Prot::READ)));
+        assert_eq!(t.lookup(1, 6), None);
+        t.invalidate_range(1, 5 << 12, 4096);
+        assert_eq!(t.lookup(1, 5), None);
+        assert!(t.lookup(2, 5).is_some());
+        t.insert(2, 6, 0xa000, Prot::READ);
+        t.invalidate_range(2, 0, 1 << 40); // long: a sweep
+        assert_eq!(t.count(2), 0);
+        t.insert(3, 1, 0x1000, Prot::READ);
+        t.invalidate_domain(3);
+        assert_eq!(t.lookup(3, 1), None);
+        t.insert(4, 1, 0x1000, Prot::READ);
+        t.invalidate_all();
+        assert_eq!(t.lookup(4, 1), None);
+    }
+}

@@ -1,0 +1,839 @@
+//! The IOVA allocator, after Linux `drivers/iommu/iova.c` (REFERENCES.md §4).
+//!
+//! - **Top-down** in the aperture: the highest free range that fits is used.
+//! - **Rounding**: sizes under 32 pages are rounded up to a power of two and aligned to it
+//!   (Linux's `roundup_pow_of_two` + `size_aligned`); larger sizes are exact and aligned to their
+//!   next power of two, capped at 2 MiB (so they can still take 2 MiB leaves).
+//! - **O(log n) tree**: free ranges live in a treap keyed by start, each node augmented with the
+//!   largest free range in its subtree. A top-down search visits the right (higher) subtree
+//!   first and skips every subtree whose largest range is too small, so an allocation costs
+//!   O(log n) whatever the number of live ranges and the fragmentation (Linux walks its rbtree
+//!   linearly in the worst case).
+//! - **Per-CPU caches** for orders 0–5 (4 KiB–128 KiB): each CPU slot has a `loaded` and a `prev`
+//!   magazine of [`MAG_SIZE`] IOVAs; full magazines go to a per-order depot of at most
+//!   [`DEPOT_MAX`]; a depot that is full sends the magazine's IOVAs back to the tree. A miss falls
+//!   back to the tree; on exhaustion all caches are flushed and the allocation retried once.
+//! - **Checked frees**: every live allocation is recorded in the slot of the CPU that made it
+//!   (under the lock the fast path takes anyway), so a double free, a free of a never-allocated
+//!   IOVA, or a free with the wrong size is a typed error, also on the cached path.
+//!
+//! A "CPU" is a slot picked by the calling thread's index; slots are padded to their own cache
+//! lines, so threads on different slots share nothing on the fast path. Lock order: slot →
+//! depot → tree; the tree lock is never held while a slot or depot lock is taken.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use crate::addr::{DmaAddr, PAGE_SHIFT, PAGE_SIZE};
+use crate::sync::{CachePadded, Mutex, thread_index};
+
+/// IOVAs per magazine (Linux: 127, so that a magazine fills 1 KiB with its count).
+#[cfg(not(loom))]
+pub const MAG_SIZE: usize = 127;
+/// IOVAs per magazine (tiny under loom, so models reach the depot).
+#[cfg(loom)]
+pub const MAG_SIZE: usize = 2;
+/// Full magazines kept per order in the shared depot.
+#[cfg(not(loom))]
+pub const DEPOT_MAX: usize = 32;
+/// Full magazines kept per order in the shared depot.
+#[cfg(loom)]
+pub const DEPOT_MAX: usize = 1;
+/// Orders 0..CACHED_ORDERS (1 to 32 pages) are served by the per-CPU caches.
+pub const CACHED_ORDERS: usize = 6;
+/// Largest alignment given to big allocations, in pages (2 MiB).
+const MAX_ALIGN_PAGES: u64 = 512;
+
+/// Errors of the IOVA allocator. A failed call changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IovaError {
+    /// A zero-byte request.
+    #[error("zero-size IOVA request")]
+    ZeroSize,
+    /// The size, once rounded, does not fit in the address space.
+    #[error("IOVA size {size:#x} overflows")]
+    SizeOverflow {
+        /// The size asked for.
+        size: u64,
+    },
+    /// No free range of the size (after flushing the caches and retrying).
+    #[error("IOVA space exhausted: no free range of {size:#x} bytes below {limit}")]
+    Exhausted {
+        /// The rounded size.
+        size: u64,
+        /// The highest address the range could end at.
+        limit: DmaAddr,
+    },
+    /// An address that is not page aligned.
+    #[error("{addr} is not page aligned")]
+    Unaligned {
+        /// The address given.
+        addr: DmaAddr,
+    },
+    /// A range outside the aperture.
+    #[error("[{addr}, +{size:#x}) is outside the aperture")]
+    OutsideAperture {
+        /// Start.
+        addr: DmaAddr,
+        /// Size.
+        size: u64,
+    },
+    /// Freeing a range that is not allocated (double free, or never allocated).
+    #[error("{addr} (+{size:#x}) is not an allocated IOVA range (double free?)")]
+    NotAllocated {
+        /// Start.
+        addr: DmaAddr,
+        /// Size given.
+        size: u64,
+    },
+    /// Freeing with a size other than the one allocated.
+    #[error("{addr} was allocated with {allocated:#x} bytes, freed with {given:#x}")]
+    SizeMismatch {
+        /// Start.
+        addr: DmaAddr,
+        /// Rounded size of the allocation.
+        allocated: u64,
+        /// Rounded size of the free.
+        given: u64,
+    },
+    /// Reserving a range that is not wholly free.
+    #[error("[{addr}, +{size:#x}) is not free and cannot be reserved")]
+    NotFree {
+        /// Start.
+        addr: DmaAddr,
+        /// Size.
+        size: u64,
+    },
+}
+
+/// A multiply-rotate hasher for page-frame keys (FxHash's recipe).
+#[derive(Default, Clone, Copy)]
+struct PfnHasher(u64);
+
+impl Hasher for PfnHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+type LiveMap = HashMap<u64, u64, BuildHasherDefault<PfnHasher>>;
+
+const NIL: u32 = u32::MAX;
+
+#[derive(Clone, Copy, Debug)]
+struct Node {
+    start: u64,
+    end: u64,
+    left: u32,
+    right: u32,
+    prio: u32,
+    /// Largest `end - start` in this subtree.
+    max: u64,
+}
+
+/// Free ranges `[start, end)` in pages: a treap keyed by start, augmented with subtree max.
+#[derive(Debug)]
+struct Tree {
+    n: Vec<Node>,
+    spare: Vec<u32>,
+    root: u32,
+    rng: u64,
+    free_pages: u64,
+}
+
+impl Tree {
+    fn new() -> Self {
+        Tree { n: Vec::new(), spare: Vec::new(), root: NIL, rng: 0x2545_f491_4f6c_dd1d, free_pages: 0 }
+    }
+
+    fn maxv(&self, i: u32) -> u64 {
+        if i == NIL { 0 } else { self.n[i as usize].max }
+    }
+
+    fn pull(&mut self, i: u32) {
+        let (l, r) = (self.n[i as usize].left, self.n[i as usize].right);
+        let own = self.n[i as usize].end - self.n[i as usize].start;
+        self.n[i as usize].max = own.max(self.maxv(l)).max(self.maxv(r));
+    }
+
+    fn split(&mut self, t: u32, key: u64) -> (u32, u32) {
+        if t == NIL {
+            return (NIL, NIL);
+        }
+        if self.n[t as usize].start < key {
+            let (a, b) = self.split(self.n[t as usize].right, key);
+            self.n[t as usize].right = a;
+            self.pull(t);
+            (t, b)
+        } else {
+            let (a, b) = self.split(self.n[t as usize].left, key);
+            self.n[t as usize].left = b;
+            self.pull(t);
+            (a, t)
+        }
+    }
+
+    fn merge(&mut self, a: u32, b: u32) -> u32 {
+        if a == NIL {
+            return b;
+        }
+        if b == NIL {
+            return a;
+        }
+        if self.n[a as usize].prio > self.n[b as usize].prio {
+            let r = self.merge(self.n[a as usize].right, b);
+            self.n[a as usize].right = r;
+            self.pull(a);
+            a
+        } else {
+            let l = self.merge(a, self.n[b as usize].left);
+            self.n[b as usize].left = l;
+            self.pull(b);
+            b
+        }
+    }
+
+    fn insert(&mut self, start: u64, end: u64) {
+        debug_assert!(start < end);
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let node = Node { start, end, left: NIL, right: NIL, prio: self.rng as u32, max: end - start };
+        let i = match self.spare.pop() {
+            Some(i) => {
+                self.n[i as usize] = node;
+                i
+            }
+            None => {
+                self.n.push(node);
+                (self.n.len() - 1) as u32
+            }
+        };
+        let (l, r) = self.split(self.root, start);
+        let l = self.merge(l, i);
+        self.root = self.merge(l, r);
+        self.free_pages += end - start;
+    }
+
+    /// Removes the range starting at `start` (which must exist); returns its end.
+    fn remove(&mut self, start: u64) -> u64 {
+        let (l, r) = self.split(self.root, start);
+        let (m, r) = self.split(r, start + 1);
+        debug_assert!(m != NIL && self.n[m as usize].left == NIL && self.n[m as usize].right == NIL);
+        let end = self.n[m as usize].end;
+        self.free_pages -= end - start;
+        self.spare.push(m);
+        self.root = self.merge(l, r);
+        end
+    }
+
+    /// The free range with the largest start `<= key`.
+    fn floor(&self, key: u64) -> Option<(u64, u64)> {
+        let (mut t, mut best) = (self.root, None);
+        while t != NIL {
+            let n = &self.n[t as usize];
+            if n.start <= key {
+                best = Some((n.start, n.end));
+                t = n.right;
+            } else {
+                t = n.left;
+            }
+        }
+        best
+    }
+
+    /// The free range with the smallest start `>= key`.
+    fn ceil(&self, key: u64) -> Option<(u64, u64)> {
+        let (mut t, mut best) = (self.root, None);
+        while t != NIL {
+            let n = &self.n[t as usize];
+            if n.start >= key {
+                best = Some((n.start, n.end));
+                t = n.left;
+            } else {
+                t = n.right;
+            }
+        }
+        best
+    }
+
+    /// Highest aligned block of `need` pages ending at or below `limit`: (range start, block).
+    fn find(&self, t: u32, need: u64, align: u64, limit: u64) -> Option<(u64, u64)> {
+        if t == NIL || self.n[t as usize].max < need {
+            return None;
+        }
+        let n = self.n[t as usize];
+        if n.start < limit {
+            if let Some(x) = self.find(n.right, need, align, limit) {
+                return Some(x);
+            }
+            let hi = n.end.min(limit);
+            if hi >= n.start + need {
+                let a = (hi - need) & !(align - 1);
+                if a >= n.start {
+                    return Some((n.start, a));
+                }
+            }
+        }
+        self.find(n.left, need, align, limit)
+    }
+
+    fn alloc(&mut self, need: u64, align: u64, limit: u64) -> Option<u64> {
+        let (s, a) = self.find(self.root, need, align, limit)?;
+        let e = self.remove(s);
+        if a > s {
+            self.insert(s, a);
+        }
+        if a + need < e {
+            self.insert(a + need, e);
+        }
+        Some(a)
+    }
+
+    /// Returns `[pfn, pfn + pages)` to the free set, merging with its neighbours. `false` if any
+    /// part of it is already free (nothing changes then).
+    fn free(&mut self, pfn: u64, pages: u64) -> bool {
+        let end = pfn + pages;
+        let below = self.floor(pfn);
+        let above = self.ceil(pfn);
+        if below.is_some_and(|(_, e)| e > pfn) || above.is_some_and(|(s, _)| s < end) {
+            return false;
+        }
+        let (mut s, mut e) = (pfn, end);
+        if let Some((bs, be)) = below
+            && be == pfn
+        {
+            self.remove(bs);
+            s = bs;
+        }
+        if let Some((as_, _)) = above
+            && as_ == end
+        {
+            e = self.remove(as_);
+        }
+        self.insert(s, e);
+        true
+    }
+
+    /// Takes `[pfn, pfn + pages)` out of the free set if it is wholly free.
+    fn reserve(&mut self, pfn: u64, pages: u64) -> bool {
+        match self.floor(pfn) {
+            Some((s, e)) if e >= pfn + pages => {
+                self.remove(s);
+                if s < pfn {
+                    self.insert(s, pfn);
+                }
+                if pfn + pages < e {
+                    self.insert(pfn + pages, e);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn ranges(&self, t: u32, out: &mut Vec<(u64, u64)>) {
+        if t != NIL {
+            let n = self.n[t as usize];
+            self.ranges(n.left, out);
+            out.push((n.start, n.end));
+            self.ranges(n.right, out);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Magazine {
+    len: usize,
+    pfns: [u64; MAG_SIZE],
+}
+
+impl Magazine {
+    fn empty() -> Box<Magazine> {
+        Box::new(Magazine { len: 0, pfns: [0; MAG_SIZE] })
+    }
+    fn is_full(&self) -> bool {
+        self.len == MAG_SIZE
+    }
+    fn push(&mut self, pfn: u64) {
+        self.pfns[self.len] = pfn;
+        self.len += 1;
+    }
+    /// Pops an entry whose block ends at or below `limit` (the last one in the common case).
+    fn pop(&mut self, pages: u64, limit: u64) -> Option<u64> {
+        let k = self.pfns[..self.len].iter().rposition(|&p| p + pages <= limit)?;
+        let pfn = self.pfns[k];
+        self.len -= 1;
+        self.pfns[k] = self.pfns[self.len];
+        Some(pfn)
+    }
+}
+
+#[derive(Debug)]
+struct CpuCache {
+    loaded: Box<Magazine>,
+    prev: Box<Magazine>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    caches: Vec<CpuCache>,
+    live: LiveMap,
+}
+
+/// Rounded size, alignment and cache order of a request of `pages` pages.
+fn shape(pages: u64) -> (u64, u64, Option<usize>) {
+    if pages < 32 {
+        let r = pages.next_power_of_two();
+        (r, r, Some(r.trailing_zeros() as usize))
+    } else if pages == 32 {
+        (32, 32, Some(5))
+    } else {
+        let align = pages.checked_next_power_of_two().unwrap_or(MAX_ALIGN_PAGES).min(MAX_ALIGN_PAGES);
+        (pages, align, None)
+    }
+}
+
+/// An IOVA range whose allocation has ended but which may not be reused yet (see
+/// [`IovaAllocator::retire`]).
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a retired IOVA range is lost unless released"]
+pub struct RetiredIova {
+    pfn: u64,
+    pages: u64,
+    order: Option<usize>,
+}
+
+impl RetiredIova {
+    /// First address of the range.
+    #[must_use]
+    pub fn addr(&self) -> DmaAddr {
+        DmaAddr::new(self.pfn << PAGE_SHIFT)
+    }
+
+    /// Rounded size in bytes.
+    #[must_use]
+    pub fn size(&self) -> u64 {
+        self.pages << PAGE_SHIFT
+    }
+}
+
+/// Counters of an allocator, for tests and dumps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IovaStats {
+    /// Live allocations.
+    pub live: usize,
+    /// Pages in the tree's free ranges (cached IOVAs are not counted as free).
+    pub tree_free_pages: u64,
+    /// Free ranges in the tree.
+    pub tree_ranges: usize,
+    /// IOVAs parked in per-CPU magazines and the depot.
+    pub cached: usize,
+}
+
+/// The IOVA allocator of one domain.
+///
+/// ```
+/// use vmbind::addr::DmaAddr;
+/// use vmbind::iommu::iova::IovaAllocator;
+/// let a = IovaAllocator::new(DmaAddr::new(0x1000), DmaAddr::new(1 << 32)).unwrap();
+/// let x = a.alloc(3 * 4096).unwrap(); // rounded up to 4 pages, aligned to 16 KiB
+/// assert_eq!(x.as_u64() % (4 * 4096), 0);
+/// assert_eq!(x.as_u64(), (1 << 32) - 4 * 4096); // top-down
+/// a.free(x, 3 * 4096).unwrap();
+/// assert!(a.free(x, 3 * 4096).is_err()); // double free
+/// ```
+#[derive(Debug)]
+pub struct IovaAllocator {
+    start_pfn: u64,
+    end_pfn: u64,
+    tree: Mutex<Tree>,
+    slots: Box<[CachePadded<Mutex<Slot>>]>,
+    depot: Vec<CachePadded<Mutex<Vec<Box<Magazine>>>>>,
+}
+
+impl IovaAllocator {
+    /// An allocator over `[start, end)` (page aligned, `start > 0`: address 0 is never handed
+    /// out), with one cache slot per expected CPU.
+    ///
+    /// # Errors
+    /// [`IovaError::Unaligned`] for unaligned bounds, [`IovaError::OutsideAperture`] for an empty
+    /// or inverted range or a zero start.
+    pub fn new(start: DmaAddr, end: DmaAddr) -> Result<Self, IovaError> {
+        let cpus = std::thread::available_parallelism().map_or(4, |n| n.get());
+        Self::with_slots(start, end, (2 * cpus).next_power_of_two().max(4))
+    }
+
+    /// As [`IovaAllocator::new`] with an explicit number of per-CPU cache slots.
+    ///
+    /// # Errors
+    /// As [`IovaAllocator::new`].
+    pub fn with_slots(start: DmaAddr, end: DmaAddr, slots: usize) -> Result<Self, IovaError> {
+        for a in [start, end] {
+            if !a.is_aligned(PAGE_SIZE) {
+                return Err(IovaError::Unaligned { addr: a });
+            }
+        }
+        if start.as_u64() == 0 || end <= start {
+            let size = end.as_u64().saturating_sub(start.as_u64());
+            return Err(IovaError::OutsideAperture { addr: start, size });
+        }
+        let (s, e) = (start.as_u64() >> PAGE_SHIFT, end.as_u64() >> PAGE_SHIFT);
+        let mut tree = Tree::new();
+        tree.insert(s, e);
+        let slot = || {
+            let caches = (0..CACHED_ORDERS)
+                .map(|_| CpuCache { loaded: Magazine::empty(), prev: Magazine::empty() })
+                .collect();
+            CachePadded(Mutex::new(Slot { caches, live: LiveMap::default() }))
+        };
+        Ok(IovaAllocator {
+            start_pfn: s,
+            end_pfn: e,
+            tree: Mutex::new(tree),
+            slots: (0..slots.max(1)).map(|_| slot()).collect(),
+            depot: (0..CACHED_ORDERS).map(|_| CachePadded(Mutex::new(Vec::new()))).collect(),
+        })
+    }
+
+    /// First address of the aperture.
+    #[must_use]
+    pub fn start(&self) -> DmaAddr {
+        DmaAddr::new(self.start_pfn << PAGE_SHIFT)
+    }
+
+    /// One past the last address of the aperture.
+    #[must_use]
+    pub fn end(&self) -> DmaAddr {
+        DmaAddr::new(self.end_pfn << PAGE_SHIFT)
+    }
+
+    fn my_slot(&self) -> &Mutex<Slot> {
+        &self.slots[thread_index() % self.slots.len()]
+    }
+
+    fn pages_of(size: u64) -> Result<u64, IovaError> {
+        if size == 0 {
+            return Err(IovaError::ZeroSize);
+        }
+        let pages = size.div_ceil(PAGE_SIZE);
+        // Rounded sizes must still be expressible in bytes.
+        match shape(pages).0.checked_mul(PAGE_SIZE) {
+            Some(_) => Ok(pages),
+            None => Err(IovaError::SizeOverflow { size }),
+        }
+    }
+
+    /// The size an allocation of `size` bytes really takes (the rounding rule), in bytes.
+    ///
+    /// # Errors
+    /// [`IovaError::ZeroSize`], [`IovaError::SizeOverflow`].
+    pub fn rounded_size(size: u64) -> Result<u64, IovaError> {
+        Ok(shape(Self::pages_of(size)?).0 * PAGE_SIZE)
+    }
+
+    /// Allocates `size` bytes of IOVA, top-down in the aperture.
+    ///
+    /// # Errors
+    /// [`IovaError::ZeroSize`], [`IovaError::SizeOverflow`], [`IovaError::Exhausted`].
+    pub fn alloc(&self, size: u64) -> Result<DmaAddr, IovaError> {
+        self.alloc_below(size, self.end())
+    }
+
+    /// Allocates `size` bytes of IOVA that end at or below `limit` (a device's DMA mask + 1).
+    ///
+    /// # Errors
+    /// As [`IovaAllocator::alloc`].
+    pub fn alloc_below(&self, size: u64, limit: DmaAddr) -> Result<DmaAddr, IovaError> {
+        let pages = Self::pages_of(size)?;
+        let (need, align, order) = shape(pages);
+        let limit_pfn = (limit.as_u64() >> PAGE_SHIFT).min(self.end_pfn);
+        if let Some(o) = order {
+            let mut slot = self.my_slot().lock();
+            if let Some(pfn) = self.cache_get(&mut slot, o, need, limit_pfn) {
+                slot.live.insert(pfn, need);
+                return Ok(DmaAddr::new(pfn << PAGE_SHIFT));
+            }
+        }
+        let got = self.tree.lock().alloc(need, align, limit_pfn);
+        let pfn = match got {
+            Some(p) => p,
+            None => {
+                // Exhausted: give every cached IOVA back to the tree and try once more.
+                self.flush_caches();
+                self.tree.lock().alloc(need, align, limit_pfn).ok_or(IovaError::Exhausted {
+                    size: need * PAGE_SIZE,
+                    limit: DmaAddr::new(limit_pfn << PAGE_SHIFT),
+                })?
+            }
+        };
+        self.my_slot().lock().live.insert(pfn, need);
+        Ok(DmaAddr::new(pfn << PAGE_SHIFT))
+    }
+
+    fn cache_get(&self, slot: &mut Slot, order: usize, need: u64, limit: u64) -> Option<u64> {
+        let c = &mut slot.caches[order];
+        if let Some(p) = c.loaded.pop(need, limit) {
+            return Some(p);
+        }
+        if let Some(p) = c.prev.pop(need, limit) {
+            core::mem::swap(&mut c.loaded, &mut c.prev);
+            return Some(p);
+        }
+        if c.loaded.len > 0 || c.prev.len > 0 {
+            // Entries, but none below the limit: a miss (as Linux does), the tree serves it.
+            return None;
+        }
+        c.loaded = self.depot[order].lock().pop()?;
+        c.loaded.pop(need, limit)
+    }
+
+    fn check_free(&self, addr: DmaAddr, size: u64) -> Result<(u64, u64, Option<usize>), IovaError> {
+        if !addr.is_aligned(PAGE_SIZE) {
+            return Err(IovaError::Unaligned { addr });
+        }
+        let (need, _, order) = shape(Self::pages_of(size)?);
+        let pfn = addr.as_u64() >> PAGE_SHIFT;
+        if pfn < self.start_pfn || pfn.checked_add(need).is_none_or(|e| e > self.end_pfn) {
+            return Err(IovaError::OutsideAperture { addr, size });
+        }
+        Ok((pfn, need, order))
+    }
+
+    /// Removes the live record of `pfn` (looking in the caller's slot first), checking the size.
+    fn take_live<'a>(
+        &'a self,
+        addr: DmaAddr,
+        pfn: u64,
+        need: u64,
+    ) -> Result<crate::sync::MutexGuard<'a, Slot>, IovaError> {
+        let mine = thread_index() % self.slots.len();
+        let mut slot = self.slots[mine].lock();
+        match slot.live.remove(&pfn) {
+            Some(n) if n == need => Ok(slot),
+            Some(n) => {
+                slot.live.insert(pfn, n);
+                Err(IovaError::SizeMismatch { addr, allocated: n * PAGE_SIZE, given: need * PAGE_SIZE })
+            }
+            None => {
+                drop(slot);
+                self.take_live_elsewhere(mine, addr, pfn, need)?;
+                Ok(self.slots[mine].lock())
+            }
+        }
+    }
+
+    fn put(&self, mut slot: crate::sync::MutexGuard<'_, Slot>, pfn: u64, need: u64, order: Option<usize>) {
+        match order {
+            Some(o) => self.cache_put(&mut slot, o, pfn),
+            None => {
+                drop(slot);
+                let ok = self.tree.lock().free(pfn, need);
+                debug_assert!(ok, "a live range cannot overlap a free one");
+            }
+        }
+    }
+
+    /// Frees an allocation made by this allocator, with the size it was allocated with (any
+    /// size that rounds the same way).
+    ///
+    /// # Errors
+    /// [`IovaError::Unaligned`], [`IovaError::ZeroSize`], [`IovaError::OutsideAperture`];
+    /// [`IovaError::NotAllocated`] for a double free or an IOVA never allocated;
+    /// [`IovaError::SizeMismatch`] for the wrong size. Nothing changes on error.
+    pub fn free(&self, addr: DmaAddr, size: u64) -> Result<(), IovaError> {
+        let (pfn, need, order) = self.check_free(addr, size)?;
+        let slot = self.take_live(addr, pfn, need)?;
+        self.put(slot, pfn, need, order);
+        Ok(())
+    }
+
+    /// The first half of a deferred free (lazy invalidation): validates and ends the allocation
+    /// now — a second free of it is an error from here on — but the range is not reusable until
+    /// [`IovaAllocator::release`] is called with the returned token, after the IOTLB flush.
+    ///
+    /// # Errors
+    /// As [`IovaAllocator::free`].
+    pub fn retire(&self, addr: DmaAddr, size: u64) -> Result<RetiredIova, IovaError> {
+        let (pfn, need, order) = self.check_free(addr, size)?;
+        drop(self.take_live(addr, pfn, need)?);
+        Ok(RetiredIova { pfn, pages: need, order })
+    }
+
+    /// Makes a retired range reusable.
+    pub fn release(&self, r: RetiredIova) {
+        let slot = self.my_slot().lock();
+        self.put(slot, r.pfn, r.pages, r.order);
+    }
+
+    /// Finds and removes a live record made on another CPU slot (a free on another thread).
+    fn take_live_elsewhere(&self, mine: usize, addr: DmaAddr, pfn: u64, need: u64) -> Result<(), IovaError> {
+        for (i, s) in self.slots.iter().enumerate() {
+            if i == mine {
+                continue;
+            }
+            let mut s = s.lock();
+            match s.live.get(&pfn).copied() {
+                Some(n) if n == need => {
+                    s.live.remove(&pfn);
+                    return Ok(());
+                }
+                Some(n) => {
+                    return Err(IovaError::SizeMismatch {
+                        addr,
+                        allocated: n * PAGE_SIZE,
+                        given: need * PAGE_SIZE,
+                    });
+                }
+                None => {}
+            }
+        }
+        Err(IovaError::NotAllocated { addr, size: need * PAGE_SIZE })
+    }
+
+    fn cache_put(&self, slot: &mut Slot, order: usize, pfn: u64) {
+        let c = &mut slot.caches[order];
+        if !c.loaded.is_full() {
+            c.loaded.push(pfn);
+            return;
+        }
+        if !c.prev.is_full() {
+            core::mem::swap(&mut c.loaded, &mut c.prev);
+            c.loaded.push(pfn);
+            return;
+        }
+        // Both full: the loaded magazine goes to the depot, or back to the tree.
+        let full = core::mem::replace(&mut c.loaded, Magazine::empty());
+        let overflow = {
+            let mut d = self.depot[order].lock();
+            if d.len() < DEPOT_MAX {
+                d.push(full);
+                None
+            } else {
+                Some(full)
+            }
+        };
+        c.loaded.push(pfn);
+        if let Some(m) = overflow {
+            let mut t = self.tree.lock();
+            for &p in &m.pfns[..m.len] {
+                t.free(p, 1 << order);
+            }
+        }
+    }
+
+    /// Returns every cached IOVA (all CPU slots and the depot) to the tree.
+    pub fn flush_caches(&self) {
+        let mut back: Vec<(u64, u64)> = Vec::new();
+        for s in self.slots.iter() {
+            let mut s = s.lock();
+            for (o, c) in s.caches.iter_mut().enumerate() {
+                for m in [&mut c.loaded, &mut c.prev] {
+                    back.extend(m.pfns[..m.len].iter().map(|&p| (p, 1u64 << o)));
+                    m.len = 0;
+                }
+            }
+        }
+        for (o, d) in self.depot.iter().enumerate() {
+            for m in d.lock().drain(..) {
+                back.extend(m.pfns[..m.len].iter().map(|&p| (p, 1u64 << o)));
+            }
+        }
+        let mut t = self.tree.lock();
+        for (p, n) in back {
+            t.free(p, n);
+        }
+    }
+
+    /// Takes `[addr, addr + size)` out of use (e.g. an MSI window), like Linux `reserve_iova`.
+    ///
+    /// # Errors
+    /// [`IovaError::Unaligned`], [`IovaError::ZeroSize`], [`IovaError::OutsideAperture`],
+    /// [`IovaError::NotFree`] when part of it is allocated or already reserved.
+    pub fn reserve(&self, addr: DmaAddr, size: u64) -> Result<(), IovaError> {
+        if !addr.is_aligned(PAGE_SIZE) {
+            return Err(IovaError::Unaligned { addr });
+        }
+        let pages = Self::pages_of(size)?;
+        let pfn = addr.as_u64() >> PAGE_SHIFT;
+        if pfn < self.start_pfn || pfn.checked_add(pages).is_none_or(|e| e > self.end_pfn) {
+            return Err(IovaError::OutsideAperture { addr, size });
+        }
+        self.flush_caches();
+        if self.tree.lock().reserve(pfn, pages) { Ok(()) } else { Err(IovaError::NotFree { addr, size }) }
+    }
+
+    /// Whether `[addr, +size)`'s start is a live allocation (of any size).
+    #[must_use]
+    pub fn is_allocated(&self, addr: DmaAddr) -> bool {
+        let pfn = addr.as_u64() >> PAGE_SHIFT;
+        self.slots.iter().any(|s| s.lock().live.contains_key(&pfn))
+    }
+
+    /// The tree's free ranges in address order, as (start, length in bytes). Cached IOVAs are
+    /// not in it until [`IovaAllocator::flush_caches`].
+    #[must_use]
+    pub fn free_ranges(&self) -> Vec<(DmaAddr, u64)> {
+        let t = self.tree.lock();
+        let mut v = Vec::new();
+        t.ranges(t.root, &mut v);
+        v.into_iter().map(|(s, e)| (DmaAddr::new(s << PAGE_SHIFT), (e - s) << PAGE_SHIFT)).collect()
+    }
+
+    /// Counters.
+    #[must_use]
+    pub fn stats(&self) -> IovaStats {
+        let mut live = 0;
+        let mut cached = 0;
+        for s in self.slots.iter() {
+            let s = s.lock();
+            live += s.live.len();
+            cached += s.caches.iter().map(|c| c.loaded.len + c.prev.len).sum::<usize>();
+        }
+        for d in &self.depot {
+            cached += d.lock().iter().map(|m| m.len).sum::<usize>();
+        }
+        let t = self.tree.lock();
+        IovaStats { live, tree_free_pages: t.free_pages, tree_ranges: t.n.len() - t.spare.len(), cached }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_follow_the_linux_rounding_rule() {
+        assert_eq!(shape(1), (1, 1, Some(0)));
+        assert_eq!(shape(3), (4, 4, Some(2)));
+        assert_eq!(shape(17), (32, 32, Some(5)));
+        assert_eq!(shape(32), (32, 32, Some(5)));
+        assert_eq!(shape(33), (33, 64, None));
+        assert_eq!(shape(5000), (5000, 512, None));
+    }
+
+    #[test]
+    fn tree_finds_the_highest_aligned_fit() {
+        let mut t = Tree::new();
+        t.insert(10, 20);
+        t.insert(30, 37);
+        t.insert(100, 101);
+        assert_eq!(t.alloc(4, 4, 1000), Some(32));
+        assert_eq!(t.alloc(4, 4, 1000), Some(16));
+        assert_eq!(t.alloc(4, 4, 1000), Some(12));
+        assert_eq!(t.alloc(4, 4, 1000), None);
+        assert_eq!(t.alloc(1, 1, 100), Some(36));
+        assert!(t.free(32, 4));
+        assert!(!t.free(33, 1));
+        assert_eq!(t.floor(35), Some((30, 36)));
+    }
+}
