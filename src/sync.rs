@@ -2,10 +2,7 @@
 //! `--cfg loom`, so that loom models can check the lock-based exchanges of the IOVA caches.
 
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicUsize, Ordering};
-
-#[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A mutex whose `lock` returns the guard directly, over either backend.
 #[derive(Debug, Default)]

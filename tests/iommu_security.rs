@@ -7,7 +7,8 @@ use std::time::Duration;
 use vmbind::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use vmbind::iommu::iova::IovaError;
 use vmbind::iommu::{
-    Access, DeviceId, DmaFault, Domain, DomainConfig, DomainError, DomainKind, FaultReason, Iommu, IommuError, Mode,
+    Access, DeviceId, DmaFault, Domain, DomainConfig, DomainError, DomainKind, FaultReason, Iommu,
+    IommuError, Mode,
 };
 use vmbind::mem::PhysMem;
 use vmbind::pt::{MapError, MapSource, Prot};
@@ -103,7 +104,10 @@ fn read_only_refuses_writes_and_write_only_refuses_reads_with_fault_records() {
     assert_eq!(mem.read_u64(wo).unwrap(), 0x1122);
     let recs = d1.faults().records();
     assert_eq!(recs.len(), 3);
-    assert_eq!((recs[0].access, recs[1].access, recs[2].access), (Access::Write, Access::Read, Access::Write));
+    assert_eq!(
+        (recs[0].access, recs[1].access, recs[2].access),
+        (Access::Write, Access::Read, Access::Write)
+    );
 }
 
 #[test]
@@ -134,7 +138,10 @@ fn lazy_unmap_keeps_the_iova_out_of_use_until_the_flush_completes() {
     iommu.dma_read_u64(A, iova).unwrap();
     d1.unmap(iova, PAGE_SIZE).unwrap();
     d1.free_iova(iova, PAGE_SIZE).unwrap();
-    assert_eq!(d1.free_iova(iova, PAGE_SIZE), Err(DomainError::Iova(IovaError::NotAllocated { addr: iova, size: PAGE_SIZE })));
+    assert_eq!(
+        d1.free_iova(iova, PAGE_SIZE),
+        Err(DomainError::Iova(IovaError::NotAllocated { addr: iova, size: PAGE_SIZE }))
+    );
     assert_eq!(d1.pending_flush(), 2);
     // The window: the cached translation still works until the flush.
     assert_eq!(iommu.dma_read_u64(A, iova).unwrap(), 0x7777_7777_7777_7777);
@@ -193,14 +200,18 @@ fn lazy_mode_flushes_when_the_queue_is_full_and_before_a_remap() {
 fn identity_domains_reach_physical_memory_directly() {
     let mem = Arc::new(PhysMem::new(16 << 20).unwrap());
     let iommu = Iommu::new(mem.clone());
-    let id = iommu.create_domain(DomainConfig { kind: DomainKind::Identity, ..DomainConfig::default() }).unwrap();
+    let id =
+        iommu.create_domain(DomainConfig { kind: DomainKind::Identity, ..DomainConfig::default() }).unwrap();
     iommu.register_device(A, true).unwrap();
     iommu.attach(A, &id).unwrap();
     let pa = page_with(&mem, 0x42);
     assert_eq!(iommu.dma_read_u64(A, DmaAddr::new(pa.as_u64())).unwrap(), 0x4242_4242_4242_4242);
     let beyond = DmaAddr::new(16 << 20);
     assert!(matches!(iommu.dma_read_u64(A, beyond).unwrap_err().reason, FaultReason::BusError { .. }));
-    assert_eq!(id.map(DmaAddr::new(0x1000), MapSource::Pages(&[pa]), Prot::RW), Err(DomainError::Identity(id.id())));
+    assert_eq!(
+        id.map(DmaAddr::new(0x1000), MapSource::Pages(&[pa]), Prot::RW),
+        Err(DomainError::Identity(id.id()))
+    );
 }
 
 #[test]
@@ -224,8 +235,14 @@ fn bad_input_zero_size() {
     let (_mem, _iommu, d1, _d2) = setup(Mode::Strict);
     let before = d1.iova().unwrap().stats();
     assert_eq!(d1.alloc_iova(0), Err(DomainError::Iova(IovaError::ZeroSize)));
-    assert_eq!(d1.unmap(DmaAddr::new(0x1000), 0), Err(DomainError::Unmap(vmbind::pt::UnmapError::ZeroLength)));
-    assert_eq!(d1.map(DmaAddr::new(0x1000), MapSource::Pages(&[]), Prot::RW), Err(DomainError::Map(MapError::ZeroLength)));
+    assert_eq!(
+        d1.unmap(DmaAddr::new(0x1000), 0),
+        Err(DomainError::Unmap(vmbind::pt::UnmapError::ZeroLength))
+    );
+    assert_eq!(
+        d1.map(DmaAddr::new(0x1000), MapSource::Pages(&[]), Prot::RW),
+        Err(DomainError::Map(MapError::ZeroLength))
+    );
     assert_eq!(d1.iova().unwrap().stats(), before);
 }
 
@@ -235,7 +252,10 @@ fn bad_input_size_overflow() {
     let before = d1.iova().unwrap().stats();
     assert_eq!(d1.alloc_iova(u64::MAX), Err(DomainError::Iova(IovaError::SizeOverflow { size: u64::MAX })));
     assert!(matches!(d1.alloc_iova(1 << 50), Err(DomainError::Iova(IovaError::Exhausted { .. }))));
-    assert!(matches!(d1.unmap(DmaAddr::new(0x1000), u64::MAX - 0xfff), Err(DomainError::OutsideAperture { .. })));
+    assert!(matches!(
+        d1.unmap(DmaAddr::new(0x1000), u64::MAX - 0xfff),
+        Err(DomainError::OutsideAperture { .. })
+    ));
     assert_eq!(d1.iova().unwrap().stats(), before);
 }
 
@@ -250,8 +270,14 @@ fn bad_input_iova_outside_the_aperture() {
         d.map(out, MapSource::Pages(&[pa]), Prot::RW),
         Err(DomainError::OutsideAperture { domain: d.id(), iova: out, len: PAGE_SIZE })
     );
-    assert_eq!(d.unmap(out, PAGE_SIZE), Err(DomainError::OutsideAperture { domain: d.id(), iova: out, len: PAGE_SIZE }));
-    assert_eq!(d.free_iova(out, PAGE_SIZE), Err(DomainError::Iova(IovaError::OutsideAperture { addr: out, size: PAGE_SIZE })));
+    assert_eq!(
+        d.unmap(out, PAGE_SIZE),
+        Err(DomainError::OutsideAperture { domain: d.id(), iova: out, len: PAGE_SIZE })
+    );
+    assert_eq!(
+        d.free_iova(out, PAGE_SIZE),
+        Err(DomainError::Iova(IovaError::OutsideAperture { addr: out, size: PAGE_SIZE }))
+    );
     assert!(d.map(DmaAddr::new(0), MapSource::Pages(&[pa]), Prot::RW).is_err(), "page 0 is outside too");
     assert!(d.table().unwrap().leaves().is_empty());
     // Allocations honour it.
@@ -264,7 +290,10 @@ fn bad_input_unaligned_iova() {
     let (mem, _iommu, d1, _d2) = setup(Mode::Strict);
     let pa = mem.alloc_frame().unwrap();
     let odd = DmaAddr::new(0x10_0010);
-    assert_eq!(d1.map(odd, MapSource::Pages(&[pa]), Prot::RW), Err(DomainError::Map(MapError::UnalignedVa { va: odd })));
+    assert_eq!(
+        d1.map(odd, MapSource::Pages(&[pa]), Prot::RW),
+        Err(DomainError::Map(MapError::UnalignedVa { va: odd }))
+    );
     assert_eq!(d1.free_iova(odd, PAGE_SIZE), Err(DomainError::Iova(IovaError::Unaligned { addr: odd })));
     assert!(d1.table().unwrap().leaves().is_empty());
 }
@@ -277,13 +306,20 @@ fn bad_input_double_free_of_an_iova_range() {
         d1.free_iova(a, size).unwrap();
         let before = d1.iova().unwrap().stats();
         let rounded = vmbind::iommu::iova::IovaAllocator::rounded_size(size).unwrap();
-        assert_eq!(d1.free_iova(a, size), Err(DomainError::Iova(IovaError::NotAllocated { addr: a, size: rounded })));
+        assert_eq!(
+            d1.free_iova(a, size),
+            Err(DomainError::Iova(IovaError::NotAllocated { addr: a, size: rounded }))
+        );
         assert_eq!(d1.iova().unwrap().stats(), before);
     }
     let a = d1.alloc_iova(4 * PAGE_SIZE).unwrap();
     assert_eq!(
         d1.free_iova(a, PAGE_SIZE),
-        Err(DomainError::Iova(IovaError::SizeMismatch { addr: a, allocated: 4 * PAGE_SIZE, given: PAGE_SIZE }))
+        Err(DomainError::Iova(IovaError::SizeMismatch {
+            addr: a,
+            allocated: 4 * PAGE_SIZE,
+            given: PAGE_SIZE
+        }))
     );
     d1.free_iova(a, 4 * PAGE_SIZE).unwrap();
 }
@@ -294,7 +330,10 @@ fn bad_input_unmap_of_a_never_mapped_range() {
     let pa = mem.alloc_frame().unwrap();
     d1.map(DmaAddr::new(0x20_0000), MapSource::Pages(&[pa]), Prot::RW).unwrap();
     let hole = DmaAddr::new(0x40_0000);
-    assert_eq!(d1.unmap(hole, 16 * PAGE_SIZE), Err(DomainError::NotMapped { iova: hole, len: 16 * PAGE_SIZE }));
+    assert_eq!(
+        d1.unmap(hole, 16 * PAGE_SIZE),
+        Err(DomainError::NotMapped { iova: hole, len: 16 * PAGE_SIZE })
+    );
     assert_eq!(d1.table().unwrap().leaves().len(), 1);
 }
 

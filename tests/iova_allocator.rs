@@ -177,7 +177,8 @@ fn hundred_thousand_live_ranges_with_heavy_fragmentation() {
     assert!(s.tree_ranges > 50_000, "fragmented: {} free ranges", s.tree_ranges);
     // Large allocations still find room, top-down, without disturbing the live set.
     let big = a.alloc(1 << 20).unwrap();
-    let mut spans: Vec<(u64, u64)> = kept.iter().map(|(x, p)| (x.as_u64(), x.as_u64() + rounded_pages(*p).0 * PAGE_SIZE)).collect();
+    let mut spans: Vec<(u64, u64)> =
+        kept.iter().map(|(x, p)| (x.as_u64(), x.as_u64() + rounded_pages(*p).0 * PAGE_SIZE)).collect();
     spans.push((big.as_u64(), big.as_u64() + (1 << 20)));
     spans.sort();
     assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0));

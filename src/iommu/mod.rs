@@ -744,13 +744,11 @@ impl Iommu {
     #[must_use]
     pub fn device(&self, dev: DeviceId) -> Option<DeviceInfo> {
         let v = self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire);
-        (v & DEV_REGISTERED != 0).then(|| DeviceInfo {
-            trusted: v & DEV_TRUSTED != 0,
-            domain: match (v & DEV_DOMAIN) as u16 {
-                0 => None,
-                d => Some(d),
-            },
-        })
+        let domain = match (v & DEV_DOMAIN) as u16 {
+            0 => None,
+            d => Some(d),
+        };
+        (v & DEV_REGISTERED != 0).then_some(DeviceInfo { trusted: v & DEV_TRUSTED != 0, domain })
     }
 
     /// Attaches a device to a domain.
