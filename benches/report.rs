@@ -7,6 +7,8 @@
 
 #[path = "common/harness.rs"]
 mod harness;
+#[path = "common/iommu_cases.rs"]
+mod iommu_cases;
 #[path = "common/peers.rs"]
 mod peers;
 
@@ -33,6 +35,8 @@ fn main() {
     r.header();
     pt_cases(&mut r, &mem, &frames);
     raw_case(&mut r);
+    iommu_cases::iova_cases(&mut r);
+    iommu_cases::iommu_cases(&mut r);
     println!("\nratios (higher = vmbind faster unless noted):");
     for peer in ["x86_64", "aarch64-paging"] {
         let label = format!("pt/map_4k_scattered {peer} / vmbind");
@@ -46,6 +50,19 @@ fn main() {
         ("pt/map_huge", "aarch64-paging"),
         ("pt/translate", "x86_64"),
         ("pt/unmap_4k", "x86_64"),
+    ] {
+        r.ratio(&format!("{case} {peer} / vmbind"), (case, peer), (case, "vmbind"));
+    }
+    for (case, peer) in [
+        ("iova/alloc_free_small", "vm-allocator"),
+        ("iova/alloc_large_100k", "vm-allocator"),
+        ("iova/alloc_free_2t", "vmbind-1t"),
+        ("iommu/translate_hit", "x86_64"),
+        ("iommu/translate_hit", "vm-memory"),
+        ("iommu/translate_hit", "btreemap"),
+        ("iommu/translate_miss", "x86_64"),
+        ("iommu/map_4k", "btreemap"),
+        ("iommu/map_4k", "vm-memory"),
     ] {
         r.ratio(&format!("{case} {peer} / vmbind"), (case, peer), (case, "vmbind"));
     }

@@ -8,6 +8,12 @@ use std::time::Instant;
 /// One implementation of a case: its name and a closure timing one run.
 pub type Imp<'a> = (&'static str, Box<dyn FnMut() -> f64 + 'a>);
 
+/// Divides a timed closure's nanoseconds by its own unit count (for peers that run fewer
+/// iterations per sample than vmbind because each costs far more).
+pub fn per<'a>(units: f64, mut f: Box<dyn FnMut() -> f64 + 'a>) -> Box<dyn FnMut() -> f64 + 'a> {
+    Box::new(move || f() / units)
+}
+
 /// Wraps an untimed `setup` and a timed `routine` (fed the setup's value) into an [`Imp`] body.
 pub fn timed<'a, S, T>(
     mut setup: impl FnMut() -> S + 'a,
@@ -70,8 +76,9 @@ impl Report {
 
     /// Measures several implementations of one case, interleaving their samples (a, b, c, a,
     /// b, c, ...) so that machine noise hits all of them alike; each timed run follows an untimed
-    /// run of the same implementation. Each entry returns the
-    /// nanoseconds of one timed run (see [`timed`]); `units` divides them.
+    /// run of the same implementation. Each entry returns the nanoseconds of one timed run (see
+    /// [`timed`]); `units` divides them. Entries with different unit counts are each wrapped in
+    /// [`per`] and compared with `units = 1.0`.
     pub fn compare(&mut self, case: &str, unit: &str, units: f64, samples: usize, mut impls: Vec<Imp<'_>>) {
         let mut times = vec![Vec::with_capacity(samples); impls.len()];
         for _ in 0..samples {

@@ -545,15 +545,24 @@ impl Domain {
     }
 }
 
-const DEV_REGISTERED: u32 = 1 << 31;
-const DEV_TRUSTED: u32 = 1 << 30;
-const DEV_IDENTITY: u32 = 1 << 29;
-const DEV_DOMAIN: u32 = 0xffff;
+// A device word: bits 0..16 the domain id when attached to a *translated* domain (so the hit
+// path tests one 16-bit field), bits 16..32 the attached domain id of any kind, then flags.
+const DEV_FAST: u64 = 0xffff;
+const DEV_DOMAIN_SHIFT: u32 = 16;
+const DEV_DOMAIN: u64 = 0xffff << DEV_DOMAIN_SHIFT;
+const DEV_IDENTITY: u64 = 1 << 61;
+const DEV_TRUSTED: u64 = 1 << 62;
+const DEV_REGISTERED: u64 = 1 << 63;
+
+fn attached_domain(v: u64) -> u16 {
+    ((v & DEV_DOMAIN) >> DEV_DOMAIN_SHIFT) as u16
+}
 
 struct Inner {
     mem: Arc<PhysMem>,
     iotlb: Arc<Iotlb>,
-    devices: Box<[AtomicU32]>,
+    /// One word per requester id: fixed size, so a `u16` index needs no bounds check.
+    devices: Box<[AtomicU64; 65536]>,
     domains: RwLock<Vec<Option<Arc<Domain>>>>,
     faults: FaultLog,
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -607,20 +616,16 @@ impl core::fmt::Debug for Iommu {
 }
 
 impl Iommu {
-    /// An IOMMU with a 65536-entry IOTLB.
+    /// An IOMMU with a [`iotlb::IOTLB_ENTRIES`]-entry IOTLB.
     #[must_use]
     pub fn new(mem: Arc<PhysMem>) -> Self {
-        Self::with_iotlb_bits(mem, 16)
-    }
-
-    /// An IOMMU with a `1 << bits`-entry IOTLB.
-    #[must_use]
-    pub fn with_iotlb_bits(mem: Arc<PhysMem>, bits: u32) -> Self {
+        let devices: Vec<AtomicU64> = (0..=u16::MAX).map(|_| AtomicU64::new(0)).collect();
+        let Ok(devices) = devices.into_boxed_slice().try_into() else { unreachable!("65536 device words") };
         Iommu {
             inner: Arc::new(Inner {
                 mem,
-                iotlb: Arc::new(Iotlb::new(bits)),
-                devices: (0..=u16::MAX as usize).map(|_| AtomicU32::new(0)).collect(),
+                iotlb: Arc::new(Iotlb::new()),
+                devices,
                 domains: RwLock::new(Vec::new()),
                 faults: FaultLog::default(),
                 flusher: Mutex::new(None),
@@ -744,7 +749,7 @@ impl Iommu {
     #[must_use]
     pub fn device(&self, dev: DeviceId) -> Option<DeviceInfo> {
         let v = self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire);
-        let domain = match (v & DEV_DOMAIN) as u16 {
+        let domain = match attached_domain(v) {
             0 => None,
             d => Some(d),
         };
@@ -766,15 +771,19 @@ impl Iommu {
             return Err(IommuError::UnknownDevice(dev));
         }
         if cur & DEV_DOMAIN != 0 {
-            return Err(IommuError::AlreadyAttached { device: dev, domain: (cur & DEV_DOMAIN) as u16 });
+            return Err(IommuError::AlreadyAttached { device: dev, domain: attached_domain(cur) });
         }
-        let ident = if d.kind == DomainKind::Identity { DEV_IDENTITY } else { 0 };
+        let kind = match d.kind {
+            DomainKind::Identity => DEV_IDENTITY,
+            DomainKind::Translated => u64::from(d.id),
+        };
+        let new = cur | kind | (u64::from(d.id) << DEV_DOMAIN_SHIFT);
         d.devices.fetch_add(1, Ordering::AcqRel);
-        match slot.compare_exchange(cur, cur | ident | u32::from(d.id), Ordering::AcqRel, Ordering::Acquire) {
+        match slot.compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => Ok(()),
             Err(now) => {
                 d.devices.fetch_sub(1, Ordering::AcqRel);
-                Err(IommuError::AlreadyAttached { device: dev, domain: (now & DEV_DOMAIN) as u16 })
+                Err(IommuError::AlreadyAttached { device: dev, domain: attached_domain(now) })
             }
         }
     }
@@ -790,7 +799,7 @@ impl Iommu {
         if cur & DEV_REGISTERED == 0 {
             return Err(IommuError::UnknownDevice(dev));
         }
-        let id = (cur & DEV_DOMAIN) as u16;
+        let id = attached_domain(cur);
         if id == 0 {
             return Err(IommuError::NotAttached(dev));
         }
@@ -844,36 +853,57 @@ impl Iommu {
         f
     }
 
+    /// The IOTLB-hit fast path: the physical address of `a` for a translated, attached device
+    /// whose cached entry allows `need` (1 read, 2 write); `None` sends the caller to
+    /// [`Self::resolve_cold`], which decides everything else.
+    #[inline(always)]
+    fn iotlb_hit(&self, dev: DeviceId, a: u64, need: u8) -> Option<u64> {
+        let id = (self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire) & DEV_FAST) as u16;
+        if id == 0 {
+            return None;
+        }
+        let (page, prot) = self.inner.iotlb.lookup(id, a >> PAGE_SHIFT)?;
+        (prot.bits() & need != 0).then_some(page | (a & (PAGE_SIZE - 1)))
+    }
+
     /// Translates one device access to a page: the physical address of `iova`, checked for
     /// `access`, through the IOTLB and, on a miss, a table walk that fills it.
     #[inline]
     fn resolve(&self, dev: DeviceId, iova: DmaAddr, access: Access) -> Result<PhysAddr, DmaFault> {
+        let need = match access {
+            Access::Read => Prot::READ,
+            Access::Write => Prot::WRITE,
+        };
+        match self.iotlb_hit(dev, iova.as_u64(), need.bits()) {
+            Some(pa) => Ok(PhysAddr::new(pa)),
+            None => self.resolve_cold(dev, iova, access, need),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn resolve_cold(
+        &self,
+        dev: DeviceId,
+        iova: DmaAddr,
+        access: Access,
+        need: Prot,
+    ) -> Result<PhysAddr, DmaFault> {
         let v = self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire);
         let fault = |reason| DmaFault { device: dev, iova, access, reason };
         if v & DEV_REGISTERED == 0 {
             return Err(self.fault(None, fault(FaultReason::UnknownDevice)));
         }
-        let id = (v & DEV_DOMAIN) as u16;
+        let id = attached_domain(v);
         if id == 0 {
             return Err(self.fault(None, fault(FaultReason::NotAttached)));
         }
         if v & DEV_IDENTITY != 0 {
             return Ok(PhysAddr::new(iova.as_u64()));
         }
-        let need = match access {
-            Access::Read => Prot::READ,
-            Access::Write => Prot::WRITE,
-        };
-        let a = iova.as_u64();
-        if let Some((page, prot)) = self.inner.iotlb.lookup(id, a >> PAGE_SHIFT)
-            && prot.contains(need)
-        {
-            return Ok(PhysAddr::new(page | (a & (PAGE_SIZE - 1))));
-        }
         self.resolve_slow(dev, id, iova, access, need)
     }
 
-    #[cold]
     fn resolve_slow(
         &self,
         dev: DeviceId,
@@ -883,12 +913,14 @@ impl Iommu {
         need: Prot,
     ) -> Result<PhysAddr, DmaFault> {
         let fault = |reason| DmaFault { device: dev, iova, access, reason };
-        let Some(d) = self.domain_by_id(id) else {
+        let domains = self.inner.domains.read();
+        let Some(d) = domains.get(usize::from(id) - 1).and_then(Option::as_deref) else {
+            drop(domains);
             return Err(self.fault(None, fault(FaultReason::NotAttached)));
         };
         let a = iova.as_u64();
         if a < d.aperture.0 || a >= d.aperture.1 {
-            return Err(self.fault(Some(&d), fault(FaultReason::OutsideAperture)));
+            return Err(self.fault(Some(d), fault(FaultReason::OutsideAperture)));
         }
         let Some(table) = &d.table else {
             return Ok(PhysAddr::new(a));
@@ -896,13 +928,13 @@ impl Iommu {
         let walk = d.inv_lock.read();
         let Some(t) = table.translate(iova) else {
             drop(walk);
-            return Err(self.fault(Some(&d), fault(FaultReason::NotMapped)));
+            return Err(self.fault(Some(d), fault(FaultReason::NotMapped)));
         };
         let page = t.pa.as_u64() & !(PAGE_SIZE - 1);
         self.inner.iotlb.insert(id, a >> PAGE_SHIFT, page, t.prot);
         drop(walk);
         if !t.prot.contains(need) {
-            return Err(self.fault(Some(&d), fault(FaultReason::NotPermitted { prot: t.prot })));
+            return Err(self.fault(Some(d), fault(FaultReason::NotPermitted { prot: t.prot })));
         }
         Ok(t.pa)
     }
@@ -917,12 +949,15 @@ impl Iommu {
     ) -> Result<(), DmaFault> {
         match pa.as_u64().checked_add(len) {
             Some(e) if e <= self.inner.mem.size() => Ok(()),
-            _ => {
-                let id = self.device(dev).and_then(|i| i.domain).and_then(|id| self.domain_by_id(id));
-                let f = DmaFault { device: dev, iova, access, reason: FaultReason::BusError { pa } };
-                Err(self.fault(id.as_deref(), f))
-            }
+            _ => Err(self.bus_fault(dev, iova, access, pa)),
         }
+    }
+
+    #[cold]
+    fn bus_fault(&self, dev: DeviceId, iova: DmaAddr, access: Access, pa: PhysAddr) -> DmaFault {
+        let id = self.device(dev).and_then(|i| i.domain).and_then(|id| self.domain_by_id(id));
+        let f = DmaFault { device: dev, iova, access, reason: FaultReason::BusError { pa } };
+        self.fault(id.as_deref(), f)
     }
 
     /// Translates every page of `[iova, iova + len)` first; returns (pa, chunk length) pieces.
@@ -996,12 +1031,7 @@ impl Iommu {
         let pa = self.resolve(dev, iova, Access::Read)?;
         match self.inner.mem.read_u64(pa) {
             Ok(v) => Ok(v),
-            Err(_) => Err(self.bus_check(dev, iova, Access::Read, pa, 8).err().unwrap_or(DmaFault {
-                device: dev,
-                iova,
-                access: Access::Read,
-                reason: FaultReason::BusError { pa },
-            })),
+            Err(_) => Err(self.bus_fault(dev, iova, Access::Read, pa)),
         }
     }
 

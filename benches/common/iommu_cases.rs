@@ -1,0 +1,296 @@
+//! IOMMU-issue cases of the report: the IOVA allocator against vm-allocator, device reads
+//! through the IOTLB against the x86_64 crate's walker, a BTreeMap and vm-memory's Iotlb, and a
+//! domain map against per-page inserts.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Barrier};
+use std::time::Instant;
+
+use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
+use vm_memory::iommu::Iotlb as VmIotlb;
+use vm_memory::{GuestAddress, Permissions};
+use vmbind::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
+use vmbind::iommu::iova::IovaAllocator;
+use vmbind::iommu::{DeviceId, DomainConfig, Iommu};
+use vmbind::mem::{PhysMem, SplitMix64, shuffle};
+use vmbind::pt::{MapSource, Prot};
+
+use crate::harness::{Report, per, timed};
+use crate::peers::x86::X86;
+
+const APERTURE_END: u64 = 1 << 40;
+
+fn small_orders(n: usize, seed: u64) -> Vec<u64> {
+    let mut rng = SplitMix64::new(seed);
+    (0..n).map(|_| PAGE_SIZE << rng.below(6)).collect()
+}
+
+/// The vmbind allocator and vm-allocator holding the same live ranges: vmbind builds its set
+/// top-down (its policy); vm-allocator gets the mirror image of it, packed from the bottom of
+/// its range, which is exactly where its own first-match policy would have put the same
+/// sequence. Same sizes, same holes, each in its allocator's natural direction. (Placing
+/// vm-allocator's ranges at vmbind's addresses would leave the bottom of its range empty and
+/// make its first match trivially short; building the set with its own first-match calls would
+/// take minutes at 100k ranges.)
+fn twin_allocators(live: usize, seed: u64, holes: bool) -> (IovaAllocator, AddressAllocator) {
+    let ours = IovaAllocator::new(DmaAddr::new(PAGE_SIZE), DmaAddr::new(APERTURE_END)).unwrap();
+    let mut theirs = AddressAllocator::new(0, APERTURE_END - PAGE_SIZE).unwrap();
+    let mut rng = SplitMix64::new(seed);
+    let total = if holes { 2 * live } else { live };
+    let mut got = Vec::with_capacity(total);
+    for _ in 0..total {
+        let size = PAGE_SIZE << rng.below(6);
+        got.push((ours.alloc(size).unwrap(), size));
+    }
+    for (i, (addr, size)) in got.into_iter().enumerate() {
+        if holes && i % 2 == 0 {
+            ours.free(addr, size).unwrap();
+        } else {
+            let mirrored = APERTURE_END - addr.as_u64() - size;
+            theirs.allocate(size, size, AllocPolicy::ExactMatch(mirrored)).unwrap();
+        }
+    }
+    ours.flush_caches();
+    (ours, theirs)
+}
+
+pub fn iova_cases(r: &mut Report) {
+    let case = "iova/alloc_free_small";
+    if r.wants(case) {
+        let (ours, mut theirs) = twin_allocators(10_000, 1, false);
+        let sizes = small_orders(100_000, 2);
+        let peer_sizes = &sizes[..if r.quick { 20 } else { 100 }];
+        let ours = &ours;
+        let sizes = &sizes;
+        let vm = per(
+            sizes.len() as f64,
+            timed(
+                || (),
+                |()| {
+                    for &s in sizes {
+                        let a = ours.alloc(s).unwrap();
+                        ours.free(a, s).unwrap();
+                    }
+                },
+            ),
+        );
+        let peer = per(
+            peer_sizes.len() as f64,
+            timed(
+                || (),
+                |()| {
+                    for &s in peer_sizes {
+                        let a = theirs.allocate(s, s, AllocPolicy::FirstMatch).unwrap();
+                        theirs.free(&a).unwrap();
+                    }
+                },
+            ),
+        );
+        let n = r.samples(20.0);
+        r.compare(case, "ns/pair", 1.0, n, vec![("vmbind", vm), ("vm-allocator", peer)]);
+    }
+
+    let case = "iova/alloc_large_100k";
+    if r.wants(case) {
+        let (ours, mut theirs) = twin_allocators(100_000, 3, true);
+        let ours = &ours;
+        let vm = timed(
+            || (),
+            |()| {
+                let a = ours.alloc(1 << 20).unwrap();
+                ours.free(a, 1 << 20).unwrap();
+            },
+        );
+        let mut last: Option<RangeInclusive> = None;
+        let peer = timed(
+            || (),
+            |()| {
+                let a = theirs.allocate(1 << 20, 1 << 20, AllocPolicy::FirstMatch).unwrap();
+                theirs.free(&a).unwrap();
+                last = Some(a);
+            },
+        );
+        let n = r.samples(5.0);
+        r.compare(case, "ns/alloc", 1.0, n, vec![("vmbind", vm), ("vm-allocator", peer)]);
+    }
+
+    let case = "iova/alloc_free_2t";
+    if r.wants(case) {
+        let (ours, _) = twin_allocators(10_000, 4, false);
+        let ours = Arc::new(ours);
+        let sizes = Arc::new(small_orders(200_000, 5));
+        let pairs = sizes.len() as f64;
+        // Each sample: `threads` threads start the same loop together; the result is the mean
+        // in-thread time per pair (thread start-up is not counted).
+        let run = |threads: usize| -> Box<dyn FnMut() -> f64> {
+            let (ours, sizes) = (ours.clone(), sizes.clone());
+            Box::new(move || {
+                let barrier = Arc::new(Barrier::new(threads));
+                let hs: Vec<_> = (0..threads)
+                    .map(|t| {
+                        let (ours, sizes, barrier) = (ours.clone(), sizes.clone(), barrier.clone());
+                        std::thread::spawn(move || {
+                            let rot = t * 997;
+                            barrier.wait();
+                            let t0 = Instant::now();
+                            for i in 0..sizes.len() {
+                                let s = sizes[(i + rot) % sizes.len()];
+                                let a = ours.alloc(s).unwrap();
+                                ours.free(a, s).unwrap();
+                            }
+                            t0.elapsed().as_secs_f64() * 1e9
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).sum::<f64>() / threads as f64 / pairs
+            })
+        };
+        let n = r.samples(30.0);
+        r.compare(case, "ns/pair/thread", 1.0, n, vec![("vmbind", run(2)), ("vmbind-1t", run(1))]);
+    }
+}
+
+pub fn iommu_cases(r: &mut Report) {
+    let dev = DeviceId(0x0100);
+    // hit: 1024 pages (4 MiB) — a working set an IOTLB holds; miss: 1 GiB, every access to a
+    // page not touched since the IOTLB was flushed.
+    for (case, pages, miss) in
+        [("iommu/translate_hit", 1024usize, false), ("iommu/translate_miss", 262_144, true)]
+    {
+        if !r.wants(case) {
+            continue;
+        }
+        // A fresh arena, its data frames written once so that every implementation reads
+        // committed, huge-page-backed memory: the comparison is about translation.
+        let mem = Arc::new(PhysMem::new((pages as u64 * PAGE_SIZE * 2).max(64 << 20)).unwrap());
+        let frames = mem.alloc_scattered(pages, 7).unwrap();
+        for (i, f) in frames.iter().enumerate() {
+            mem.write_u64(*f, i as u64).unwrap();
+        }
+        let iommu = Iommu::new(mem.clone());
+        // 47 bits: IOVAs stay canonical for the x86_64 crate's walker, which maps the same ones.
+        let dom = iommu.create_domain(DomainConfig { aperture_bits: 47, ..DomainConfig::default() }).unwrap();
+        iommu.register_device(dev, true).unwrap();
+        iommu.attach(dev, &dom).unwrap();
+        let iova = dom.alloc_iova(pages as u64 * PAGE_SIZE).unwrap();
+        dom.map(iova, MapSource::Pages(&frames), Prot::RW).unwrap();
+        let base = iova.as_u64();
+        let mut rng = SplitMix64::new(9);
+        let probes: Vec<u64> = if miss {
+            // Distinct pages, so that every access misses the (flushed) IOTLB.
+            let mut order: Vec<u64> = (0..pages as u64).collect();
+            shuffle(&mut order, 11);
+            order[..65_536].iter().map(|p| base + p * PAGE_SIZE + 8 * rng.below(512)).collect()
+        } else {
+            (0..65_536).map(|_| base + 8 * rng.below(pages as u64 * 512)).collect()
+        };
+        let mut x86 = X86::new(&mem);
+        x86.map_pages(base, &frames);
+        let mut bt = BTreeMap::new();
+        let mut vmm = VmIotlb::new();
+        for (i, pa) in frames.iter().enumerate() {
+            let va = base + i as u64 * PAGE_SIZE;
+            bt.insert(va, pa.as_u64());
+            vmm.set_mapping(
+                GuestAddress(va),
+                GuestAddress(pa.as_u64()),
+                PAGE_SIZE as usize,
+                Permissions::ReadWrite,
+            )
+            .unwrap();
+        }
+        for &p in &probes {
+            iommu.dma_read_u64(dev, DmaAddr::new(p)).unwrap();
+        }
+        let mem = &mem;
+        let probes = &probes;
+        let (iommu, bt, vmm, x86) = (&iommu, &bt, &vmm, &x86);
+        let units = probes.len() as f64;
+        let vm = timed(
+            || {
+                if miss {
+                    iommu.iotlb().invalidate_all();
+                }
+            },
+            |()| probes.iter().fold(0u64, |a, &p| a ^ iommu.dma_read_u64(dev, DmaAddr::new(p)).unwrap()),
+        );
+        let walker = timed(
+            || (),
+            |()| {
+                probes
+                    .iter()
+                    .fold(0u64, |a, &p| a ^ mem.read_u64(PhysAddr::new(x86.translate(p).unwrap())).unwrap())
+            },
+        );
+        let btree = timed(
+            || (),
+            |()| {
+                probes.iter().fold(0u64, |a, &p| {
+                    let (&va, &pa) = bt.range(..=p).next_back().unwrap();
+                    assert!(p - va < PAGE_SIZE);
+                    a ^ mem.read_u64(PhysAddr::new(pa + (p - va))).unwrap()
+                })
+            },
+        );
+        let vmmem = timed(
+            || (),
+            |()| {
+                probes.iter().fold(0u64, |a, &p| {
+                    let mut it = VmIotlb::lookup(vmm, GuestAddress(p), 8, Permissions::Read).unwrap();
+                    let m = it.next().unwrap();
+                    a ^ mem.read_u64(PhysAddr::new(m.base.0)).unwrap()
+                })
+            },
+        );
+        let n = r.samples(if miss { 60.0 } else { 50.0 });
+        r.compare(
+            case,
+            "ns/access",
+            units,
+            n,
+            vec![("vmbind", vm), ("x86_64", walker), ("btreemap", btree), ("vm-memory", vmmem)],
+        );
+    }
+
+    let case = "iommu/map_4k";
+    if r.wants(case) {
+        let pages = 262_144usize;
+        let mem = Arc::new(PhysMem::new(2 << 30).unwrap());
+        let iommu = Iommu::new(mem.clone());
+        let dom = iommu.create_domain(DomainConfig::default()).unwrap();
+        let frames = mem.alloc_scattered(pages, 13).unwrap();
+        let len = pages as u64 * PAGE_SIZE;
+        let iova = dom.alloc_iova(len).unwrap();
+        let base = iova.as_u64();
+        let frames = &frames;
+        let dom = &dom;
+        let vm = timed(
+            || {
+                let _ = dom.unmap(iova, len);
+            },
+            |()| dom.map(iova, MapSource::Pages(frames), Prot::RW).unwrap(),
+        );
+        let btree = timed(BTreeMap::new, |mut bt: BTreeMap<u64, u64>| {
+            for (i, pa) in frames.iter().enumerate() {
+                bt.insert(base + i as u64 * PAGE_SIZE, pa.as_u64());
+            }
+            bt
+        });
+        let vmmem = timed(VmIotlb::new, |mut t: VmIotlb| {
+            for (i, pa) in frames.iter().enumerate() {
+                let va = GuestAddress(base + i as u64 * PAGE_SIZE);
+                t.set_mapping(va, GuestAddress(pa.as_u64()), PAGE_SIZE as usize, Permissions::ReadWrite)
+                    .unwrap();
+            }
+            t
+        });
+        let n = r.samples(100.0);
+        r.compare(
+            case,
+            "ns/4KiB page",
+            pages as f64,
+            n,
+            vec![("vmbind", vm), ("btreemap", btree), ("vm-memory", vmmem)],
+        );
+    }
+}
