@@ -1021,8 +1021,21 @@ impl Iommu {
     ///
     /// # Errors
     /// [`DmaFault`], also logged.
-    #[inline]
+    #[inline(always)]
     pub fn dma_read_u64(&self, dev: DeviceId, iova: DmaAddr) -> Result<u64, DmaFault> {
+        // Fast path: within one page, an IOTLB hit, inside the arena.
+        let a = iova.as_u64();
+        if a & (PAGE_SIZE - 1) <= PAGE_SIZE - 8
+            && let Some(pa) = self.iotlb_hit(dev, a, Prot::READ.bits())
+            && let Ok(v) = self.inner.mem.read_u64(PhysAddr::new(pa))
+        {
+            return Ok(v);
+        }
+        self.dma_read_u64_slow(dev, iova)
+    }
+
+    #[inline(never)]
+    fn dma_read_u64_slow(&self, dev: DeviceId, iova: DmaAddr) -> Result<u64, DmaFault> {
         if iova.as_u64() & (PAGE_SIZE - 1) > PAGE_SIZE - 8 {
             let mut b = [0u8; 8];
             self.dma_read(dev, iova, &mut b)?;
