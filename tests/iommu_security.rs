@@ -17,9 +17,17 @@ const A: DeviceId = DeviceId(0x0100);
 const B: DeviceId = DeviceId(0x0200);
 
 fn setup(mode: Mode) -> (Arc<PhysMem>, Iommu, Arc<Domain>, Arc<Domain>) {
+    setup_with(DomainConfig { mode, ..DomainConfig::default() })
+}
+
+/// A lazy domain whose time bound never fires during a test, so the window can be observed.
+fn lazy_no_timer() -> DomainConfig {
+    DomainConfig { mode: Mode::Lazy, flush_timeout: Duration::from_secs(3600), ..DomainConfig::default() }
+}
+
+fn setup_with(cfg: DomainConfig) -> (Arc<PhysMem>, Iommu, Arc<Domain>, Arc<Domain>) {
     let mem = Arc::new(PhysMem::new(64 << 20).unwrap());
     let iommu = Iommu::new(mem.clone());
-    let cfg = DomainConfig { mode, ..DomainConfig::default() };
     let d1 = iommu.create_domain(cfg).unwrap();
     let d2 = iommu.create_domain(cfg).unwrap();
     iommu.register_device(A, true).unwrap();
@@ -105,6 +113,10 @@ fn read_only_refuses_writes_and_write_only_refuses_reads_with_fault_records() {
     let recs = d1.faults().records();
     assert_eq!(recs.len(), 3);
     assert_eq!(
+        recs[0].to_string(),
+        format!("DMA fault: dev 01:00.0 Write at dma {:#x}: NotPermitted {{ prot: r-- }}", iova.as_u64())
+    );
+    assert_eq!(
         (recs[0].access, recs[1].access, recs[2].access),
         (Access::Write, Access::Read, Access::Write)
     );
@@ -131,7 +143,7 @@ fn strict_unmap_faults_every_later_access_even_one_cached() {
 
 #[test]
 fn lazy_unmap_keeps_the_iova_out_of_use_until_the_flush_completes() {
-    let (mem, iommu, d1, _d2) = setup(Mode::Lazy);
+    let (mem, iommu, d1, _d2) = setup_with(lazy_no_timer());
     let pa = page_with(&mem, 0x77);
     let iova = d1.alloc_iova(PAGE_SIZE).unwrap();
     d1.map(iova, MapSource::Pages(&[pa]), Prot::RW).unwrap();
@@ -178,7 +190,7 @@ fn lazy_mode_flushes_within_its_time_bound_by_itself() {
 
 #[test]
 fn lazy_mode_flushes_when_the_queue_is_full_and_before_a_remap() {
-    let (mem, iommu, d1, _d2) = setup(Mode::Lazy);
+    let (mem, iommu, d1, _d2) = setup_with(lazy_no_timer());
     let pa = page_with(&mem, 0x22);
     let pb = page_with(&mem, 0x33);
     let iova = DmaAddr::new(0x10_0000);

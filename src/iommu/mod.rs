@@ -97,6 +97,9 @@ pub struct DomainConfig {
     pub aperture_start: DmaAddr,
     /// Width of the aperture: IOVAs stay below `1 << aperture_bits` (at most 48).
     pub aperture_bits: u32,
+    /// Lazy mode: how old the oldest queued entry may get before the background flush
+    /// ([`FLUSH_TIMEOUT`] by default). The window of lazy mode is at most this long.
+    pub flush_timeout: Duration,
 }
 
 impl Default for DomainConfig {
@@ -106,6 +109,7 @@ impl Default for DomainConfig {
             mode: Mode::Strict,
             aperture_start: DmaAddr::new(PAGE_SIZE),
             aperture_bits: 48,
+            flush_timeout: FLUSH_TIMEOUT,
         }
     }
 }
@@ -301,6 +305,7 @@ pub struct Domain {
     id: DomainId,
     kind: DomainKind,
     mode: Mode,
+    flush_timeout: Duration,
     aperture: (u64, u64),
     owner: Weak<Inner>,
     iotlb: Arc<Iotlb>,
@@ -515,14 +520,18 @@ impl Domain {
     /// Lazy mode: flushes the queue now (one domain-wide IOTLB invalidation, then the queued
     /// table pages are freed and IOVAs released). Strict mode: nothing is ever queued.
     pub fn flush(&self) {
-        let q = core::mem::take(&mut *self.fq.lock());
-        if q.len() == 0 {
+        // The queue stays locked until the IOTLB is clean, so that once `pending_flush` reads 0
+        // no stale translation of a queued unmap can be used any more.
+        let mut fq = self.fq.lock();
+        if fq.len() == 0 {
             return;
         }
         {
             let _walks_done = self.inv_lock.write();
             self.iotlb.invalidate_domain(self.id);
         }
+        let q = core::mem::take(&mut *fq);
+        drop(fq);
         drop(q.invalidations);
         if let Some(a) = &self.iova {
             for r in q.iovas {
@@ -538,7 +547,7 @@ impl Domain {
     }
 
     fn flush_if_old(&self) {
-        let old = self.fq.lock().oldest.is_some_and(|t| t.elapsed() >= FLUSH_TIMEOUT);
+        let old = self.fq.lock().oldest.is_some_and(|t| t.elapsed() >= self.flush_timeout);
         if old {
             self.flush();
         }
@@ -690,6 +699,7 @@ impl Iommu {
             id: (slot + 1) as DomainId,
             kind: cfg.kind,
             mode: cfg.mode,
+            flush_timeout: cfg.flush_timeout,
             aperture: (start, end),
             owner: Arc::downgrade(&self.inner),
             iotlb: self.inner.iotlb.clone(),
