@@ -10,10 +10,13 @@
 //! - [`addr`]: address newtypes and page sizes;
 //! - [`mem`]: [`mem::PhysMem`], the arena of "physical memory", and [`mem::BioVec`];
 //! - [`pt`]: the one radix page-table engine, generic over an entry [`pt::Format`];
-//! - [`iommu`]: the software IOMMU: domains, devices, IOVA allocator, IOTLB, faults.
+//! - [`iommu`]: the software IOMMU: domains, devices, IOVA allocator, IOTLB, faults;
+//! - [`dma`]: the DMA API: devices, the two-step IOVA API, one-shot and scatter-gather mapping,
+//!   [`dma::DmaVec`].
 #![warn(missing_docs)]
 
 pub mod addr;
+pub mod dma;
 pub mod iommu;
 pub mod mem;
 pub mod pt;

@@ -439,6 +439,26 @@ impl Domain {
     /// [`UnmapError`], and [`DomainError::NotMapped`] when nothing was mapped there; nothing
     /// changes on error.
     pub fn unmap(&self, iova: DmaAddr, len: u64) -> Result<u64, DomainError> {
+        self.unmap_with(iova, len, self.mode)
+    }
+
+    /// Unmaps and invalidates before returning, whatever the domain's mode (what the DMA API's
+    /// `unlink` does: it is always strict).
+    ///
+    /// # Errors
+    /// As [`Domain::unmap`].
+    pub fn unmap_strict(&self, iova: DmaAddr, len: u64) -> Result<u64, DomainError> {
+        self.unmap_with(iova, len, Mode::Strict)
+    }
+
+    /// Drops the IOTLB's translations of `[iova, iova + len)` in this domain: the one flush of a
+    /// batch of maps (`iommu_iotlb_sync`), after which devices see exactly what the table holds.
+    pub fn sync(&self, iova: DmaAddr, len: u64) {
+        let _walks_done = self.inv_lock.write();
+        self.iotlb.invalidate_range(self.id, iova.as_u64(), len);
+    }
+
+    fn unmap_with(&self, iova: DmaAddr, len: u64, mode: Mode) -> Result<u64, DomainError> {
         let table = self.table_or_err()?;
         self.check_aperture(iova, len.max(1))?;
         let inv = table.unmap(iova, len)?;
@@ -446,7 +466,7 @@ impl Domain {
         if bytes == 0 {
             return Err(DomainError::NotMapped { iova, len });
         }
-        match self.mode {
+        match mode {
             Mode::Strict => {
                 if let Some((s, l)) = inv.range() {
                     let _walks_done = self.inv_lock.write();
@@ -824,6 +844,12 @@ impl Iommu {
             self.inner.iotlb.invalidate_domain(id);
         }
         Ok(id)
+    }
+
+    /// The domain with this id, if it exists.
+    #[must_use]
+    pub fn domain(&self, id: DomainId) -> Option<Arc<Domain>> {
+        self.domain_by_id(id)
     }
 
     fn domain_by_id(&self, id: DomainId) -> Option<Arc<Domain>> {

@@ -970,6 +970,23 @@ impl<F: Format> PageTable<F> {
         }
     }
 
+    /// The first mapped address in `[va, va + len)`, if any (a walk that skips empty subtrees).
+    #[must_use]
+    pub fn first_mapped(&self, va: F::Va, len: u64) -> Option<F::Va> {
+        let v = va.as_u64();
+        if len == 0 || v & (PAGE_SIZE - 1) != 0 || len & (PAGE_SIZE - 1) != 0 || !Self::check_range(v, len) {
+            return None;
+        }
+        let _guard = self.lock.lock();
+        // The planning walk with 4 KiB leaves forced reports the first present entry; its
+        // source cursor only counts bytes here.
+        let mut cur = Cursor::new(MapSource::Range { pa: PhysAddr::new(0), len }, Self::PA_LIMIT);
+        let root = self.table(self.root);
+        self.plan(Self::ROOT_LEVEL, Some(root), v, v + len, &mut cur, 0, &mut Plan::default())
+            .err()
+            .map(F::Va::new)
+    }
+
     /// Translates one address: the physical address, permissions and leaf size, or `None` when
     /// nothing maps it. Takes no lock.
     #[inline]
