@@ -12,13 +12,15 @@
 //! - [`pt`]: the one radix page-table engine, generic over an entry [`pt::Format`];
 //! - [`iommu`]: the software IOMMU: domains, devices, IOVA allocator, IOTLB, faults;
 //! - [`dma`]: the DMA API: devices, the two-step IOVA API, one-shot and scatter-gather mapping,
-//!   [`dma::DmaVec`].
+//!   [`dma::DmaVec`];
+//! - [`nvme`]: PRP lists (and SGLs) built from a `DmaVec`, and controller-side decoders.
 #![warn(missing_docs)]
 
 pub mod addr;
 pub mod dma;
 pub mod iommu;
 pub mod mem;
+pub mod nvme;
 pub mod pt;
 mod sync;
 
