@@ -5,6 +5,8 @@
 //!
 //! Absolute times drift on shared machines; the ratios printed at the end are what to read.
 
+#[path = "common/dma_cases.rs"]
+mod dma_cases;
 #[path = "common/harness.rs"]
 mod harness;
 #[path = "common/iommu_cases.rs"]
@@ -37,6 +39,7 @@ fn main() {
     raw_case(&mut r);
     iommu_cases::iova_cases(&mut r);
     iommu_cases::iommu_cases(&mut r);
+    dma_cases::dma_cases(&mut r);
     println!("\nratios (higher = vmbind faster unless noted):");
     for peer in ["x86_64", "aarch64-paging"] {
         let label = format!("pt/map_4k_scattered {peer} / vmbind");
@@ -66,6 +69,12 @@ fn main() {
     ] {
         r.ratio(&format!("{case} {peer} / vmbind"), (case, peer), (case, "vmbind"));
     }
+    let label = "dma/map_page_loop / dma/two_step_array";
+    r.ratio(label, ("dma/map_page_loop", "vmbind"), ("dma/two_step_array", "vmbind"));
+    let label = "dma/two_step_per_bvec / dma/two_step_array";
+    r.ratio(label, ("dma/two_step_per_bvec", "vmbind"), ("dma/two_step_array", "vmbind"));
+    let label = "dma/two_step_array / pt/map_4k_scattered (lower better)";
+    r.ratio(label, ("dma/two_step_array", "vmbind"), ("pt/map_4k_scattered", "vmbind"));
     if let Some(path) = json {
         r.write_json(&path).unwrap();
         println!("wrote {path}");

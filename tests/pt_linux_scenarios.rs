@@ -413,3 +413,36 @@ fn a_bad_page_late_in_a_long_list_changes_nothing_even_across_existing_tables() 
         PhysAddr::new(3000 << 12)
     );
 }
+
+#[test]
+fn whole_page_bio_vecs_map_in_one_pass_and_a_partial_one_changes_nothing() {
+    let (mem, pt) = table();
+    identity(&pt, GIB + 0x1000, PAGE_SIZE, Prot::RW).unwrap();
+    let usage = mem.usage();
+    let leaves = pt.leaves();
+    let mut bv: Vec<BioVec> = (0..1500u64).map(|i| BioVec::page(PhysAddr::new((i + 1) << 12))).collect();
+    for (at, bad) in [
+        (1499usize, BioVec { phys: PhysAddr::new(0x9000), offset: 0, len: 2 * 4096 }),
+        (700, BioVec { phys: PhysAddr::new(0x9000), offset: 8, len: 4096 }),
+        (3, BioVec { phys: PhysAddr::new(!0xfff), offset: 0x1000, len: 4096 }),
+    ] {
+        let keep = bv[at];
+        bv[at] = bad;
+        let r = pt.map(DmaAddr::new(GIB + 0x2000), MapSource::PageVecs(&bv), Prot::RW, MapOptions::default());
+        assert!(
+            matches!(r, Err(MapError::UnalignedSource { index, .. } | MapError::PhysTooHigh { index, .. }) if index == at),
+            "{r:?}"
+        );
+        assert_eq!(pt.leaves(), leaves);
+        assert_eq!(mem.usage(), usage);
+        bv[at] = keep;
+    }
+    let stats = pt
+        .map(DmaAddr::new(GIB + 0x2000), MapSource::PageVecs(&bv), Prot::RW, MapOptions::default())
+        .unwrap();
+    assert_eq!(stats.leaves[0], 1500);
+    assert_eq!(
+        pt.translate(DmaAddr::new(GIB + 0x2000 + 1499 * PAGE_SIZE)).unwrap().pa,
+        PhysAddr::new(1500 << 12)
+    );
+}

@@ -697,21 +697,22 @@ impl IovaState {
         if attrs.mmio {
             return Err(DmaError::PeerToPeer(bvecs[0].phys));
         }
-        // Fast path: whole, aligned pages at a granule-aligned offset need one range check and
-        // map as they are; otherwise every element is placed (and checked) on its own.
-        let whole_pages = bvecs
-            .iter()
-            .all(|b| u64::from(b.len) == GRANULE && (b.phys.as_u64() + u64::from(b.offset)) % GRANULE == 0);
+        // Fast path: at a granule-aligned offset, an array of whole pages maps as it is, checked
+        // element by element by the table walk itself (one pass over the array). Anything else
+        // — or a fast attempt that meets a partial page, which changes nothing — takes the
+        // general path, which places and checks every element on its own.
         let at0 = self.pad.saturating_add(offset);
-        if whole_pages && at0 % GRANULE == 0 {
-            let total = bvecs.len() as u64 * GRANULE;
-            if at0.checked_add(total).is_none_or(|e| e > self.pad + self.size) {
-                return Err(DmaError::BeyondReserved { offset, size: total, reserved: self.size });
-            }
+        let total = bvecs.len() as u64 * GRANULE;
+        if at0 % GRANULE == 0 && at0.checked_add(total).is_some_and(|e| e <= self.pad + self.size) {
             let iova = DmaAddr::new(self.base.as_u64() + at0);
-            domain.map(iova, MapSource::BioVecs(bvecs), dir.prot()).map_err(|e| self.map_err(e))?;
-            self.mapped += total;
-            return Ok(total);
+            match domain.map(iova, MapSource::PageVecs(bvecs), dir.prot()) {
+                Ok(_) => {
+                    self.mapped += total;
+                    return Ok(total);
+                }
+                Err(DomainError::Map(MapError::UnalignedSource { .. } | MapError::PhysTooHigh { .. })) => {}
+                Err(e) => return Err(self.map_err(e)),
+            }
         }
         let mut expanded = Vec::with_capacity(bvecs.len());
         let mut at = offset;

@@ -9,7 +9,7 @@
 //! a sweep when long), by domain, and globally.
 #![forbid(unsafe_code)]
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::addr::PAGE_SHIFT;
 use crate::pt::Prot;
@@ -34,6 +34,10 @@ pub const IOTLB_ENTRIES: usize = 1 << 16;
 pub struct Iotlb {
     /// Fixed size, so that a 16-bit index needs no bounds check on the hit path.
     entries: Box<[Entry; IOTLB_ENTRIES]>,
+    /// Entries held per domain id: an invalidation of a domain holding none is free. Fills run
+    /// under the domain's invalidation lock shared and invalidations under it exclusive, so a
+    /// zero seen by an invalidation cannot race with a fill of the same domain.
+    held: Box<[AtomicU32; 1 << 16]>,
 }
 
 #[inline]
@@ -48,13 +52,20 @@ impl Default for Iotlb {
 }
 
 impl Iotlb {
+    /// Entries the per-domain counter says `domain` holds.
+    #[must_use]
+    pub fn held(&self, domain: u16) -> usize {
+        self.held[usize::from(domain)].load(Ordering::Acquire) as usize
+    }
+
     /// An empty cache.
     #[must_use]
     pub fn new() -> Self {
         let v: Vec<Entry> = (0..IOTLB_ENTRIES).map(|_| Entry::default()).collect();
-        match v.into_boxed_slice().try_into() {
-            Ok(entries) => Iotlb { entries },
-            Err(_) => unreachable!("the vector has exactly IOTLB_ENTRIES entries"),
+        let h: Vec<AtomicU32> = (0..1 << 16).map(|_| AtomicU32::new(0)).collect();
+        match (v.into_boxed_slice().try_into(), h.into_boxed_slice().try_into()) {
+            (Ok(entries), Ok(held)) => Iotlb { entries, held },
+            _ => unreachable!("the vectors have exactly the array lengths"),
         }
     }
 
@@ -96,6 +107,10 @@ impl Iotlb {
         {
             return;
         }
+        if cur != EMPTY {
+            self.held[(cur & 0xffff) as usize].fetch_sub(1, Ordering::Relaxed);
+        }
+        self.held[usize::from(domain)].fetch_add(1, Ordering::Relaxed);
         e.val.store(page_pa | u64::from(prot.bits() & 3), Ordering::Relaxed);
         e.tag.store(tag(domain, pfn), Ordering::Release);
     }
@@ -112,6 +127,7 @@ impl Iotlb {
                 continue;
             }
             if e.tag.compare_exchange(cur, EMPTY, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                self.held[(cur & 0xffff) as usize].fetch_sub(1, Ordering::Relaxed);
                 return;
             }
         }
@@ -119,6 +135,9 @@ impl Iotlb {
 
     /// Drops the translations of `[iova, iova + len)` in `domain`.
     pub fn invalidate_range(&self, domain: u16, iova: u64, len: u64) {
+        if self.held[usize::from(domain)].load(Ordering::Acquire) == 0 {
+            return;
+        }
         let first = iova >> PAGE_SHIFT;
         let last = (iova + len.max(1) - 1) >> PAGE_SHIFT;
         let pages = last - first + 1;
@@ -138,6 +157,9 @@ impl Iotlb {
 
     /// Drops every translation of `domain`.
     pub fn invalidate_domain(&self, domain: u16) {
+        if self.held[usize::from(domain)].load(Ordering::Acquire) == 0 {
+            return;
+        }
         for e in self.entries.iter() {
             self.clear_if(e, |t| t & BUSY != 0 || (t & 0xffff) as u16 == domain);
         }
@@ -150,7 +172,8 @@ impl Iotlb {
         }
     }
 
-    /// Entries currently holding a translation of `domain` (for tests and dumps).
+    /// Entries currently holding a translation of `domain` (for tests and dumps); counted by a
+    /// sweep, so it also checks the per-domain counter ([`Iotlb::held`]).
     #[must_use]
     pub fn count(&self, domain: u16) -> usize {
         self.entries
@@ -173,6 +196,7 @@ mod tests {
         t.insert(1, 5, 0x7000, Prot::RW);
         t.insert(2, 5, 0x9000, Prot::READ);
         assert_eq!(t.lookup(1, 5), Some((0x7000, Prot::RW)));
+        assert_eq!((t.held(1), t.held(2)), (1, 1));
         assert_eq!(t.lookup(2, 5), Some((0x9000, Prot::READ)));
         assert_eq!(t.lookup(1, 6), None);
         t.invalidate_range(1, 5 << 12, 4096);
@@ -181,6 +205,14 @@ mod tests {
         t.insert(2, 6, 0xa000, Prot::READ);
         t.invalidate_range(2, 0, 1 << 40); // long: a sweep
         assert_eq!(t.count(2), 0);
+        assert_eq!(t.held(2), 0);
+        // Eviction by another domain's fill moves the count: domain 6 at the page that lands on
+        // domain 5's slot.
+        t.insert(5, 9, 0x1000, Prot::READ);
+        let step = 0x9E37_79B9_7F4A_7C15u64 >> 20;
+        t.insert(6, 9u64.wrapping_sub(step) & 0xffff, 0x2000, Prot::READ);
+        assert_eq!((t.held(5), t.held(6)), (0, 1));
+        assert_eq!((t.count(5), t.count(6)), (0, 1));
         t.insert(3, 1, 0x1000, Prot::READ);
         t.invalidate_domain(3);
         assert_eq!(t.lookup(3, 1), None);

@@ -413,11 +413,7 @@ impl Domain {
         opts: MapOptions,
     ) -> Result<MapStats, DomainError> {
         let table = self.table_or_err()?;
-        let len = match src {
-            MapSource::Range { len, .. } => len,
-            MapSource::Pages(p) => p.len() as u64 * PAGE_SIZE,
-            MapSource::BioVecs(b) => b.iter().map(|v| u64::from(v.len)).sum(),
-        };
+        let len = src.len();
         self.check_aperture(iova, len.max(1))?;
         if self.mode == Mode::Lazy {
             let pending = {

@@ -211,20 +211,32 @@ pub fn build_prp(pool: &mut ListPool, data: &DmaVec, page_size: u64, max_len: u6
     let lists_needed = if entries <= per { 1 } else { 1 + (entries - per).div_ceil(per - 1) };
     let lists = pool.take(lists_needed)?;
     let mem = pool.dev.mem().clone();
-    let mut addrs = data.page_addrs(page_size).skip(1);
-    let mut left = entries;
-    for (k, &(pa, _)) in lists.iter().enumerate() {
-        let Some(t) = mem.table(pa) else { return Err(NvmeError::PoolExhausted) };
-        let last_list = k + 1 == lists.len();
-        let data_slots = if last_list { left } else { per - 1 };
-        for slot in &t[..data_slots] {
-            let a = addrs.next().unwrap_or(DmaAddr::ZERO);
-            slot.store(a.as_u64().to_le(), Ordering::Relaxed);
+    // Fill the list pages in order: data slots, and in every page but the last, a chain pointer
+    // in slot 511. Each segment's page addresses are plain arithmetic.
+    let mut tables = Vec::with_capacity(lists.len());
+    for &(pa, _) in &lists {
+        tables.push(mem.table(pa).ok_or(NvmeError::PoolExhausted)?);
+    }
+    let (mut k, mut slot) = (0usize, 0usize);
+    let mut skip_first = true;
+    for s in segs {
+        let start = s.addr.as_u64();
+        let end = start + s.len;
+        let mut page = start & !mask;
+        while page < end {
+            if skip_first {
+                skip_first = false; // PRP1 carries the first page
+            } else {
+                if slot == per - 1 && k + 1 < tables.len() {
+                    tables[k][slot].store(lists[k + 1].1.as_u64().to_le(), Ordering::Relaxed);
+                    k += 1;
+                    slot = 0;
+                }
+                tables[k][slot].store(page.to_le(), Ordering::Relaxed);
+                slot += 1;
+            }
+            page += page_size;
         }
-        if !last_list {
-            t[per - 1].store(lists[k + 1].1.as_u64().to_le(), Ordering::Relaxed);
-        }
-        left -= data_slots;
     }
     core::sync::atomic::fence(Ordering::Release);
     Ok(Prp { prp1, prp2: lists[0].1, lists })

@@ -95,6 +95,30 @@ pub enum MapSource<'a> {
     /// boundary here (the DMA layer deals with partial pages). Long aligned segments get huge
     /// leaves.
     BioVecs(&'a [BioVec]),
+    /// A `bio_vec` array whose every element is exactly one whole, aligned 4 KiB page (the usual
+    /// block request): its length is known without a pass, and each element is checked as the
+    /// walk reads it, so the array is read once. An element that is not a whole page is
+    /// [`MapError::UnalignedSource`] (use [`MapSource::BioVecs`] for mixed arrays).
+    PageVecs(&'a [BioVec]),
+}
+
+impl MapSource<'_> {
+    /// Bytes the source describes (O(1) except for [`MapSource::BioVecs`]).
+    #[must_use]
+    pub fn len(&self) -> u64 {
+        match self {
+            MapSource::Range { len, .. } => *len,
+            MapSource::Pages(p) => p.len() as u64 * PAGE_SIZE,
+            MapSource::PageVecs(b) => b.len() as u64 * PAGE_SIZE,
+            MapSource::BioVecs(b) => b.iter().map(|v| u64::from(v.len)).sum(),
+        }
+    }
+
+    /// Whether the source describes no bytes.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Options of a map.
@@ -319,11 +343,13 @@ struct Cursor<'a> {
     off: u64,
     /// Address bits that make a page-list entry invalid (unaligned, or beyond the format).
     reject: u64,
+    /// A bio_vec array of whole single pages: it advances like a page list.
+    single: bool,
 }
 
 impl<'a> Cursor<'a> {
     fn new(src: MapSource<'a>, pa_limit: u64) -> Self {
-        Cursor { src, idx: 0, off: 0, reject: (PAGE_SIZE - 1) | !(pa_limit - 1) }
+        Cursor { src, idx: 0, off: 0, reject: (PAGE_SIZE - 1) | !(pa_limit - 1), single: false }
     }
 
     /// The current contiguous physical run: (address, bytes left in it).
@@ -332,6 +358,9 @@ impl<'a> Cursor<'a> {
         match self.src {
             MapSource::Range { pa, len } => (pa.as_u64() + self.off, len - self.off),
             MapSource::Pages(p) => (p[self.idx].as_u64(), PAGE_SIZE),
+            MapSource::PageVecs(b) => {
+                (b[self.idx].phys.as_u64().wrapping_add(u64::from(b[self.idx].offset)), PAGE_SIZE)
+            }
             MapSource::BioVecs(b) => {
                 let v = &b[self.idx];
                 let start = v.phys.as_u64() + u64::from(v.offset);
@@ -346,6 +375,8 @@ impl<'a> Cursor<'a> {
         match self.src {
             MapSource::Range { .. } => self.off += bytes,
             MapSource::Pages(_) => self.idx += (bytes / PAGE_SIZE) as usize,
+            MapSource::BioVecs(_) if self.single => self.idx += (bytes / PAGE_SIZE) as usize,
+            MapSource::PageVecs(_) => self.idx += (bytes / PAGE_SIZE) as usize,
             MapSource::BioVecs(b) => {
                 while bytes > 0 {
                     let left = u64::from(b[self.idx].len) - self.off;
@@ -380,6 +411,22 @@ impl<'a> Cursor<'a> {
                 }
                 self.idx += entries.len();
             }
+            MapSource::PageVecs(b) => {
+                let run = &b[self.idx..self.idx + entries.len()];
+                let mut bad = 0;
+                // A page below the limit plus a 32-bit offset cannot wrap: checking the page's
+                // high bits as well as the sum's catches a wrapped sum.
+                let high = self.reject & !(PAGE_SIZE - 1);
+                for (e, v) in entries.iter().zip(run) {
+                    let pa = v.phys.as_u64().wrapping_add(u64::from(v.offset));
+                    bad |= (pa & self.reject) | (v.phys.as_u64() & high) | (u64::from(v.len) ^ PAGE_SIZE);
+                    e.store(pa | bits, Ordering::Relaxed);
+                }
+                if check && bad != 0 {
+                    return Err(self.idx + first_bad_pagevec(run, self.reject));
+                }
+                self.idx += entries.len();
+            }
             MapSource::Range { pa, .. } => {
                 let mut at = (pa.as_u64() + self.off) | bits;
                 for e in entries {
@@ -388,9 +435,22 @@ impl<'a> Cursor<'a> {
                 }
                 self.off += entries.len() as u64 * PAGE_SIZE;
             }
-            MapSource::BioVecs(_) => {
+            MapSource::BioVecs(b) => {
                 let mut done = 0;
                 while done < entries.len() {
+                    // Single-page segments (the common bio_vec array) in a tight loop.
+                    if self.off == 0 {
+                        let run = &b[self.idx..(self.idx + entries.len() - done).min(b.len())];
+                        let n = run.iter().take_while(|v| u64::from(v.len) == PAGE_SIZE).count();
+                        for (e, v) in entries[done..done + n].iter().zip(run) {
+                            e.store((v.phys.as_u64() + u64::from(v.offset)) | bits, Ordering::Relaxed);
+                        }
+                        self.idx += n;
+                        done += n;
+                        if done == entries.len() {
+                            break;
+                        }
+                    }
                     let (pa, left) = self.run();
                     let n = ((left / PAGE_SIZE) as usize).min(entries.len() - done);
                     let mut at = pa | bits;
@@ -415,9 +475,25 @@ impl<'a> Cursor<'a> {
                 return Err(self.idx + first_bad_page(pages, self.reject));
             }
         }
+        if let MapSource::PageVecs(b) = self.src {
+            let run = &b[self.idx..self.idx + n];
+            if first_bad_pagevec(run, self.reject) < run.len() {
+                return Err(self.idx + first_bad_pagevec(run, self.reject));
+            }
+        }
         self.advance(n as u64 * PAGE_SIZE);
         Ok(())
     }
+}
+
+/// Index of the first element that is not one whole page within the limit (`len` if none).
+fn first_bad_pagevec(run: &[BioVec], reject: u64) -> usize {
+    run.iter()
+        .position(|v| {
+            let pa = v.phys.as_u64().checked_add(u64::from(v.offset));
+            pa.is_none_or(|pa| pa & reject != 0) || u64::from(v.len) != PAGE_SIZE
+        })
+        .unwrap_or(run.len())
 }
 
 fn first_bad_page(pages: &[PhysAddr], reject: u64) -> usize {
@@ -523,7 +599,9 @@ impl<F: Format> PageTable<F> {
         self.mem.table(pa).expect("table page inside the arena")
     }
 
-    fn check_source(src: &MapSource<'_>) -> Result<u64, MapError<F::Va>> {
+    /// Validates a source; returns its length and whether it is a bio_vec array of whole single
+    /// pages.
+    fn check_source(src: &MapSource<'_>) -> Result<(u64, bool), MapError<F::Va>> {
         const LOW: u64 = PAGE_SIZE - 1;
         match *src {
             MapSource::Range { pa, len } => {
@@ -535,7 +613,7 @@ impl<F: Format> PageTable<F> {
                     return Err(MapError::UnalignedSource { index: 0, pa, len });
                 }
                 match pa.as_u64().checked_add(len) {
-                    Some(end) if end <= Self::PA_LIMIT => Ok(len),
+                    Some(end) if end <= Self::PA_LIMIT => Ok((len, false)),
                     _ => Err(MapError::PhysTooHigh { index: 0, pa, len }),
                 }
             }
@@ -545,13 +623,38 @@ impl<F: Format> PageTable<F> {
                 if p.is_empty() {
                     return Err(MapError::ZeroLength);
                 }
-                (p.len() as u64)
+                let len = (p.len() as u64)
                     .checked_mul(PAGE_SIZE)
-                    .ok_or(MapError::OutOfRange { va: F::Va::new(0), len: u64::MAX })
+                    .ok_or(MapError::OutOfRange { va: F::Va::new(0), len: u64::MAX })?;
+                Ok((len, false))
+            }
+            MapSource::PageVecs(b) => {
+                // Checked element by element as the walk reads them (see `fill_4k`).
+                if b.is_empty() {
+                    return Err(MapError::ZeroLength);
+                }
+                Ok((b.len() as u64 * PAGE_SIZE, false))
             }
             MapSource::BioVecs(b) => {
                 if b.is_empty() {
                     return Err(MapError::ZeroLength);
+                }
+                // Fast check, one vectorizable pass: every segment page aligned and a page
+                // multiple, none empty, no page near the limit (offsets and lengths are below
+                // 2^32, so a page below PA_LIMIT / 2 cannot reach it). The exact error comes from
+                // the loop below.
+                let (all, top, min, max, sum) =
+                    b.iter().fold((0u64, 0u64, u32::MAX, 0u32, 0u64), |(a, t, mn, mx, sm), v| {
+                        (
+                            a | v.phys.as_u64() | u64::from(v.offset),
+                            t.max(v.phys.as_u64()),
+                            mn.min(v.len),
+                            mx.max(v.len),
+                            sm + u64::from(v.len),
+                        )
+                    });
+                if (all | u64::from(min) | u64::from(max)) & LOW == 0 && min > 0 && top < Self::PA_LIMIT / 2 {
+                    return Ok((sum, min == max && u64::from(min) == PAGE_SIZE));
                 }
                 let mut total = 0u64;
                 for (index, v) in b.iter().enumerate() {
@@ -565,7 +668,7 @@ impl<F: Format> PageTable<F> {
                     }
                     total += len;
                 }
-                Ok(total)
+                Ok((total, false))
             }
         }
     }
@@ -589,7 +692,8 @@ impl<F: Format> PageTable<F> {
         prot: Prot,
         opts: MapOptions,
     ) -> Result<MapStats, MapError<F::Va>> {
-        let len = Self::check_source(&src)?;
+        let (len, single) = Self::check_source(&src)?;
+        let cursor = || Cursor { single, ..Cursor::new(src, Self::PA_LIMIT) };
         let v = va.as_u64();
         if v & (PAGE_SIZE - 1) != 0 {
             return Err(MapError::UnalignedVa { va });
@@ -609,16 +713,8 @@ impl<F: Format> PageTable<F> {
         let _guard = self.lock.lock();
         let root = self.table(self.root);
         let mut plan = Plan::default();
-        self.plan(
-            Self::ROOT_LEVEL,
-            Some(root),
-            v,
-            v + len,
-            &mut Cursor::new(src, Self::PA_LIMIT),
-            max_level,
-            &mut plan,
-        )
-        .map_err(|at| MapError::AlreadyMapped { va: F::Va::new(at) })?;
+        self.plan(Self::ROOT_LEVEL, Some(root), v, v + len, &mut cursor(), max_level, &mut plan)
+            .map_err(|at| MapError::AlreadyMapped { va: F::Va::new(at) })?;
 
         self.mem.reserve(plan.reserve).map_err(MapError::OutOfMemory)?;
         let mut pool = match self.mem.alloc_frames(plan.tables as usize) {
@@ -633,27 +729,22 @@ impl<F: Format> PageTable<F> {
         let mut deferred = Vec::new();
         let mut ctx =
             Commit { bits: &bits, max_level, pool: &mut pool, stats: &mut stats, deferred: &mut deferred };
-        let built = self.build(
-            Self::ROOT_LEVEL,
-            self.root,
-            false,
-            v,
-            v + len,
-            &mut Cursor::new(src, Self::PA_LIMIT),
-            &mut ctx,
-        );
+        let built = self.build(Self::ROOT_LEVEL, self.root, false, v, v + len, &mut cursor(), &mut ctx);
         if let Err(index) = built {
             // Nothing was published: every new table is still private. Give it all back.
             let _ = self.mem.free_frames(&all_new);
             self.mem.unreserve(plan.reserve);
-            let pa = match src {
-                MapSource::Pages(p) => p[index],
-                _ => PhysAddr::new(0),
+            let (pa, len) = match src {
+                MapSource::Pages(p) => (p[index], PAGE_SIZE),
+                MapSource::PageVecs(b) => {
+                    (b[index].start().unwrap_or(b[index].phys), u64::from(b[index].len))
+                }
+                _ => (PhysAddr::new(0), PAGE_SIZE),
             };
-            return Err(if pa.as_u64() & (PAGE_SIZE - 1) != 0 {
-                MapError::UnalignedSource { index, pa, len: PAGE_SIZE }
+            return Err(if pa.as_u64() & (PAGE_SIZE - 1) != 0 || len != PAGE_SIZE {
+                MapError::UnalignedSource { index, pa, len }
             } else {
-                MapError::PhysTooHigh { index, pa, len: PAGE_SIZE }
+                MapError::PhysTooHigh { index, pa, len }
             });
         }
         debug_assert!(pool.is_empty());
