@@ -244,24 +244,91 @@ fn two_step_rejects_peer_to_peer_mmio_and_other_devices() {
     assert_eq!(s.link(&other, p, 0, PAGE_SIZE, TO, A), Err(DmaError::WrongDevice(DeviceId(9))));
 }
 
-#[test]
-fn untrusted_devices_are_refused_partial_pages_until_bounce_buffering() {
+fn untrusted() -> (Arc<PhysMem>, Iommu, Device) {
     let (mem, iommu, _dom, _dev) = setup();
     let dom2 = iommu.create_domain(DomainConfig::default()).unwrap();
     iommu.register_device(DeviceId(7), false).unwrap();
     iommu.attach(DeviceId(7), &dom2).unwrap();
     let u = Device::translated(&iommu, DeviceId(7)).unwrap();
-    let p = page(&mem, 1);
-    let part = PhysAddr::new(p.as_u64() + 16);
-    assert_eq!(
-        u.map_phys(part, 64, TO, A),
-        Err(DmaError::BounceRequired { device: DeviceId(7), phys: part, size: 64 })
-    );
-    // Whole pages are fine.
-    let d = u.map_phys(p, PAGE_SIZE, TO, A).unwrap();
-    assert_eq!(iommu.dma_read_u64(DeviceId(7), d).unwrap(), 0x0101_0101_0101_0101);
-    u.unmap(d, PAGE_SIZE, TO, A).unwrap();
-    assert_eq!(u.unmap(d, PAGE_SIZE, TO, A), Err(DmaError::NotMapped { dma: d, size: PAGE_SIZE }));
+    (mem, iommu, u)
+}
+
+#[test]
+fn untrusted_to_device_bounce_hides_the_rest_of_a_shared_page() {
+    let (mem, iommu, u) = untrusted();
+    let p = page(&mem, 0x5e); // 0x5e: someone else's secret sharing the page
+    let buf = PhysAddr::new(p.as_u64() + 0x100);
+    mem.write(buf, &[0x42; 0x80]).unwrap();
+    let d = u.map_phys(buf, 0x80, TO, A).unwrap();
+    let mut seen = [0u8; 0x80];
+    iommu.dma_read(DeviceId(7), d, &mut seen).unwrap();
+    assert_eq!(seen, [0x42; 0x80]);
+    // Everything else the device can reach in that granule is zeros, not the secret.
+    let mut around = vec![0u8; PAGE_SIZE as usize];
+    iommu.dma_read(DeviceId(7), DmaAddr::new(d.as_u64() - 0x100), &mut around).unwrap();
+    assert!(around[..0x100].iter().chain(&around[0x180..]).all(|&b| b == 0));
+    u.unmap(d, 0x80, TO, A).unwrap();
+    assert_eq!(u.unmap(d, 0x80, TO, A), Err(DmaError::NotMapped { dma: d, size: 0x80 }));
+    // Whole pages need no bounce.
+    let w = u.map_phys(p, PAGE_SIZE, TO, A).unwrap();
+    assert_eq!(iommu.dma_read_u64(DeviceId(7), w).unwrap(), 0x5e5e_5e5e_5e5e_5e5e);
+    u.unmap(w, PAGE_SIZE, TO, A).unwrap();
+}
+
+#[test]
+fn untrusted_from_device_bounce_copies_back_only_the_buffer_on_unmap() {
+    let (mem, iommu, u) = untrusted();
+    let p = page(&mem, 0x11);
+    let buf = PhysAddr::new(p.as_u64() + 0xff0);
+    let q = page(&mem, 0x22);
+    // 0x20 bytes: the last 16 of page p and the first 16 of page q (physically adjacent or not,
+    // the mapping only needs [buf, buf + 0x20) to be one physical range here).
+    let buf_len = 0x10;
+    let d = u.map_phys(buf, buf_len, Direction::FromDevice, A).unwrap();
+    // The device writes its whole granule.
+    iommu
+        .dma_write(DeviceId(7), DmaAddr::new(d.as_u64() - 0xff0), &vec![0x99u8; PAGE_SIZE as usize])
+        .unwrap();
+    // Before unmap, memory is untouched.
+    assert_eq!(mem.read_u64(PhysAddr::new(p.as_u64() + 0xff0)).unwrap(), 0x1111_1111_1111_1111);
+    u.unmap(d, buf_len, Direction::FromDevice, A).unwrap();
+    let mut back = vec![0u8; PAGE_SIZE as usize];
+    mem.read(p, &mut back).unwrap();
+    assert!(back[..0xff0].iter().all(|&b| b == 0x11), "outside the buffer: untouched");
+    assert!(back[0xff0..].iter().all(|&b| b == 0x99), "the buffer: what the device wrote");
+    assert_eq!(mem.read_u64(q).unwrap(), 0x2222_2222_2222_2222);
+}
+
+#[test]
+fn untrusted_two_step_links_bounce_head_and_tail() {
+    let (mem, iommu, u) = untrusted();
+    let frames = mem.alloc_scattered(3, 12).unwrap();
+    for (i, f) in frames.iter().enumerate() {
+        mem.write(*f, &[0xa0 + i as u8; PAGE_SIZE as usize]).unwrap();
+    }
+    // Head: the last 0x300 bytes of frame 0; middle: frame 1; tail: the first 0x80 of frame 2.
+    let bv = [
+        BioVec { phys: frames[0], offset: 0xd00, len: 0x300 },
+        BioVec::page(frames[1]),
+        BioVec { phys: frames[2], offset: 0, len: 0x80 },
+    ];
+    let total = 0x300 + PAGE_SIZE + 0x80;
+    let dir = Direction::Bidirectional;
+    let mut s = IovaState::try_alloc(&u, bv[0].start().unwrap(), total).unwrap().unwrap();
+    s.link_bvecs(&u, 0, &bv, dir, A).unwrap();
+    s.sync(&u, 0, total).unwrap();
+    let mut seen = vec![0u8; total as usize];
+    iommu.dma_read(DeviceId(7), s.addr(), &mut seen).unwrap();
+    assert_eq!(seen, mem.read_bvecs(&bv).unwrap());
+    // Outside the buffer in the head granule: zeros, not frame 0's other bytes.
+    assert_eq!(iommu.dma_read_u64(DeviceId(7), DmaAddr::new(s.addr().as_u64() - 0xd00)).unwrap(), 0);
+    // The device writes over the head part; destroy copies it back.
+    iommu.dma_write(DeviceId(7), s.addr(), &[0x77; 0x300]).unwrap();
+    s.destroy(&u, total, dir, A).unwrap();
+    let mut f0 = vec![0u8; PAGE_SIZE as usize];
+    mem.read(frames[0], &mut f0).unwrap();
+    assert!(f0[..0xd00].iter().all(|&b| b == 0xa0));
+    assert!(f0[0xd00..].iter().all(|&b| b == 0x77));
 }
 
 #[test]
@@ -389,4 +456,57 @@ proptest! {
         prop_assert_eq!(dom.iova().unwrap().stats().live, 0);
         prop_assert_eq!(dom.table().unwrap().table_pages(), 1);
     }
+}
+
+#[test]
+fn block_requests_with_aligned_joins_become_one_iova_segment() {
+    let (mem, iommu, dom, dev) = setup();
+    let frames = mem.alloc_scattered(4, 31).unwrap();
+    for (i, f) in frames.iter().enumerate() {
+        mem.write(*f, &[i as u8 + 1; PAGE_SIZE as usize]).unwrap();
+    }
+    let mut bv = BioVec::from_frames(&frames);
+    bv[0] = BioVec { phys: frames[0], offset: 0x200, len: 0xe00 };
+    bv[3].len = 0x100;
+    let m = dev.blk_rq_map(&bv, TO, A).unwrap();
+    assert!(m.uses_iova());
+    assert_eq!(m.segments().len(), 1);
+    let seg = m.segments().segments()[0];
+    let mut back = vec![0u8; seg.len as usize];
+    iommu.dma_read(DEV, seg.addr, &mut back).unwrap();
+    assert_eq!(back, mem.read_bvecs(&bv).unwrap());
+    dev.blk_rq_unmap(m, TO, A).unwrap();
+    assert!(iommu.dma_read_u64(DEV, seg.addr).is_err());
+    assert_eq!(dom.iova().unwrap().stats().live, 0);
+}
+
+#[test]
+fn block_requests_with_an_unaligned_join_map_segment_by_segment() {
+    let (mem, iommu, dom, dev) = setup();
+    let frames = mem.alloc_scattered(3, 32).unwrap();
+    for (i, f) in frames.iter().enumerate() {
+        mem.write(*f, &[i as u8 + 1; PAGE_SIZE as usize]).unwrap();
+    }
+    let bv = [
+        BioVec { phys: frames[0], offset: 0, len: 0x800 }, // ends mid-page: an unaligned join
+        BioVec { phys: frames[1], offset: 0x100, len: 0x200 },
+        BioVec::page(frames[2]),
+    ];
+    let m = dev.blk_rq_map(&bv, TO, A).unwrap();
+    assert!(!m.uses_iova());
+    assert_eq!(m.segments().len(), 3);
+    let mut back = Vec::new();
+    for seg in m.segments().segments() {
+        let mut b = vec![0u8; seg.len as usize];
+        iommu.dma_read(DEV, seg.addr, &mut b).unwrap();
+        back.extend(b);
+    }
+    assert_eq!(back, mem.read_bvecs(&bv).unwrap());
+    dev.blk_rq_unmap(m, TO, A).unwrap();
+    assert_eq!(dom.iova().unwrap().stats().live, 0);
+    // A direct device always takes the per-segment path.
+    let direct = Device::direct(mem.clone(), DeviceId(0x31), 64, true).unwrap();
+    let m = direct.blk_rq_map(&BioVec::from_frames(&frames), TO, A).unwrap();
+    assert!(!m.uses_iova());
+    direct.blk_rq_unmap(m, TO, A).unwrap();
 }

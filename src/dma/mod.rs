@@ -56,7 +56,12 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod bounce;
+
+use std::collections::HashMap;
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::iommu::{DeviceId, Domain, DomainError, DomainKind, Iommu};
@@ -184,18 +189,9 @@ pub enum DmaError {
     /// Peer-to-peer MMIO on an IOVA path.
     #[error("peer-to-peer MMIO at {0} can only be mapped directly, by bus address")]
     PeerToPeer(PhysAddr),
-    /// An untrusted device would see bytes of a shared page outside the buffer.
-    #[error(
-        "untrusted {device}: [{phys}, +{size:#x}) shares a page with other data and needs bounce buffering"
-    )]
-    BounceRequired {
-        /// The device.
-        device: DeviceId,
-        /// Start.
-        phys: PhysAddr,
-        /// Size.
-        size: u64,
-    },
+    /// No frame for a bounce buffer.
+    #[error("no memory for a bounce buffer")]
+    BounceExhausted,
     /// Unmapping something that was not mapped.
     #[error("{dma} (+{size:#x}) is not mapped for this device")]
     NotMapped {
@@ -221,6 +217,8 @@ pub struct Device {
     id: DeviceId,
     trusted: bool,
     path: Path,
+    /// One-shot mappings of an untrusted device that bounce, by IOVA base.
+    bounced: Arc<Mutex<HashMap<u64, Vec<bounce::Bounce>>>>,
 }
 
 impl Device {
@@ -236,7 +234,12 @@ impl Device {
         if domain.kind() == DomainKind::Identity {
             return Err(DmaError::IdentityDomain(id));
         }
-        Ok(Device { id, trusted: info.trusted, path: Path::Translated { domain, mem: iommu.mem().clone() } })
+        Ok(Device {
+            id,
+            trusted: info.trusted,
+            path: Path::Translated { domain, mem: iommu.mem().clone() },
+            bounced: Arc::default(),
+        })
     }
 
     /// A device without translation: DMA address = physical address, reachable below
@@ -248,7 +251,7 @@ impl Device {
         if !(12..=64).contains(&addr_bits) {
             return Err(DmaError::BadAddressWidth(addr_bits));
         }
-        Ok(Device { id, trusted, path: Path::Direct { mem, bits: addr_bits } })
+        Ok(Device { id, trusted, path: Path::Direct { mem, bits: addr_bits }, bounced: Arc::default() })
     }
 
     /// The device id.
@@ -272,12 +275,9 @@ impl Device {
         }
     }
 
-    fn check_untrusted(&self, phys: PhysAddr, size: u64) -> Result<(), DmaError> {
-        let end = phys.as_u64() + size;
-        if !self.trusted && (phys.as_u64() % GRANULE != 0 || end % GRANULE != 0) {
-            return Err(DmaError::BounceRequired { device: self.id, phys, size });
-        }
-        Ok(())
+    /// Whether `[phys, phys + size)` must be bounced: an untrusted device and a partial granule.
+    fn needs_bounce(&self, phys: PhysAddr, size: u64) -> bool {
+        !self.trusted && (phys.as_u64() % GRANULE != 0 || (phys.as_u64() + size) % GRANULE != 0)
     }
 
     /// Maps `[phys, phys + size)` for the device and returns the DMA address of its first byte
@@ -286,8 +286,8 @@ impl Device {
     ///
     /// # Errors
     /// [`DmaError::ZeroSize`], [`DmaError::Overflow`], [`DmaError::AddressLimit`],
-    /// [`DmaError::PeerToPeer`] (MMIO on a translated device), [`DmaError::BounceRequired`]
-    /// (untrusted device, partial pages), [`DmaError::Iommu`].
+    /// [`DmaError::PeerToPeer`] (MMIO on a translated device), [`DmaError::BounceExhausted`]
+    /// (untrusted device, partial pages, no bounce frame), [`DmaError::Iommu`].
     pub fn map_phys(
         &self,
         phys: PhysAddr,
@@ -310,14 +310,32 @@ impl Device {
                 if attrs.mmio {
                     return Err(DmaError::PeerToPeer(phys));
                 }
-                self.check_untrusted(phys, size)?;
                 let pad = phys.as_u64() % GRANULE;
                 let len = align_up(pad + size).ok_or(DmaError::Overflow { phys, size })?;
-                let iova = domain.alloc_iova(len)?;
-                let src = MapSource::Range { pa: PhysAddr::new(phys.as_u64() - pad), len };
+                let (src_vecs, bounces) = if self.needs_bounce(phys, size) {
+                    bounce::plan(self.mem(), phys, size, dir, attrs, 0)?
+                } else {
+                    (Vec::new(), Vec::new())
+                };
+                let iova = match domain.alloc_iova(len) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        bounce::abandon(self.mem(), bounces);
+                        return Err(e.into());
+                    }
+                };
+                let src = if bounces.is_empty() {
+                    MapSource::Range { pa: PhysAddr::new(phys.as_u64() - pad), len }
+                } else {
+                    MapSource::BioVecs(&src_vecs)
+                };
                 if let Err(e) = domain.map(iova, src, dir.prot()) {
                     let _ = domain.free_iova(iova, len);
+                    bounce::abandon(self.mem(), bounces);
                     return Err(e.into());
+                }
+                if !bounces.is_empty() {
+                    self.bounced.lock().insert(iova.as_u64(), bounces);
                 }
                 Ok(DmaAddr::new(iova.as_u64() + pad))
             }
@@ -346,7 +364,7 @@ impl Device {
     /// # Errors
     /// [`DmaError::ZeroSize`], [`DmaError::NotMapped`], [`DmaError::Iommu`] (e.g. a double
     /// unmap is refused by the IOVA allocator).
-    pub fn unmap(&self, dma: DmaAddr, size: u64, _dir: Direction, _attrs: Attrs) -> Result<(), DmaError> {
+    pub fn unmap(&self, dma: DmaAddr, size: u64, _dir: Direction, attrs: Attrs) -> Result<(), DmaError> {
         if size == 0 {
             return Err(DmaError::ZeroSize);
         }
@@ -361,6 +379,12 @@ impl Device {
                     return Err(DmaError::NotMapped { dma, size });
                 }
                 domain.unmap(iova, len)?;
+                // The device has lost access: bring back what it wrote, release the bounces.
+                if let Some(bounces) = self.bounced.lock().remove(&iova.as_u64()) {
+                    for b in bounces {
+                        bounce::finish(self.mem(), b, attrs);
+                    }
+                }
                 domain.free_iova(iova, len)?;
                 Ok(())
             }
@@ -388,6 +412,29 @@ impl Device {
                 }
                 Ok(out)
             }
+            Path::Translated { .. }
+                if bvecs
+                    .iter()
+                    .any(|b| b.start().is_some_and(|p| self.needs_bounce(p, u64::from(b.len)))) =>
+            {
+                // An untrusted device with partial pages: each segment mapped (and bounced) on
+                // its own.
+                for b in bvecs {
+                    let size = u64::from(b.len);
+                    let phys = b.start().ok_or(DmaError::Overflow { phys: b.phys, size })?;
+                    match self.map_phys(phys, size, dir, attrs) {
+                        Ok(d) => {
+                            out.push(d, size);
+                            out.pieces.push((d, size));
+                        }
+                        Err(e) => {
+                            let _ = self.unmap_sg(&out, dir, attrs);
+                            return Err(e);
+                        }
+                    }
+                }
+                Ok(out)
+            }
             Path::Translated { domain, .. } => {
                 if attrs.mmio {
                     return Err(DmaError::PeerToPeer(bvecs[0].phys));
@@ -400,7 +447,6 @@ impl Device {
                     if size == 0 {
                         return Err(DmaError::ZeroSize);
                     }
-                    self.check_untrusted(phys, size)?;
                     let pad = phys.as_u64() % GRANULE;
                     let len = align_up(pad + size).ok_or(DmaError::Overflow { phys, size })?;
                     let seg_len = u32::try_from(len).map_err(|_| DmaError::Overflow { phys, size })?;
@@ -432,7 +478,7 @@ impl Device {
     ///
     /// # Errors
     /// [`DmaError::Iommu`] when the range is not mapped (e.g. unmapped twice).
-    pub fn unmap_sg(&self, v: &DmaVec, _dir: Direction, _attrs: Attrs) -> Result<(), DmaError> {
+    pub fn unmap_sg(&self, v: &DmaVec, dir: Direction, attrs: Attrs) -> Result<(), DmaError> {
         match (&self.path, v.iova) {
             (Path::Direct { .. }, _) => Ok(()),
             (Path::Translated { domain, .. }, Some((iova, total))) => {
@@ -440,7 +486,81 @@ impl Device {
                 domain.free_iova(iova, total)?;
                 Ok(())
             }
+            (Path::Translated { .. }, None) if !v.pieces.is_empty() => {
+                for &(d, size) in &v.pieces {
+                    self.unmap(d, size, dir, attrs)?;
+                }
+                Ok(())
+            }
             (Path::Translated { .. }, None) => Err(DmaError::NotMapped { dma: DmaAddr::ZERO, size: 0 }),
+        }
+    }
+
+    /// Maps a block request's `bio_vec` array the way Linux's `blk_rq_dma_map_iter_start`
+    /// does: when every join between segments falls on a granule boundary and
+    /// [`IovaState::try_alloc`] succeeds, the whole request is linked at running offsets in one
+    /// call, synced once, and handed to the driver as ONE segment; otherwise (a direct device,
+    /// or an unaligned join) each segment is mapped on its own.
+    ///
+    /// # Errors
+    /// The errors of the two-step API or of [`Device::map_phys`]; nothing stays mapped.
+    pub fn blk_rq_map(
+        &self,
+        bvecs: &[BioVec],
+        dir: Direction,
+        attrs: Attrs,
+    ) -> Result<BlkRqMapping, DmaError> {
+        if bvecs.is_empty() {
+            return Err(DmaError::ZeroSize);
+        }
+        let joins_aligned = bvecs.windows(2).all(|w| {
+            w[0].end().is_some_and(|e| e.as_u64() % GRANULE == 0)
+                && w[1].start().is_some_and(|s| s.as_u64() % GRANULE == 0)
+        });
+        let total: u64 = bvecs.iter().map(|b| u64::from(b.len)).sum();
+        let first = bvecs[0].start().ok_or(DmaError::Overflow { phys: bvecs[0].phys, size: total })?;
+        if joins_aligned
+            && !attrs.mmio
+            && let Some(mut state) = IovaState::try_alloc(self, first, total)?
+        {
+            state.link_bvecs(self, 0, bvecs, dir, attrs)?;
+            state.sync(self, 0, total)?;
+            let segments = DmaVec::from_segment(state.addr(), total);
+            return Ok(BlkRqMapping { segments, state: Some(state), len: total });
+        }
+        let mut segments = DmaVec::default();
+        for b in bvecs {
+            let size = u64::from(b.len);
+            let phys = b.start().ok_or(DmaError::Overflow { phys: b.phys, size })?;
+            match self.map_phys(phys, size, dir, attrs) {
+                Ok(d) => {
+                    segments.push(d, size);
+                    segments.pieces.push((d, size));
+                }
+                Err(e) => {
+                    for &(d, n) in &segments.pieces {
+                        let _ = self.unmap(d, n, dir, attrs);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(BlkRqMapping { segments, state: None, len: total })
+    }
+
+    /// Undoes [`Device::blk_rq_map`] (`blk_rq_dma_unmap`).
+    ///
+    /// # Errors
+    /// The errors of [`IovaState::destroy`] or [`Device::unmap`].
+    pub fn blk_rq_unmap(&self, m: BlkRqMapping, dir: Direction, attrs: Attrs) -> Result<(), DmaError> {
+        match m.state {
+            Some(mut state) => state.destroy(self, m.len, dir, attrs),
+            None => {
+                for &(d, n) in &m.segments.pieces {
+                    self.unmap(d, n, dir, attrs)?;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -460,6 +580,29 @@ impl Device {
     }
 }
 
+/// A block request mapped by [`Device::blk_rq_map`].
+#[derive(Debug)]
+#[must_use = "a mapped request must be unmapped with Device::blk_rq_unmap"]
+pub struct BlkRqMapping {
+    segments: DmaVec,
+    state: Option<IovaState>,
+    len: u64,
+}
+
+impl BlkRqMapping {
+    /// The DMA segments to program into the device (one on the IOVA path).
+    #[must_use]
+    pub fn segments(&self) -> &DmaVec {
+        &self.segments
+    }
+
+    /// Whether the request took the two-step IOVA path.
+    #[must_use]
+    pub fn uses_iova(&self) -> bool {
+        self.state.is_some()
+    }
+}
+
 /// One contiguous DMA segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DmaSeg {
@@ -476,13 +619,15 @@ pub struct DmaVec {
     segs: Vec<DmaSeg>,
     /// The IOVA range backing it when built by `map_sg` on a translated device.
     iova: Option<(DmaAddr, u64)>,
+    /// Per-segment one-shot mappings (an untrusted device's `map_sg` with partial pages).
+    pieces: Vec<(DmaAddr, u64)>,
 }
 
 impl DmaVec {
     /// A list of one segment (what the two-step path hands to the device).
     #[must_use]
     pub fn from_segment(addr: DmaAddr, len: u64) -> Self {
-        DmaVec { segs: vec![DmaSeg { addr, len }], iova: None }
+        DmaVec { segs: vec![DmaSeg { addr, len }], iova: None, pieces: Vec::new() }
     }
 
     /// Appends a segment, merging it into the last one when they touch.
@@ -553,6 +698,8 @@ pub struct IovaState {
     reserved: u64,
     /// IOVA bytes currently mapped by links.
     mapped: u64,
+    /// Bounced granules of an untrusted device's links (offset from `base` in `Bounce::at`).
+    bounces: Vec<bounce::Bounce>,
     done: bool,
 }
 
@@ -573,7 +720,16 @@ impl IovaState {
         let reserved = align_up(pad.checked_add(size).ok_or(DmaError::Overflow { phys, size })?)
             .ok_or(DmaError::Overflow { phys, size })?;
         let base = domain.alloc_iova(reserved)?;
-        Ok(Some(IovaState { domain: domain.clone(), base, pad, size, reserved, mapped: 0, done: false }))
+        Ok(Some(IovaState {
+            domain: domain.clone(),
+            base,
+            pad,
+            size,
+            reserved,
+            mapped: 0,
+            bounces: Vec::new(),
+            done: false,
+        }))
     }
 
     /// DMA address of byte 0.
@@ -606,13 +762,7 @@ impl IovaState {
 
     /// Where a link of `size` bytes from `phys` at `offset` goes: (granule-aligned IOVA, aligned
     /// physical start, mapped length), after checking the rules of §1.
-    fn place(
-        &self,
-        dev: &Device,
-        phys: PhysAddr,
-        offset: u64,
-        size: u64,
-    ) -> Result<(DmaAddr, PhysAddr, u64), DmaError> {
+    fn place(&self, phys: PhysAddr, offset: u64, size: u64) -> Result<(DmaAddr, PhysAddr, u64), DmaError> {
         if size == 0 {
             return Err(DmaError::ZeroSize);
         }
@@ -633,7 +783,6 @@ impl IovaState {
             _ => return Err(DmaError::BeyondReserved { offset, size, reserved: self.size }),
         }
         phys.as_u64().checked_add(size).ok_or(DmaError::Overflow { phys, size })?;
-        dev.check_untrusted(phys, size)?;
         let iova = DmaAddr::new(self.base.as_u64() + (at - at % GRANULE));
         let len = align_up(phys_pad + size).ok_or(DmaError::Overflow { phys, size })?;
         Ok((iova, PhysAddr::new(phys.as_u64() - phys_pad), len))
@@ -654,7 +803,7 @@ impl IovaState {
     /// [`DmaError::UnalignedLink`] (only the first link may start off a granule),
     /// [`DmaError::NotGranuleMultiple`] (a previous link did not end on a granule),
     /// [`DmaError::BeyondReserved`], [`DmaError::AlreadyLinked`], [`DmaError::UseAfterDestroy`],
-    /// [`DmaError::WrongDevice`], [`DmaError::PeerToPeer`], [`DmaError::BounceRequired`],
+    /// [`DmaError::WrongDevice`], [`DmaError::PeerToPeer`], [`DmaError::BounceExhausted`],
     /// [`DmaError::ZeroSize`]; nothing changes on error.
     pub fn link(
         &mut self,
@@ -669,8 +818,18 @@ impl IovaState {
         if attrs.mmio {
             return Err(DmaError::PeerToPeer(phys));
         }
-        let (iova, pa, len) = self.place(dev, phys, offset, size)?;
-        domain.map(iova, MapSource::Range { pa, len }, dir.prot()).map_err(|e| self.map_err(e))?;
+        let (iova, pa, len) = self.place(phys, offset, size)?;
+        if dev.needs_bounce(phys, size) {
+            let at = iova.as_u64() - self.base.as_u64();
+            let (src, bounces) = bounce::plan(dev.mem(), phys, size, dir, attrs, at)?;
+            if let Err(e) = domain.map(iova, MapSource::BioVecs(&src), dir.prot()) {
+                bounce::abandon(dev.mem(), bounces);
+                return Err(self.map_err(e));
+            }
+            self.bounces.extend(bounces);
+        } else {
+            domain.map(iova, MapSource::Range { pa, len }, dir.prot()).map_err(|e| self.map_err(e))?;
+        }
         self.mapped += len;
         Ok(())
     }
@@ -714,6 +873,9 @@ impl IovaState {
                 Err(e) => return Err(self.map_err(e)),
             }
         }
+        if bvecs.iter().any(|b| b.start().is_some_and(|p| dev.needs_bounce(p, u64::from(b.len)))) {
+            return self.link_each(dev, offset, bvecs, dir, attrs);
+        }
         let mut expanded = Vec::with_capacity(bvecs.len());
         let mut at = offset;
         let mut first_iova: Option<DmaAddr> = None;
@@ -721,7 +883,7 @@ impl IovaState {
         for b in bvecs {
             let size = u64::from(b.len);
             let phys = b.start().ok_or(DmaError::Overflow { phys: b.phys, size })?;
-            let (iova, pa, len) = self.place(dev, phys, at, size)?;
+            let (iova, pa, len) = self.place(phys, at, size)?;
             if let Some(f) = first_iova
                 && f.as_u64() + total != iova.as_u64()
             {
@@ -736,6 +898,43 @@ impl IovaState {
         let iova = first_iova.unwrap_or(self.base);
         domain.map(iova, MapSource::BioVecs(&expanded), dir.prot()).map_err(|e| self.map_err(e))?;
         self.mapped += total;
+        Ok(at - offset)
+    }
+
+    /// `link_bvecs` for arrays that need bounce buffering: every element placed and checked
+    /// first, then linked one by one (undone if a later one fails).
+    fn link_each(
+        &mut self,
+        dev: &Device,
+        offset: u64,
+        bvecs: &[BioVec],
+        dir: Direction,
+        attrs: Attrs,
+    ) -> Result<u64, DmaError> {
+        let mut at = offset;
+        let mut next_iova: Option<u64> = None;
+        for b in bvecs {
+            let size = u64::from(b.len);
+            let phys = b.start().ok_or(DmaError::Overflow { phys: b.phys, size })?;
+            let (iova, _, len) = self.place(phys, at, size)?;
+            if next_iova.is_some_and(|n| n != iova.as_u64()) {
+                return Err(DmaError::NotGranuleMultiple { offset: at });
+            }
+            next_iova = Some(iova.as_u64() + len);
+            at += size;
+        }
+        let mut at = offset;
+        for b in bvecs {
+            let size = u64::from(b.len);
+            let phys = b.start().ok_or(DmaError::Overflow { phys: b.phys, size })?;
+            if let Err(e) = self.link(dev, phys, at, size, dir, attrs) {
+                if at > offset {
+                    let _ = self.unlink(dev, offset, at - offset, dir, attrs);
+                }
+                return Err(e);
+            }
+            at += size;
+        }
         Ok(at - offset)
     }
 
@@ -765,7 +964,7 @@ impl IovaState {
         offset: u64,
         size: u64,
         _dir: Direction,
-        _attrs: Attrs,
+        attrs: Attrs,
     ) -> Result<(), DmaError> {
         let domain = self.check(dev)?.clone();
         if size == 0 {
@@ -779,6 +978,13 @@ impl IovaState {
         };
         let gone = domain.unmap_strict(DmaAddr::new(self.base.as_u64() + start), end - start)?;
         self.mapped -= gone.min(self.mapped);
+        // The device has lost access to the range: bring its bounced bytes back.
+        let (done, keep): (Vec<_>, Vec<_>) =
+            core::mem::take(&mut self.bounces).into_iter().partition(|b| (start..end).contains(&b.at));
+        self.bounces = keep;
+        for b in done {
+            bounce::finish(dev.mem(), b, attrs);
+        }
         Ok(())
     }
 
@@ -833,6 +1039,13 @@ impl Drop for IovaState {
         }
         if self.mapped > 0 {
             let _ = self.domain.unmap_strict(self.base, self.reserved);
+        }
+        if !self.bounces.is_empty()
+            && let Some(mem) = self.domain.table().map(|t| t.mem().clone())
+        {
+            for b in core::mem::take(&mut self.bounces) {
+                bounce::finish(&mem, b, Attrs::default());
+            }
         }
         let _ = self.domain.free_iova(self.base, self.reserved);
     }

@@ -1,0 +1,88 @@
+//! Bounce buffering for untrusted devices (Linux's swiotlb behaviour for `dev_is_untrusted`): a
+//! granule that the buffer covers only partly is mapped through a private, zeroed frame holding
+//! just the buffer's bytes (at the same in-page offsets), so the device never reaches the rest
+//! of a shared page. Data going to the device is copied in at map time; data coming from it is
+//! copied back at unmap, after the device has lost access.
+#![forbid(unsafe_code)]
+
+use super::{Attrs, Direction, DmaError, GRANULE};
+use crate::addr::PhysAddr;
+use crate::mem::{BioVec, PhysMem};
+
+/// One bounced granule.
+#[derive(Debug)]
+pub(crate) struct Bounce {
+    /// First byte of the buffer's part in the original granule.
+    orig: PhysAddr,
+    /// Bytes of the buffer in this granule.
+    len: u64,
+    /// The private frame mapped in its place.
+    frame: PhysAddr,
+    dir: Direction,
+    /// Offset of the granule from the start of the mapping.
+    pub(crate) at: u64,
+}
+
+/// Where the granules of `[phys, phys + size)` come from for an untrusted device: granule
+/// sources in order (whole original pages, or bounce frames for partial ones), and the bounces.
+/// `base_at` is the mapping offset of the first granule (recorded in each bounce).
+pub(crate) fn plan(
+    mem: &PhysMem,
+    phys: PhysAddr,
+    size: u64,
+    dir: Direction,
+    attrs: Attrs,
+    base_at: u64,
+) -> Result<(Vec<BioVec>, Vec<Bounce>), DmaError> {
+    let start = phys.as_u64();
+    let end = start + size;
+    let g0 = start - start % GRANULE;
+    let mut src = Vec::new();
+    let mut bounces: Vec<Bounce> = Vec::new();
+    let mut g = g0;
+    while g < end {
+        let lo = start.max(g);
+        let hi = end.min(g + GRANULE);
+        if hi - lo == GRANULE {
+            src.push(BioVec { phys: PhysAddr::new(g), offset: 0, len: GRANULE as u32 });
+        } else {
+            let frame = match mem.alloc_frame() {
+                Ok(f) => f,
+                Err(_) => {
+                    for b in bounces {
+                        let _ = mem.free_frame(b.frame);
+                    }
+                    return Err(DmaError::BounceExhausted);
+                }
+            };
+            let _ = mem.zero(frame, GRANULE);
+            let b = Bounce { orig: PhysAddr::new(lo), len: hi - lo, frame, dir, at: base_at + (g - g0) };
+            if dir != Direction::FromDevice && !attrs.skip_cpu_sync {
+                let mut tmp = vec![0u8; b.len as usize];
+                let _ = mem.read(b.orig, &mut tmp);
+                let _ = mem.write(PhysAddr::new(frame.as_u64() + lo % GRANULE), &tmp);
+            }
+            src.push(BioVec { phys: frame, offset: 0, len: GRANULE as u32 });
+            bounces.push(b);
+        }
+        g += GRANULE;
+    }
+    Ok((src, bounces))
+}
+
+/// Ends a bounce after the device lost access: copies device-written data back, frees the frame.
+pub(crate) fn finish(mem: &PhysMem, b: Bounce, attrs: Attrs) {
+    if b.dir != Direction::ToDevice && !attrs.skip_cpu_sync {
+        let mut tmp = vec![0u8; b.len as usize];
+        let _ = mem.read(PhysAddr::new(b.frame.as_u64() + b.orig.as_u64() % GRANULE), &mut tmp);
+        let _ = mem.write(b.orig, &tmp);
+    }
+    let _ = mem.free_frame(b.frame);
+}
+
+/// Gives back bounces whose mapping was never made (no copy back).
+pub(crate) fn abandon(mem: &PhysMem, bounces: Vec<Bounce>) {
+    for b in bounces {
+        let _ = mem.free_frame(b.frame);
+    }
+}
