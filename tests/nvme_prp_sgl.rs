@@ -231,3 +231,36 @@ proptest! {
         prop_assert_eq!(nvme::read_sgl(&r.iommu, DEV, &s.sgl1, len).unwrap(), data);
     }
 }
+
+#[test]
+fn prp_with_a_16k_controller_page_size_chains_2047_entries_per_list() {
+    let r = rig();
+    let mut pool = ListPool::with_page_size(&r.dev, 4, 16 << 10).unwrap();
+    let page = 16u64 << 10;
+    let len = 2100 * page;
+    let (v, data, _s) = request(&r, 0, len, 40);
+    assert_eq!(nvme::build_prp(&mut pool, &v, PAGE_SIZE, len), Err(NvmeError::BadPageSize(PAGE_SIZE)));
+    let p = nvme::build_prp(&mut pool, &v, page, len).unwrap();
+    assert_eq!(p.lists.len(), 2, "2099 entries: 2047 + a chain pointer, then 52");
+    assert_eq!(p.lists[0].1.as_u64() % page, 0);
+    assert_eq!(nvme::read_prp(&r.iommu, DEV, p.prp1, p.prp2, len, page).unwrap(), data);
+    assert_eq!(ListPool::with_page_size(&r.dev, 1, 12 << 10).unwrap_err(), NvmeError::BadPageSize(12 << 10));
+}
+
+#[test]
+fn sgl_is_preferred_for_large_segments_or_when_prp_cannot_express_it() {
+    let mut big = DmaVec::default();
+    big.push(DmaAddr::new(0x10_0000), 64 << 10);
+    big.push(DmaAddr::new(0x80_0000), 64 << 10);
+    assert!(nvme::prefers_sgl(&big, PAGE_SIZE, true));
+    assert!(!nvme::prefers_sgl(&big, PAGE_SIZE, false));
+    let mut small = DmaVec::default();
+    for i in 0..8 {
+        small.push(DmaAddr::new(0x100_0000 + i * 0x10_0000), PAGE_SIZE);
+    }
+    assert!(!nvme::prefers_sgl(&small, PAGE_SIZE, true));
+    let mut odd = DmaVec::default();
+    odd.push(DmaAddr::new(0x10_0000), 0x800);
+    odd.push(DmaAddr::new(0x20_0000), PAGE_SIZE);
+    assert!(nvme::prefers_sgl(&odd, PAGE_SIZE, true));
+}

@@ -249,6 +249,36 @@ impl PhysMem {
         b.alloc(order, false).map(to_pa).map_err(|_| Self::oom(&b, 1 << order))
     }
 
+    /// Allocates a physically contiguous block of `bytes` (a power of two from 4 KiB to 1 GiB),
+    /// aligned to its size.
+    ///
+    /// # Errors
+    /// [`MemError::Unaligned`] for a size that is not such a power of two,
+    /// [`MemError::OutOfMemory`] when no free block of that size exists.
+    pub fn alloc_block(&self, bytes: u64) -> Result<PhysAddr, MemError> {
+        let order = Self::order_of(bytes)?;
+        let mut b = self.frames.lock();
+        b.alloc(order, false).map(to_pa).map_err(|_| Self::oom(&b, 1 << order))
+    }
+
+    /// Frees a block from [`PhysMem::alloc_block`].
+    ///
+    /// # Errors
+    /// [`MemError::Unaligned`] for a bad size, [`MemError::NotAllocated`] when `pa` does not
+    /// start an allocated block of `bytes`.
+    pub fn free_block(&self, pa: PhysAddr, bytes: u64) -> Result<(), MemError> {
+        let order = Self::order_of(bytes)?;
+        let f = self.frame_of(pa, bytes)?;
+        self.frames.lock().free(f, order).map_err(|_| MemError::NotAllocated { pa, size: bytes })
+    }
+
+    fn order_of(bytes: u64) -> Result<u8, MemError> {
+        if !bytes.is_power_of_two() || !(PAGE_SIZE..=1 << 30).contains(&bytes) {
+            return Err(MemError::Unaligned { pa: PhysAddr::new(bytes), align: PAGE_SIZE });
+        }
+        Ok((bytes.trailing_zeros() - PAGE_SHIFT) as u8)
+    }
+
     fn frame_of(&self, pa: PhysAddr, size: u64) -> Result<u32, MemError> {
         if !pa.is_aligned(size) || pa.as_u64() == 0 || pa.as_u64() >= self.size {
             return Err(MemError::NotAllocated { pa, size });

@@ -90,36 +90,58 @@ pub enum NvmeError {
     Dma(#[from] DmaError),
 }
 
-/// Pages pre-mapped for a device's reads, from which PRP lists and SGL tables are carved.
+/// Pages pre-mapped for a device's reads, from which PRP lists and SGL tables are carved. Pool
+/// pages have the controller's page size (CC.MPS), since a PRP list fills exactly one.
 #[derive(Debug)]
 pub struct ListPool {
     dev: Device,
+    page_size: u64,
     free: Vec<(PhysAddr, DmaAddr)>,
     all: Vec<(PhysAddr, DmaAddr)>,
 }
 
 impl ListPool {
-    /// `pages` list pages, allocated from the device's arena and mapped device-readable.
+    /// `pages` 4 KiB list pages (Linux's controller page size), allocated from the device's arena
+    /// and mapped device-readable.
     ///
     /// # Errors
     /// [`NvmeError::Dma`] when the arena or the IOMMU refuses (what was taken is given back).
     pub fn new(dev: &Device, pages: usize) -> Result<Self, NvmeError> {
+        Self::with_page_size(dev, pages, PAGE_SIZE)
+    }
+
+    /// As [`ListPool::new`] for a controller page size of `page_size` (a power of two, 4 KiB up
+    /// to 128 MiB as NVMe allows; physically contiguous pages of that size).
+    ///
+    /// # Errors
+    /// [`NvmeError::BadPageSize`], and as [`ListPool::new`].
+    pub fn with_page_size(dev: &Device, pages: usize, page_size: u64) -> Result<Self, NvmeError> {
+        if !page_size.is_power_of_two() || !(PAGE_SIZE..=128 << 20).contains(&page_size) {
+            return Err(NvmeError::BadPageSize(page_size));
+        }
         let mem = dev.mem().clone();
-        let mut pool = ListPool { dev: dev.clone(), free: Vec::with_capacity(pages), all: Vec::new() };
+        let mut pool =
+            ListPool { dev: dev.clone(), page_size, free: Vec::with_capacity(pages), all: Vec::new() };
         for _ in 0..pages {
-            let pa = mem.alloc_frame().map_err(|_| NvmeError::PoolExhausted)?;
-            match dev.map_phys(pa, PAGE_SIZE, Direction::ToDevice, Attrs::default()) {
+            let pa = mem.alloc_block(page_size).map_err(|_| NvmeError::PoolExhausted)?;
+            match dev.map_phys(pa, page_size, Direction::ToDevice, Attrs::default()) {
                 Ok(dma) => {
                     pool.all.push((pa, dma));
                     pool.free.push((pa, dma));
                 }
                 Err(e) => {
-                    let _ = mem.free_frame(pa);
+                    let _ = mem.free_block(pa, page_size);
                     return Err(e.into());
                 }
             }
         }
         Ok(pool)
+    }
+
+    /// The page size of the pool (the controller page size its lists are built for).
+    #[must_use]
+    pub fn page_size(&self) -> u64 {
+        self.page_size
     }
 
     /// Free pages now.
@@ -144,8 +166,8 @@ impl ListPool {
 impl Drop for ListPool {
     fn drop(&mut self) {
         for &(pa, dma) in &self.all {
-            let _ = self.dev.unmap(dma, PAGE_SIZE, Direction::ToDevice, Attrs::default());
-            let _ = self.dev.mem().free_frame(pa);
+            let _ = self.dev.unmap(dma, self.page_size, Direction::ToDevice, Attrs::default());
+            let _ = self.dev.mem().free_block(pa, self.page_size);
         }
     }
 }
@@ -163,14 +185,15 @@ pub struct Prp {
 }
 
 /// Builds PRP1/PRP2 (and list pages from `pool`) for `data`, with controller page size
-/// `page_size` (4096 in Linux) and at most `max_len` bytes (8 MiB in Linux).
+/// `page_size` (4096 in Linux; it must be the pool's) and at most `max_len` bytes (8 MiB in
+/// Linux).
 ///
 /// # Errors
 /// [`NvmeError::Empty`], [`NvmeError::TooLarge`], [`NvmeError::BadPageSize`],
 /// [`NvmeError::Unaligned`], [`NvmeError::NotPrpExpressible`], [`NvmeError::PoolExhausted`].
 pub fn build_prp(pool: &mut ListPool, data: &DmaVec, page_size: u64, max_len: u64) -> Result<Prp, NvmeError> {
-    // List pages are 4 KiB frames of the pool, so the controller page size is 4 KiB here.
-    if page_size != PAGE_SIZE {
+    // A list fills one pool page, so the pool must have the controller's page size.
+    if page_size != pool.page_size {
         return Err(NvmeError::BadPageSize(page_size));
     }
     let segs = data.segments();
@@ -206,17 +229,23 @@ pub fn build_prp(pool: &mut ListPool, data: &DmaVec, page_size: u64, max_len: u6
         let prp2 = data.page_addrs(page_size).nth(1).unwrap_or(DmaAddr::ZERO);
         return Ok(Prp { prp1, prp2, lists: Vec::new() });
     }
-    let per = (page_size / 8) as usize; // 512
+    let per = (page_size / 8) as usize; // 512 for 4 KiB pages
     // Pages needed: each full page but the last carries per - 1 entries.
     let lists_needed = if entries <= per { 1 } else { 1 + (entries - per).div_ceil(per - 1) };
     let lists = pool.take(lists_needed)?;
     let mem = pool.dev.mem().clone();
     // Fill the list pages in order: data slots, and in every page but the last, a chain pointer
     // in slot 511. Each segment's page addresses are plain arithmetic.
-    let mut tables = Vec::with_capacity(lists.len());
+    // Each list page seen as its 4 KiB chunks of 512 entries.
+    let chunks = (page_size / PAGE_SIZE) as usize;
+    let mut tables = Vec::with_capacity(lists.len() * chunks);
     for &(pa, _) in &lists {
-        tables.push(mem.table(pa).ok_or(NvmeError::PoolExhausted)?);
+        for c in 0..chunks as u64 {
+            let chunk = PhysAddr::new(pa.as_u64() + c * PAGE_SIZE);
+            tables.push(mem.table(chunk).ok_or(NvmeError::PoolExhausted)?);
+        }
     }
+    let entry = |k: usize, slot: usize| &tables[k * chunks + slot / 512][slot % 512];
     let (mut k, mut slot) = (0usize, 0usize);
     let mut skip_first = true;
     for s in segs {
@@ -227,12 +256,12 @@ pub fn build_prp(pool: &mut ListPool, data: &DmaVec, page_size: u64, max_len: u6
             if skip_first {
                 skip_first = false; // PRP1 carries the first page
             } else {
-                if slot == per - 1 && k + 1 < tables.len() {
-                    tables[k][slot].store(lists[k + 1].1.as_u64().to_le(), Ordering::Relaxed);
+                if slot == per - 1 && k + 1 < lists.len() {
+                    entry(k, slot).store(lists[k + 1].1.as_u64().to_le(), Ordering::Relaxed);
                     k += 1;
                     slot = 0;
                 }
-                tables[k][slot].store(page.to_le(), Ordering::Relaxed);
+                entry(k, slot).store(page.to_le(), Ordering::Relaxed);
                 slot += 1;
             }
             page += page_size;
@@ -240,6 +269,22 @@ pub fn build_prp(pool: &mut ListPool, data: &DmaVec, page_size: u64, max_len: u6
     }
     core::sync::atomic::fence(Ordering::Release);
     Ok(Prp { prp1, prp2: lists[0].1, lists })
+}
+
+/// Linux's choice between the two: SGL when the controller supports it and the request's
+/// average segment is at least 32 KiB, or when PRP cannot express the request at all.
+#[must_use]
+pub fn prefers_sgl(data: &DmaVec, page_size: u64, controller_supports_sgl: bool) -> bool {
+    if !controller_supports_sgl || data.is_empty() {
+        return false;
+    }
+    let segs = data.segments();
+    let mask = page_size.max(1) - 1;
+    let prp_ok = segs.iter().enumerate().all(|(i, s)| {
+        (i == 0 || s.addr.as_u64() & mask == 0)
+            && (i + 1 == segs.len() || (s.addr.as_u64() + s.len) & mask == 0)
+    });
+    !prp_ok || data.total_len() / segs.len() as u64 >= 32 << 10
 }
 
 /// The controller's side: reads the `len` bytes a PRP pair describes, through the IOMMU as
