@@ -475,7 +475,8 @@ impl IovaAllocator {
         Self::with_slots(start, end, (2 * cpus).next_power_of_two().max(4))
     }
 
-    /// As [`IovaAllocator::new`] with an explicit number of per-CPU cache slots.
+    /// As [`IovaAllocator::new`] with an explicit number of per-CPU cache slots (rounded up to a
+    /// power of two).
     ///
     /// # Errors
     /// As [`IovaAllocator::new`].
@@ -502,7 +503,8 @@ impl IovaAllocator {
             start_pfn: s,
             end_pfn: e,
             tree: Mutex::new(tree),
-            slots: (0..slots.max(1)).map(|_| slot()).collect(),
+            // A power of two, so that picking a slot is a mask, not a division.
+            slots: (0..slots.max(1).next_power_of_two()).map(|_| slot()).collect(),
             depot: (0..CACHED_ORDERS).map(|_| CachePadded(Mutex::new(Vec::new()))).collect(),
         })
     }
@@ -519,8 +521,14 @@ impl IovaAllocator {
         DmaAddr::new(self.end_pfn << PAGE_SHIFT)
     }
 
+    #[inline]
+    fn slot_index(&self) -> usize {
+        thread_index() & (self.slots.len() - 1)
+    }
+
+    #[inline]
     fn my_slot(&self) -> &Mutex<Slot> {
-        &self.slots[thread_index() % self.slots.len()]
+        &self.slots[self.slot_index()]
     }
 
     fn pages_of(size: u64) -> Result<u64, IovaError> {
@@ -618,7 +626,7 @@ impl IovaAllocator {
         pfn: u64,
         need: u64,
     ) -> Result<crate::sync::MutexGuard<'a, Slot>, IovaError> {
-        let mine = thread_index() % self.slots.len();
+        let mine = self.slot_index();
         let mut slot = self.slots[mine].lock();
         match slot.live.remove(&pfn) {
             Some(n) if n == need => Ok(slot),
