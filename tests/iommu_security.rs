@@ -367,3 +367,25 @@ fn bad_input_attaching_a_device_already_attached_elsewhere() {
     iommu.destroy_domain(&d1).unwrap();
     assert_eq!(iommu.attach(A, &d1), Err(IommuError::ForeignDomain(d1.id())));
 }
+
+#[test]
+fn a_device_port_sees_detach_and_unmap_at_once() {
+    let (mem, iommu, d1, _d2) = setup(Mode::Strict);
+    let pa = page_with(&mem, 0x3c);
+    let iova = d1.alloc_iova(PAGE_SIZE).unwrap();
+    d1.map(iova, MapSource::Pages(&[pa]), Prot::RW).unwrap();
+    let port = iommu.port(A);
+    assert_eq!(port.read_u64(iova).unwrap(), 0x3c3c_3c3c_3c3c_3c3c);
+    port.write_u64(iova, 5).unwrap();
+    assert_eq!(mem.read_u64(pa).unwrap(), 5);
+    d1.unmap(iova, PAGE_SIZE).unwrap();
+    assert_eq!(port.read_u64(iova).unwrap_err().reason, FaultReason::NotMapped);
+    d1.map(iova, MapSource::Pages(&[pa]), Prot::READ).unwrap();
+    assert_eq!(port.read_u64(iova).unwrap(), 5);
+    iommu.detach(A).unwrap();
+    assert_eq!(port.read_u64(iova).unwrap_err().reason, FaultReason::NotAttached);
+    let mut buf = [0u8; 4];
+    assert!(port.read(iova, &mut buf).is_err());
+    assert!(port.write(iova, &buf).is_err());
+    assert_eq!(port.device(), A);
+}

@@ -221,7 +221,11 @@ pub fn iommu_cases(r: &mut Report) {
                         iommu.iotlb().invalidate_all();
                     }
                 },
-                |()| probes.iter().fold(0u64, |a, &p| a ^ iommu.dma_read_u64(dev, DmaAddr::new(p)).unwrap()),
+                |()| {
+                    // The device's access handle: 8-byte device reads through the IOMMU.
+                    let port = iommu.port(dev);
+                    probes.iter().fold(0u64, |a, &p| a ^ port.read_u64(DmaAddr::new(p)).unwrap())
+                },
             ),
         );
         let walker = per(

@@ -19,7 +19,7 @@ const EMPTY: u64 = 0;
 
 #[derive(Debug, Default)]
 #[repr(C, align(16))]
-struct Entry {
+pub(crate) struct Entry {
     /// `pfn << 16 | domain` (domain ids start at 1, so 0 means empty), or BUSY while written.
     tag: AtomicU64,
     /// Physical page address | prot bits (1 read, 2 write).
@@ -28,6 +28,33 @@ struct Entry {
 
 /// Entries of the IOTLB (16 bytes each: 1 MiB), like a large hardware IOTLB.
 pub const IOTLB_ENTRIES: usize = 1 << 16;
+
+/// The slot of page `pfn` of `domain`: indexed like a hardware TLB set, by the low page-number
+/// bits, so that neighbouring pages share cache lines (four entries per line), offset per domain
+/// by an odd multiplier so that two domains' identical IOVAs land apart. A `u16`: no bounds
+/// check.
+#[inline(always)]
+fn index(domain: u16, pfn: u64) -> usize {
+    usize::from(pfn.wrapping_add(u64::from(domain).wrapping_mul(0x9E37_79B9_7F4A_7C15 >> 20)) as u16)
+}
+
+/// The entry array.
+pub(crate) type Entries = [Entry; IOTLB_ENTRIES];
+
+/// Looks `pfn` of `domain` up in an entry array (see [`Iotlb::lookup`]).
+#[inline(always)]
+pub(crate) fn lookup_in(entries: &Entries, domain: u16, pfn: u64) -> Option<(u64, Prot)> {
+    let e = &entries[index(domain, pfn)];
+    let want = tag(domain, pfn);
+    if e.tag.load(Ordering::Acquire) != want {
+        return None;
+    }
+    let v = e.val.load(Ordering::Acquire);
+    if e.tag.load(Ordering::Relaxed) != want {
+        return None;
+    }
+    Some((v & !0xfff, Prot::from_bits_truncate((v & 3) as u8)))
+}
 
 /// A direct-mapped, domain-tagged translation cache of [`IOTLB_ENTRIES`] entries.
 #[derive(Debug)]
@@ -80,23 +107,18 @@ impl Iotlb {
     /// two domains' identical IOVAs land apart.
     #[inline(always)]
     fn slot(&self, domain: u16, pfn: u64) -> &Entry {
-        let h = pfn.wrapping_add(u64::from(domain).wrapping_mul(0x9E37_79B9_7F4A_7C15 >> 20)) as u16;
-        &self.entries[usize::from(h)]
+        &self.entries[index(domain, pfn)]
     }
 
     /// The cached translation of page `pfn` in `domain`: (physical page address, prot).
     #[inline(always)]
     pub fn lookup(&self, domain: u16, pfn: u64) -> Option<(u64, Prot)> {
-        let e = self.slot(domain, pfn);
-        let want = tag(domain, pfn);
-        if e.tag.load(Ordering::Acquire) != want {
-            return None;
-        }
-        let v = e.val.load(Ordering::Acquire);
-        if e.tag.load(Ordering::Relaxed) != want {
-            return None;
-        }
-        Some((v & !0xfff, Prot::from_bits_truncate((v & 3) as u8)))
+        lookup_in(&self.entries, domain, pfn)
+    }
+
+    /// The entry array, for holders that look up repeatedly ([`super::DevicePort`]).
+    pub(crate) fn entries(&self) -> &Entries {
+        &self.entries
     }
 
     /// Caches a translation (best effort: a slot being written by someone else is left alone).

@@ -1049,21 +1049,27 @@ impl Iommu {
         Ok(())
     }
 
+    /// A handle for device `dev`'s repeated accesses, with the IOMMU structures they go through
+    /// resolved once — what a device's DMA engine with its context loaded does. Every access
+    /// still reads the device's attachment, so attach and detach take effect at once.
+    #[must_use]
+    pub fn port(&self, dev: DeviceId) -> DevicePort<'_> {
+        DevicePort {
+            iommu: self,
+            dev,
+            word: &self.inner.devices[usize::from(dev.0)],
+            entries: self.inner.iotlb.entries(),
+            mem: &self.inner.mem,
+        }
+    }
+
     /// The device loads a 64-bit little-endian value at `iova`.
     ///
     /// # Errors
     /// [`DmaFault`], also logged.
     #[inline(always)]
     pub fn dma_read_u64(&self, dev: DeviceId, iova: DmaAddr) -> Result<u64, DmaFault> {
-        // Fast path: within one page, an IOTLB hit, inside the arena.
-        let a = iova.as_u64();
-        if a & (PAGE_SIZE - 1) <= PAGE_SIZE - 8
-            && let Some(pa) = self.iotlb_hit(dev, a, Prot::READ.bits())
-            && let Ok(v) = self.inner.mem.read_u64(PhysAddr::new(pa))
-        {
-            return Ok(v);
-        }
-        self.dma_read_u64_slow(dev, iova)
+        self.port(dev).read_u64(iova)
     }
 
     #[inline(never)]
@@ -1093,6 +1099,74 @@ impl Iommu {
         self.bus_check(dev, iova, Access::Write, pa, 8)?;
         let _ = self.inner.mem.write_u64(pa, v);
         Ok(())
+    }
+}
+
+/// A device's access handle from [`Iommu::port`]: the same accesses as the `Iommu::dma_*`
+/// methods, with the device's slot, the IOTLB and the arena resolved once.
+#[derive(Clone, Copy)]
+pub struct DevicePort<'a> {
+    iommu: &'a Iommu,
+    dev: DeviceId,
+    word: &'a AtomicU64,
+    entries: &'a iotlb::Entries,
+    mem: &'a PhysMem,
+}
+
+impl core::fmt::Debug for DevicePort<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DevicePort").field("device", &self.dev).finish()
+    }
+}
+
+impl DevicePort<'_> {
+    /// The device.
+    #[must_use]
+    pub fn device(&self) -> DeviceId {
+        self.dev
+    }
+
+    /// [`Iommu::dma_read_u64`] through the handle.
+    ///
+    /// # Errors
+    /// [`DmaFault`], also logged.
+    #[inline(always)]
+    pub fn read_u64(&self, iova: DmaAddr) -> Result<u64, DmaFault> {
+        let a = iova.as_u64();
+        let id = (self.word.load(Ordering::Acquire) & DEV_FAST) as u16;
+        if id != 0
+            && a & (PAGE_SIZE - 1) <= PAGE_SIZE - 8
+            && let Some((page, prot)) = iotlb::lookup_in(self.entries, id, a >> PAGE_SHIFT)
+            && prot.contains(Prot::READ)
+            && let Ok(v) = self.mem.read_u64(PhysAddr::new(page | (a & (PAGE_SIZE - 1))))
+        {
+            return Ok(v);
+        }
+        self.iommu.dma_read_u64_slow(self.dev, iova)
+    }
+
+    /// [`Iommu::dma_write_u64`] through the handle.
+    ///
+    /// # Errors
+    /// [`DmaFault`], also logged.
+    pub fn write_u64(&self, iova: DmaAddr, v: u64) -> Result<(), DmaFault> {
+        self.iommu.dma_write_u64(self.dev, iova, v)
+    }
+
+    /// [`Iommu::dma_read`] through the handle.
+    ///
+    /// # Errors
+    /// [`DmaFault`], also logged; `buf` is untouched then.
+    pub fn read(&self, iova: DmaAddr, buf: &mut [u8]) -> Result<(), DmaFault> {
+        self.iommu.dma_read(self.dev, iova, buf)
+    }
+
+    /// [`Iommu::dma_write`] through the handle.
+    ///
+    /// # Errors
+    /// [`DmaFault`], also logged; memory is untouched then.
+    pub fn write(&self, iova: DmaAddr, data: &[u8]) -> Result<(), DmaFault> {
+        self.iommu.dma_write(self.dev, iova, data)
     }
 }
 
