@@ -57,8 +57,12 @@ pub fn dma_cases(r: &mut Report) {
         r.compare(case, PER_PAGE, PAGES as f64, n, vec![("vmbind", vm)]);
     }
 
-    let case = "dma/two_step_per_bvec";
-    if r.wants(case) {
+    // Each sample: a fresh IovaState (the previous one destroyed, untimed), linked by `link`
+    // and synced once.
+    let two_step = |r: &mut Report, case: &str, est_ms: f64, link: &dyn Fn(&mut IovaState)| {
+        if !r.wants(case) {
+            return;
+        }
         let last: RefCell<Option<IovaState>> = RefCell::new(None);
         let last = &last;
         let vm = timed(
@@ -69,37 +73,22 @@ pub fn dma_cases(r: &mut Report) {
                 IovaState::try_alloc(dev, frames[0], len).unwrap().unwrap()
             },
             |mut s: IovaState| {
-                for (i, f) in frames.iter().enumerate() {
-                    s.link(dev, *f, i as u64 * PAGE_SIZE, PAGE_SIZE, dir, a).unwrap();
-                }
+                link(&mut s);
                 s.sync(dev, 0, len).unwrap();
                 *last.borrow_mut() = Some(s);
             },
         );
-        let n = r.samples(100.0);
+        let n = r.samples(est_ms);
         r.compare(case, PER_PAGE, PAGES as f64, n, vec![("vmbind", vm)]);
-    }
-
-    let case = "dma/two_step_array";
-    if r.wants(case) {
-        let last: RefCell<Option<IovaState>> = RefCell::new(None);
-        let last = &last;
-        let vm = timed(
-            || {
-                if let Some(mut s) = last.borrow_mut().take() {
-                    s.destroy(dev, len, dir, a).unwrap();
-                }
-                IovaState::try_alloc(dev, frames[0], len).unwrap().unwrap()
-            },
-            |mut s: IovaState| {
-                s.link_bvecs(dev, 0, bvecs, dir, a).unwrap();
-                s.sync(dev, 0, len).unwrap();
-                *last.borrow_mut() = Some(s);
-            },
-        );
-        let n = r.samples(2.0);
-        r.compare(case, PER_PAGE, PAGES as f64, n, vec![("vmbind", vm)]);
-    }
+    };
+    two_step(r, "dma/two_step_per_bvec", 100.0, &|s: &mut IovaState| {
+        for (i, f) in frames.iter().enumerate() {
+            s.link(dev, *f, i as u64 * PAGE_SIZE, PAGE_SIZE, dir, a).unwrap();
+        }
+    });
+    two_step(r, "dma/two_step_array", 2.0, &|s: &mut IovaState| {
+        s.link_bvecs(dev, 0, bvecs, dir, a).unwrap();
+    });
 
     let case = "nvme/prp_build";
     if r.wants(case) {

@@ -419,21 +419,7 @@ impl Device {
             {
                 // An untrusted device with partial pages: each segment mapped (and bounced) on
                 // its own.
-                for b in bvecs {
-                    let size = u64::from(b.len);
-                    let phys = b.start().ok_or(DmaError::Overflow { phys: b.phys, size })?;
-                    match self.map_phys(phys, size, dir, attrs) {
-                        Ok(d) => {
-                            out.push(d, size);
-                            out.pieces.push((d, size));
-                        }
-                        Err(e) => {
-                            let _ = self.unmap_sg(&out, dir, attrs);
-                            return Err(e);
-                        }
-                    }
-                }
-                Ok(out)
+                self.map_each(bvecs, dir, attrs)
             }
             Path::Translated { domain, .. } => {
                 if attrs.mmio {
@@ -472,6 +458,32 @@ impl Device {
                 Ok(out)
             }
         }
+    }
+
+    /// Maps every segment on its own ([`Device::map_phys`]), merging adjacent results; undoes
+    /// them all if one fails.
+    fn map_each(&self, bvecs: &[BioVec], dir: Direction, attrs: Attrs) -> Result<DmaVec, DmaError> {
+        let mut out = DmaVec::default();
+        for b in bvecs {
+            let size = u64::from(b.len);
+            let mapped = b
+                .start()
+                .ok_or(DmaError::Overflow { phys: b.phys, size })
+                .and_then(|phys| self.map_phys(phys, size, dir, attrs));
+            match mapped {
+                Ok(d) => {
+                    out.push(d, size);
+                    out.pieces.push((d, size));
+                }
+                Err(e) => {
+                    for &(d, n) in &out.pieces {
+                        let _ = self.unmap(d, n, dir, attrs);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Undoes [`Device::map_sg`].
@@ -528,23 +540,7 @@ impl Device {
             let segments = DmaVec::from_segment(state.addr(), total);
             return Ok(BlkRqMapping { segments, state: Some(state), len: total });
         }
-        let mut segments = DmaVec::default();
-        for b in bvecs {
-            let size = u64::from(b.len);
-            let phys = b.start().ok_or(DmaError::Overflow { phys: b.phys, size })?;
-            match self.map_phys(phys, size, dir, attrs) {
-                Ok(d) => {
-                    segments.push(d, size);
-                    segments.pieces.push((d, size));
-                }
-                Err(e) => {
-                    for &(d, n) in &segments.pieces {
-                        let _ = self.unmap(d, n, dir, attrs);
-                    }
-                    return Err(e);
-                }
-            }
-        }
+        let segments = self.map_each(bvecs, dir, attrs)?;
         Ok(BlkRqMapping { segments, state: None, len: total })
     }
 
