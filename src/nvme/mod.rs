@@ -184,6 +184,40 @@ pub struct Prp {
     pub lists: Vec<(PhysAddr, DmaAddr)>,
 }
 
+/// The page-aligned addresses of every page the segments touch, in order.
+struct PageAddrs<'a> {
+    segs: &'a [crate::dma::DmaSeg],
+    i: usize,
+    page: u64,
+    end: u64,
+    size: u64,
+}
+
+impl<'a> PageAddrs<'a> {
+    fn new(segs: &'a [crate::dma::DmaSeg], size: u64) -> Self {
+        let (page, end) =
+            segs.first().map_or((0, 0), |s| (s.addr.as_u64() & !(size - 1), s.addr.as_u64() + s.len));
+        PageAddrs { segs, i: 0, page, end, size }
+    }
+}
+
+impl Iterator for PageAddrs<'_> {
+    type Item = u64;
+
+    #[inline]
+    fn next(&mut self) -> Option<u64> {
+        while self.page >= self.end {
+            self.i += 1;
+            let s = self.segs.get(self.i)?;
+            self.page = s.addr.as_u64() & !(self.size - 1);
+            self.end = s.addr.as_u64() + s.len;
+        }
+        let p = self.page;
+        self.page += self.size;
+        Some(p)
+    }
+}
+
 /// Builds PRP1/PRP2 (and list pages from `pool`) for `data`, with controller page size
 /// `page_size` (4096 in Linux; it must be the pool's) and at most `max_len` bytes (8 MiB in
 /// Linux).
@@ -234,38 +268,36 @@ pub fn build_prp(pool: &mut ListPool, data: &DmaVec, page_size: u64, max_len: u6
     let lists_needed = if entries <= per { 1 } else { 1 + (entries - per).div_ceil(per - 1) };
     let lists = pool.take(lists_needed)?;
     let mem = pool.dev.mem().clone();
-    // Fill the list pages in order: data slots, and in every page but the last, a chain pointer
-    // in slot 511. Each segment's page addresses are plain arithmetic.
-    // Each list page seen as its 4 KiB chunks of 512 entries.
+    // Fill the list pages in order: data slots, and in every page but the last a chain pointer
+    // in its last slot. A list page is seen as its 4 KiB chunks of 512 entries, each filled by a
+    // plain loop over the page addresses.
     let chunks = (page_size / PAGE_SIZE) as usize;
-    let mut tables = Vec::with_capacity(lists.len() * chunks);
-    for &(pa, _) in &lists {
-        for c in 0..chunks as u64 {
-            let chunk = PhysAddr::new(pa.as_u64() + c * PAGE_SIZE);
-            tables.push(mem.table(chunk).ok_or(NvmeError::PoolExhausted)?);
-        }
-    }
-    let entry = |k: usize, slot: usize| &tables[k * chunks + slot / 512][slot % 512];
-    let (mut k, mut slot) = (0usize, 0usize);
-    let mut skip_first = true;
-    for s in segs {
-        let start = s.addr.as_u64();
-        let end = start + s.len;
-        let mut page = start & !mask;
-        while page < end {
-            if skip_first {
-                skip_first = false; // PRP1 carries the first page
-            } else {
-                if slot == per - 1 && k + 1 < lists.len() {
-                    entry(k, slot).store(lists[k + 1].1.as_u64().to_le(), Ordering::Relaxed);
-                    k += 1;
-                    slot = 0;
-                }
-                entry(k, slot).store(page.to_le(), Ordering::Relaxed);
-                slot += 1;
+    let mut pages = PageAddrs::new(segs, page_size);
+    pages.next(); // the first page is PRP1's
+    let mut left = entries;
+    for (k, &(pa, _)) in lists.iter().enumerate() {
+        let last = k + 1 == lists.len();
+        let data_slots = if last { left } else { per - 1 };
+        let mut written = 0;
+        for c in 0..chunks {
+            if written == data_slots {
+                break;
             }
-            page += page_size;
+            let chunk = mem
+                .table(PhysAddr::new(pa.as_u64() + c as u64 * PAGE_SIZE))
+                .ok_or(NvmeError::PoolExhausted)?;
+            let n = (data_slots - written).min(512);
+            for e in &chunk[..n] {
+                e.store(pages.next().unwrap_or(0).to_le(), Ordering::Relaxed);
+            }
+            written += n;
         }
+        if !last {
+            let tail = PhysAddr::new(pa.as_u64() + (chunks as u64 - 1) * PAGE_SIZE);
+            let t = mem.table(tail).ok_or(NvmeError::PoolExhausted)?;
+            t[511].store(lists[k + 1].1.as_u64().to_le(), Ordering::Relaxed);
+        }
+        left -= data_slots;
     }
     core::sync::atomic::fence(Ordering::Release);
     Ok(Prp { prp1, prp2: lists[0].1, lists })
