@@ -446,3 +446,19 @@ fn whole_page_bio_vecs_map_in_one_pass_and_a_partial_one_changes_nothing() {
         PhysAddr::new(1500 << 12)
     );
 }
+
+#[test]
+fn page_vecs_take_only_offset_zero_pages() {
+    let (_mem, pt) = table();
+    let bv = [
+        BioVec::page(PhysAddr::new(0x8000)),
+        BioVec { phys: PhysAddr::new(0x9000), offset: 0x1000, len: 4096 },
+    ];
+    assert_eq!(
+        pt.map(DmaAddr::new(GIB), MapSource::PageVecs(&bv), Prot::RW, MapOptions::default()),
+        Err(MapError::UnalignedSource { index: 1, pa: PhysAddr::new(0xa000), len: PAGE_SIZE })
+    );
+    // The general form takes it.
+    pt.map(DmaAddr::new(GIB), MapSource::BioVecs(&bv), Prot::RW, MapOptions::default()).unwrap();
+    assert_eq!(pt.translate(DmaAddr::new(GIB + PAGE_SIZE)).unwrap().pa, PhysAddr::new(0xa000));
+}

@@ -548,6 +548,7 @@ impl Drop for PhysMem {
 /// meaning of the kernel's `struct bio_vec { bv_page, bv_len, bv_offset }`. A segment may span
 /// several physically contiguous pages (a multi-page bvec).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(C)]
 pub struct BioVec {
     /// The (page-aligned) physical page the segment starts in.
     pub phys: PhysAddr,

@@ -95,10 +95,10 @@ pub enum MapSource<'a> {
     /// boundary here (the DMA layer deals with partial pages). Long aligned segments get huge
     /// leaves.
     BioVecs(&'a [BioVec]),
-    /// A `bio_vec` array whose every element is exactly one whole, aligned 4 KiB page (the usual
-    /// block request): its length is known without a pass, and each element is checked as the
-    /// walk reads it, so the array is read once. An element that is not a whole page is
-    /// [`MapError::UnalignedSource`] (use [`MapSource::BioVecs`] for mixed arrays).
+    /// A `bio_vec` array whose every element is exactly one whole, aligned 4 KiB page (offset 0,
+    /// length 4 KiB: the usual block request): its length is known without a pass, and each
+    /// element is checked as the walk reads it, so the array is read once. An element that is not
+    /// such a page is [`MapError::UnalignedSource`] (use [`MapSource::BioVecs`] for mixed arrays).
     PageVecs(&'a [BioVec]),
 }
 
@@ -358,9 +358,7 @@ impl<'a> Cursor<'a> {
         match self.src {
             MapSource::Range { pa, len } => (pa.as_u64() + self.off, len - self.off),
             MapSource::Pages(p) => (p[self.idx].as_u64(), PAGE_SIZE),
-            MapSource::PageVecs(b) => {
-                (b[self.idx].phys.as_u64().wrapping_add(u64::from(b[self.idx].offset)), PAGE_SIZE)
-            }
+            MapSource::PageVecs(b) => (b[self.idx].phys.as_u64(), PAGE_SIZE),
             MapSource::BioVecs(b) => {
                 let v = &b[self.idx];
                 let start = v.phys.as_u64() + u64::from(v.offset);
@@ -413,17 +411,21 @@ impl<'a> Cursor<'a> {
             }
             MapSource::PageVecs(b) => {
                 let run = &b[self.idx..self.idx + entries.len()];
+                // Fused with the stores: a conservative check (page aligned and below half the
+                // limit, offset 0, one whole page); anything it flags gets the exact check.
+                let strict = self.reject | (self.reject >> 1);
+                let whole = PAGE_SIZE << 32;
                 let mut bad = 0;
-                // A page below the limit plus a 32-bit offset cannot wrap: checking the page's
-                // high bits as well as the sum's catches a wrapped sum.
-                let high = self.reject & !(PAGE_SIZE - 1);
                 for (e, v) in entries.iter().zip(run) {
-                    let pa = v.phys.as_u64().wrapping_add(u64::from(v.offset));
-                    bad |= (pa & self.reject) | (v.phys.as_u64() & high) | (u64::from(v.len) ^ PAGE_SIZE);
-                    e.store(pa | bits, Ordering::Relaxed);
+                    let p = v.phys.as_u64();
+                    bad |= (p & strict) | ((u64::from(v.offset) | u64::from(v.len) << 32) ^ whole);
+                    e.store(p | bits, Ordering::Relaxed);
                 }
                 if check && bad != 0 {
-                    return Err(self.idx + first_bad_pagevec(run, self.reject));
+                    let at = first_bad_pagevec(run, self.reject);
+                    if at < run.len() {
+                        return Err(self.idx + at);
+                    }
                 }
                 self.idx += entries.len();
             }
@@ -486,13 +488,11 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Index of the first element that is not one whole page within the limit (`len` if none).
+/// Index of the first element that is not one whole page (aligned, offset 0, 4 KiB) within the
+/// limit (`len` if none).
 fn first_bad_pagevec(run: &[BioVec], reject: u64) -> usize {
     run.iter()
-        .position(|v| {
-            let pa = v.phys.as_u64().checked_add(u64::from(v.offset));
-            pa.is_none_or(|pa| pa & reject != 0) || u64::from(v.len) != PAGE_SIZE
-        })
+        .position(|v| v.phys.as_u64() & reject != 0 || v.offset != 0 || u64::from(v.len) != PAGE_SIZE)
         .unwrap_or(run.len())
 }
 
@@ -734,14 +734,15 @@ impl<F: Format> PageTable<F> {
             // Nothing was published: every new table is still private. Give it all back.
             let _ = self.mem.free_frames(&all_new);
             self.mem.unreserve(plan.reserve);
-            let (pa, len) = match src {
-                MapSource::Pages(p) => (p[index], PAGE_SIZE),
+            let (pa, len, offset) = match src {
+                MapSource::Pages(p) => (p[index], PAGE_SIZE, 0),
                 MapSource::PageVecs(b) => {
-                    (b[index].start().unwrap_or(b[index].phys), u64::from(b[index].len))
+                    let v = b[index];
+                    (v.start().unwrap_or(v.phys), u64::from(v.len), v.offset)
                 }
-                _ => (PhysAddr::new(0), PAGE_SIZE),
+                _ => (PhysAddr::new(0), PAGE_SIZE, 0),
             };
-            return Err(if pa.as_u64() & (PAGE_SIZE - 1) != 0 || len != PAGE_SIZE {
+            return Err(if pa.as_u64() & (PAGE_SIZE - 1) != 0 || len != PAGE_SIZE || offset != 0 {
                 MapError::UnalignedSource { index, pa, len }
             } else {
                 MapError::PhysTooHigh { index, pa, len }
