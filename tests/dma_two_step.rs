@@ -6,6 +6,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use vmbind::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use vmbind::dma::{Attrs, Device, Direction, DmaError, DmaVec, IovaState};
+use vmbind::iommu::iova::IovaError;
 use vmbind::iommu::{DeviceId, Domain, DomainConfig, FaultReason, Iommu, Mode};
 use vmbind::mem::{BioVec, PhysMem};
 use vmbind::nvme;
@@ -550,4 +551,25 @@ fn block_requests_with_an_unaligned_join_map_segment_by_segment() {
     let m = direct.blk_rq_map(&BioVec::from_frames(&frames), TO, A).unwrap();
     assert!(!m.uses_iova());
     direct.blk_rq_unmap(m, TO, A).unwrap();
+}
+
+#[test]
+fn one_shot_unmap_with_a_wrong_size_or_twice_changes_nothing() {
+    let (mem, iommu, dom, dev) = setup();
+    let p = page(&mem, 0x61);
+    let d = dev.map_phys(p, 3 * PAGE_SIZE, TO, A).unwrap();
+    let wrong = dev.unmap(d, PAGE_SIZE, TO, A).unwrap_err();
+    assert!(
+        matches!(wrong, DmaError::Iommu(vmbind::iommu::DomainError::Iova(IovaError::SizeMismatch { .. }))),
+        "{wrong}"
+    );
+    assert_eq!(iommu.dma_read_u64(DEV, d).unwrap(), 0x6161_6161_6161_6161, "still mapped");
+    dev.unmap(d, 3 * PAGE_SIZE, TO, A).unwrap();
+    assert_eq!(dev.unmap(d, 3 * PAGE_SIZE, TO, A), Err(DmaError::NotMapped { dma: d, size: 3 * PAGE_SIZE }));
+    assert_eq!(
+        dev.unmap(DmaAddr::new(0x5000_0000), PAGE_SIZE, TO, A),
+        Err(DmaError::NotMapped { dma: DmaAddr::new(0x5000_0000), size: PAGE_SIZE })
+    );
+    assert_eq!(dom.iova().unwrap().stats().live, 0);
+    assert!(dom.table().unwrap().leaves().is_empty());
 }

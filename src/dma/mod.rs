@@ -64,12 +64,23 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
+use crate::iommu::iova::IovaError;
 use crate::iommu::{DeviceId, Domain, DomainError, DomainKind, Iommu};
 use crate::mem::{BioVec, PhysMem};
 use crate::pt::{MapError, MapSource, Prot};
 
 /// The IOMMU granule (and the CPU page size of the model).
 pub const GRANULE: u64 = PAGE_SIZE;
+
+/// The table source for granule-expanded segments: the one-pass page array when every segment
+/// is a single page (the usual case), the general form otherwise.
+fn granule_source(expanded: &[BioVec]) -> MapSource<'_> {
+    if expanded.iter().all(|b| u64::from(b.len) == GRANULE) {
+        MapSource::PageVecs(expanded)
+    } else {
+        MapSource::BioVecs(expanded)
+    }
+}
 
 #[inline]
 fn align_up(x: u64) -> Option<u64> {
@@ -374,19 +385,23 @@ impl Device {
                 let pad = dma.as_u64() % GRANULE;
                 let len = align_up(pad + size).ok_or(DmaError::NotMapped { dma, size })?;
                 let iova = DmaAddr::new(dma.as_u64() - pad);
-                let alloc = domain.iova().ok_or(DmaError::NotMapped { dma, size })?;
-                if !alloc.is_allocated(iova) {
-                    return Err(DmaError::NotMapped { dma, size });
-                }
-                domain.unmap(iova, len)?;
+                // Ends the allocation first: a range this device never mapped, a second unmap
+                // or a wrong size is refused here, before anything changes.
+                let retired = domain.retire_iova(iova, len).map_err(|e| match e {
+                    DomainError::Iova(IovaError::NotAllocated { .. } | IovaError::OutsideAperture { .. }) => {
+                        DmaError::NotMapped { dma, size }
+                    }
+                    e => DmaError::Iommu(e),
+                })?;
+                let unmapped = domain.unmap(iova, len);
                 // The device has lost access: bring back what it wrote, release the bounces.
                 if let Some(bounces) = self.bounced.lock().remove(&iova.as_u64()) {
                     for b in bounces {
                         bounce::finish(self.mem(), b, attrs);
                     }
                 }
-                domain.free_iova(iova, len)?;
-                Ok(())
+                domain.free_retired(retired);
+                unmapped.map(|_| ()).map_err(DmaError::Iommu)
             }
         }
     }
@@ -444,7 +459,7 @@ impl Device {
                     total = total.checked_add(len).ok_or(DmaError::Overflow { phys, size })?;
                 }
                 let iova = domain.alloc_iova(total)?;
-                if let Err(e) = domain.map(iova, MapSource::BioVecs(&expanded), dir.prot()) {
+                if let Err(e) = domain.map(iova, granule_source(&expanded), dir.prot()) {
                     let _ = domain.free_iova(iova, total);
                     return Err(e.into());
                 }
@@ -494,9 +509,10 @@ impl Device {
         match (&self.path, v.iova) {
             (Path::Direct { .. }, _) => Ok(()),
             (Path::Translated { domain, .. }, Some((iova, total))) => {
-                domain.unmap(iova, total)?;
-                domain.free_iova(iova, total)?;
-                Ok(())
+                let retired = domain.retire_iova(iova, total)?;
+                let unmapped = domain.unmap(iova, total);
+                domain.free_retired(retired);
+                unmapped.map(|_| ()).map_err(DmaError::Iommu)
             }
             (Path::Translated { .. }, None) if !v.pieces.is_empty() => {
                 for &(d, size) in &v.pieces {
@@ -673,6 +689,19 @@ impl DmaVec {
             (0..pages).map(move |i| DmaAddr::new(if i == 0 { start } else { first_page + i * page_size }))
         })
     }
+}
+
+/// Where one element of a link goes (see `IovaState::place`).
+#[derive(Debug, Clone, Copy)]
+struct Placed {
+    /// The element's first byte and offset in the state, and its size.
+    phys: PhysAddr,
+    offset: u64,
+    size: u64,
+    /// The granule-aligned IOVA, physical start and length it maps.
+    iova: DmaAddr,
+    pa: PhysAddr,
+    len: u64,
 }
 
 /// The state of the two-step API: an IOVA range reserved once, into which physical ranges are
@@ -872,29 +901,37 @@ impl IovaState {
         if bvecs.iter().any(|b| b.start().is_some_and(|p| dev.needs_bounce(p, u64::from(b.len)))) {
             return self.link_each(dev, offset, bvecs, dir, attrs);
         }
-        let mut expanded = Vec::with_capacity(bvecs.len());
+        let plan = self.place_all(offset, bvecs)?;
+        let iova = plan.first().map_or(self.base, |p| p.iova);
+        let mut expanded = Vec::with_capacity(plan.len());
+        for p in &plan {
+            let len = u32::try_from(p.len).map_err(|_| DmaError::Overflow { phys: p.pa, size: p.len })?;
+            expanded.push(BioVec { phys: p.pa, offset: 0, len });
+        }
+        domain.map(iova, granule_source(&expanded), dir.prot()).map_err(|e| self.map_err(e))?;
+        self.mapped += plan.iter().map(|p| p.len).sum::<u64>();
+        Ok(plan.iter().map(|p| p.size).sum())
+    }
+
+    /// Places every element of a `bio_vec` array at running offsets from `offset` (the rules of
+    /// [`IovaState::link`] for each), checking that the granules they map follow each other in
+    /// IOVA. Nothing is mapped.
+    fn place_all(&self, offset: u64, bvecs: &[BioVec]) -> Result<Vec<Placed>, DmaError> {
+        let mut plan: Vec<Placed> = Vec::with_capacity(bvecs.len());
         let mut at = offset;
-        let mut first_iova: Option<DmaAddr> = None;
-        let mut total = 0u64;
         for b in bvecs {
             let size = u64::from(b.len);
             let phys = b.start().ok_or(DmaError::Overflow { phys: b.phys, size })?;
             let (iova, pa, len) = self.place(phys, at, size)?;
-            if let Some(f) = first_iova
-                && f.as_u64() + total != iova.as_u64()
+            if let Some(prev) = plan.last()
+                && prev.iova.as_u64() + prev.len != iova.as_u64()
             {
                 return Err(DmaError::NotGranuleMultiple { offset: at });
             }
-            first_iova.get_or_insert(iova);
-            let seg = u32::try_from(len).map_err(|_| DmaError::Overflow { phys, size })?;
-            expanded.push(BioVec { phys: pa, offset: 0, len: seg });
-            total += len;
+            plan.push(Placed { phys, offset: at, size, iova, pa, len });
             at += size;
         }
-        let iova = first_iova.unwrap_or(self.base);
-        domain.map(iova, MapSource::BioVecs(&expanded), dir.prot()).map_err(|e| self.map_err(e))?;
-        self.mapped += total;
-        Ok(at - offset)
+        Ok(plan)
     }
 
     /// `link_bvecs` for arrays that need bounce buffering: every element placed and checked
@@ -907,31 +944,16 @@ impl IovaState {
         dir: Direction,
         attrs: Attrs,
     ) -> Result<u64, DmaError> {
-        let mut at = offset;
-        let mut next_iova: Option<u64> = None;
-        for b in bvecs {
-            let size = u64::from(b.len);
-            let phys = b.start().ok_or(DmaError::Overflow { phys: b.phys, size })?;
-            let (iova, _, len) = self.place(phys, at, size)?;
-            if next_iova.is_some_and(|n| n != iova.as_u64()) {
-                return Err(DmaError::NotGranuleMultiple { offset: at });
-            }
-            next_iova = Some(iova.as_u64() + len);
-            at += size;
-        }
-        let mut at = offset;
-        for b in bvecs {
-            let size = u64::from(b.len);
-            let phys = b.start().ok_or(DmaError::Overflow { phys: b.phys, size })?;
-            if let Err(e) = self.link(dev, phys, at, size, dir, attrs) {
-                if at > offset {
-                    let _ = self.unlink(dev, offset, at - offset, dir, attrs);
+        let plan = self.place_all(offset, bvecs)?;
+        for p in &plan {
+            if let Err(e) = self.link(dev, p.phys, p.offset, p.size, dir, attrs) {
+                if p.offset > offset {
+                    let _ = self.unlink(dev, offset, p.offset - offset, dir, attrs);
                 }
                 return Err(e);
             }
-            at += size;
         }
-        Ok(at - offset)
+        Ok(plan.iter().map(|p| p.size).sum())
     }
 
     /// One IOTLB flush for `[offset, offset + size)` of the state (`dma_iova_sync`).

@@ -525,12 +525,28 @@ impl Domain {
         let a = self.iova.as_ref().ok_or(DomainError::Identity(self.id))?;
         match self.mode {
             Mode::Strict => a.free(addr, size)?,
-            Mode::Lazy => {
-                let r = a.retire(addr, size)?;
-                self.enqueue(|fq| fq.iovas.push(r));
-            }
+            Mode::Lazy => self.free_retired(a.retire(addr, size)?),
         }
         Ok(())
+    }
+
+    /// Ends the allocation of `[addr, addr + size)` now (a second free of it is an error from
+    /// here on) without making it reusable: hand the token to [`Domain::free_retired`] once the
+    /// range is unmapped. Lets a caller validate a free before it changes anything else.
+    ///
+    /// # Errors
+    /// [`DomainError::Identity`], or the allocator's [`IovaError`].
+    pub fn retire_iova(&self, addr: DmaAddr, size: u64) -> Result<RetiredIova, DomainError> {
+        Ok(self.iova.as_ref().ok_or(DomainError::Identity(self.id))?.retire(addr, size)?)
+    }
+
+    /// Makes a retired range reusable: at once in strict mode, after the next flush in lazy mode.
+    pub fn free_retired(&self, r: RetiredIova) {
+        match (self.mode, &self.iova) {
+            (Mode::Strict, Some(a)) => a.release(r),
+            (Mode::Lazy, Some(_)) => self.enqueue(|fq| fq.iovas.push(r)),
+            (_, None) => drop(r),
+        }
     }
 
     /// Lazy mode: flushes the queue now (one domain-wide IOTLB invalidation, then the queued
@@ -885,17 +901,10 @@ impl Iommu {
         f
     }
 
-    /// The IOTLB-hit fast path: the physical address of `a` for a translated, attached device
-    /// whose cached entry allows `need` (1 read, 2 write); `None` sends the caller to
-    /// [`Self::resolve_cold`], which decides everything else.
+    /// The IOTLB-hit fast path (see [`DevicePort::hit`]).
     #[inline(always)]
     fn iotlb_hit(&self, dev: DeviceId, a: u64, need: u8) -> Option<u64> {
-        let id = (self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire) & DEV_FAST) as u16;
-        if id == 0 {
-            return None;
-        }
-        let (page, prot) = self.inner.iotlb.lookup(id, a >> PAGE_SHIFT)?;
-        (prot.bits() & need != 0).then_some(page | (a & (PAGE_SIZE - 1)))
+        self.port(dev).hit(a, need)
     }
 
     /// Translates one device access to a page: the physical address of `iova`, checked for
@@ -1133,16 +1142,26 @@ impl DevicePort<'_> {
     #[inline(always)]
     pub fn read_u64(&self, iova: DmaAddr) -> Result<u64, DmaFault> {
         let a = iova.as_u64();
-        let id = (self.word.load(Ordering::Acquire) & DEV_FAST) as u16;
-        if id != 0
-            && a & (PAGE_SIZE - 1) <= PAGE_SIZE - 8
-            && let Some((page, prot)) = iotlb::lookup_in(self.entries, id, a >> PAGE_SHIFT)
-            && prot.contains(Prot::READ)
-            && let Ok(v) = self.mem.read_u64(PhysAddr::new(page | (a & (PAGE_SIZE - 1))))
+        if a & (PAGE_SIZE - 1) <= PAGE_SIZE - 8
+            && let Some(pa) = self.hit(a, Prot::READ.bits())
+            && let Ok(v) = self.mem.read_u64(PhysAddr::new(pa))
         {
             return Ok(v);
         }
         self.iommu.dma_read_u64_slow(self.dev, iova)
+    }
+
+    /// The IOTLB-hit fast path: the physical address of `a` when the device is attached to a
+    /// translated domain and a cached entry allows `need` (1 read, 2 write); `None` sends the
+    /// caller to the full path, which decides everything else.
+    #[inline(always)]
+    fn hit(&self, a: u64, need: u8) -> Option<u64> {
+        let id = (self.word.load(Ordering::Acquire) & DEV_FAST) as u16;
+        if id == 0 {
+            return None;
+        }
+        let (page, prot) = iotlb::lookup_in(self.entries, id, a >> PAGE_SHIFT)?;
+        (prot.bits() & need != 0).then_some(page | (a & (PAGE_SIZE - 1)))
     }
 
     /// [`Iommu::dma_write_u64`] through the handle.

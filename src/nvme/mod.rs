@@ -257,8 +257,10 @@ pub fn build_prp(pool: &mut ListPool, data: &DmaVec, page_size: u64, max_len: u6
     if len <= first_chunk {
         return Ok(Prp { prp1, prp2: DmaAddr::ZERO, lists: Vec::new() });
     }
-    // Entries after PRP1: one per remaining page.
-    let entries: usize = data.page_addrs(page_size).count() - 1;
+    // Entries after PRP1: one per remaining page (counted per segment, not page by page).
+    let pages: u64 =
+        segs.iter().map(|s| (s.addr.as_u64() + s.len - (s.addr.as_u64() & !mask)).div_ceil(page_size)).sum();
+    let entries = (pages - 1) as usize;
     if entries == 1 {
         let prp2 = data.page_addrs(page_size).nth(1).unwrap_or(DmaAddr::ZERO);
         return Ok(Prp { prp1, prp2, lists: Vec::new() });

@@ -343,13 +343,11 @@ struct Cursor<'a> {
     off: u64,
     /// Address bits that make a page-list entry invalid (unaligned, or beyond the format).
     reject: u64,
-    /// A bio_vec array of whole single pages: it advances like a page list.
-    single: bool,
 }
 
 impl<'a> Cursor<'a> {
     fn new(src: MapSource<'a>, pa_limit: u64) -> Self {
-        Cursor { src, idx: 0, off: 0, reject: (PAGE_SIZE - 1) | !(pa_limit - 1), single: false }
+        Cursor { src, idx: 0, off: 0, reject: (PAGE_SIZE - 1) | !(pa_limit - 1) }
     }
 
     /// The current contiguous physical run: (address, bytes left in it).
@@ -373,7 +371,6 @@ impl<'a> Cursor<'a> {
         match self.src {
             MapSource::Range { .. } => self.off += bytes,
             MapSource::Pages(_) => self.idx += (bytes / PAGE_SIZE) as usize,
-            MapSource::BioVecs(_) if self.single => self.idx += (bytes / PAGE_SIZE) as usize,
             MapSource::PageVecs(_) => self.idx += (bytes / PAGE_SIZE) as usize,
             MapSource::BioVecs(b) => {
                 while bytes > 0 {
@@ -599,9 +596,9 @@ impl<F: Format> PageTable<F> {
         self.mem.table(pa).expect("table page inside the arena")
     }
 
-    /// Validates a source; returns its length and whether it is a bio_vec array of whole single
-    /// pages.
-    fn check_source(src: &MapSource<'_>) -> Result<(u64, bool), MapError<F::Va>> {
+    /// Validates a source (page lists and page arrays are checked during the walk instead) and
+    /// returns its length.
+    fn check_source(src: &MapSource<'_>) -> Result<u64, MapError<F::Va>> {
         const LOW: u64 = PAGE_SIZE - 1;
         match *src {
             MapSource::Range { pa, len } => {
@@ -613,7 +610,7 @@ impl<F: Format> PageTable<F> {
                     return Err(MapError::UnalignedSource { index: 0, pa, len });
                 }
                 match pa.as_u64().checked_add(len) {
-                    Some(end) if end <= Self::PA_LIMIT => Ok((len, false)),
+                    Some(end) if end <= Self::PA_LIMIT => Ok(len),
                     _ => Err(MapError::PhysTooHigh { index: 0, pa, len }),
                 }
             }
@@ -626,14 +623,14 @@ impl<F: Format> PageTable<F> {
                 let len = (p.len() as u64)
                     .checked_mul(PAGE_SIZE)
                     .ok_or(MapError::OutOfRange { va: F::Va::new(0), len: u64::MAX })?;
-                Ok((len, false))
+                Ok(len)
             }
             MapSource::PageVecs(b) => {
                 // Checked element by element as the walk reads them (see `fill_4k`).
                 if b.is_empty() {
                     return Err(MapError::ZeroLength);
                 }
-                Ok((b.len() as u64 * PAGE_SIZE, false))
+                Ok(b.len() as u64 * PAGE_SIZE)
             }
             MapSource::BioVecs(b) => {
                 if b.is_empty() {
@@ -643,18 +640,17 @@ impl<F: Format> PageTable<F> {
                 // multiple, none empty, no page near the limit (offsets and lengths are below
                 // 2^32, so a page below PA_LIMIT / 2 cannot reach it). The exact error comes from
                 // the loop below.
-                let (all, top, min, max, sum) =
-                    b.iter().fold((0u64, 0u64, u32::MAX, 0u32, 0u64), |(a, t, mn, mx, sm), v| {
+                let (all, top, min, sum) =
+                    b.iter().fold((0u64, 0u64, u32::MAX, 0u64), |(a, t, mn, sm), v| {
                         (
-                            a | v.phys.as_u64() | u64::from(v.offset),
+                            a | v.phys.as_u64() | u64::from(v.offset) | u64::from(v.len),
                             t.max(v.phys.as_u64()),
                             mn.min(v.len),
-                            mx.max(v.len),
                             sm + u64::from(v.len),
                         )
                     });
-                if (all | u64::from(min) | u64::from(max)) & LOW == 0 && min > 0 && top < Self::PA_LIMIT / 2 {
-                    return Ok((sum, min == max && u64::from(min) == PAGE_SIZE));
+                if all & LOW == 0 && min > 0 && top < Self::PA_LIMIT / 2 {
+                    return Ok(sum);
                 }
                 let mut total = 0u64;
                 for (index, v) in b.iter().enumerate() {
@@ -668,7 +664,7 @@ impl<F: Format> PageTable<F> {
                     }
                     total += len;
                 }
-                Ok((total, false))
+                Ok(total)
             }
         }
     }
@@ -692,8 +688,8 @@ impl<F: Format> PageTable<F> {
         prot: Prot,
         opts: MapOptions,
     ) -> Result<MapStats, MapError<F::Va>> {
-        let (len, single) = Self::check_source(&src)?;
-        let cursor = || Cursor { single, ..Cursor::new(src, Self::PA_LIMIT) };
+        let len = Self::check_source(&src)?;
+        let cursor = || Cursor::new(src, Self::PA_LIMIT);
         let v = va.as_u64();
         if v & (PAGE_SIZE - 1) != 0 {
             return Err(MapError::UnalignedVa { va });
