@@ -69,6 +69,8 @@ fn main() {
     ] {
         r.ratio(&format!("{case} {peer} / vmbind"), (case, peer), (case, "vmbind"));
     }
+    let label = "iommu/translate_hit vmbind / raw read (lower better)";
+    r.ratio(label, ("iommu/translate_hit", "vmbind"), ("iommu/translate_hit", "raw"));
     let label = "dma/map_page_loop / dma/two_step_array";
     r.ratio(label, ("dma/map_page_loop", "vmbind"), ("dma/two_step_array", "vmbind"));
     let label = "dma/two_step_per_bvec / dma/two_step_array";

@@ -132,10 +132,8 @@ fn strict_unmap_faults_every_later_access_even_one_cached() {
         iommu.dma_read_u64(A, DmaAddr::new(iova.as_u64() + i * PAGE_SIZE)).unwrap();
     }
     assert_eq!(iommu.iotlb().count(d1.id()), 8);
-    assert_eq!(iommu.iotlb().held(d1.id()), 8);
     assert_eq!(d1.unmap(iova, 8 * PAGE_SIZE), Ok(8 * PAGE_SIZE));
     assert_eq!(iommu.iotlb().count(d1.id()), 0);
-    assert_eq!(iommu.iotlb().held(d1.id()), 0);
     for i in 0..8 {
         let va = DmaAddr::new(iova.as_u64() + i * PAGE_SIZE + 16);
         assert_eq!(iommu.dma_read_u64(A, va).unwrap_err().reason, FaultReason::NotMapped);

@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 
 use crate::addr::{DmaAddr, PAGE_SHIFT, PAGE_SIZE, PhysAddr};
-use crate::mem::{MemError, PhysMem};
+use crate::mem::{MemError, PhysMem, Words};
 use crate::pt::{
     Invalidation, MapError, MapOptions, MapSource, MapStats, PageTable, Prot, Translated, UnmapError,
     X86Iommu,
@@ -65,7 +65,7 @@ impl core::fmt::Display for DeviceId {
     }
 }
 
-/// A domain's id: 1..=65535, the tag of its IOTLB entries.
+/// A domain's id: 1..=65535 ([`iotlb::MAX_DOMAIN_ID`]), the tag of its IOTLB entries.
 pub type DomainId = u16;
 
 /// What a domain translates.
@@ -586,14 +586,16 @@ impl Domain {
     }
 }
 
-// A device word: bits 0..16 the domain id when attached to a *translated* domain (so the hit
-// path tests one 16-bit field), bits 16..32 the attached domain id of any kind, then flags.
-const DEV_FAST: u64 = 0xffff;
-const DEV_DOMAIN_SHIFT: u32 = 16;
+// A device word: when attached to a *translated* domain, that domain's IOTLB lookup key (its id
+// in bits 48..64 and its index offset in bits 0..18, see `iotlb::domain_key`), so the hit path
+// uses the word as loaded; bits 18..34 the attached domain id of any kind; then flags.
+const DEV_FAST: u64 = iotlb::KEY_DOMAIN | iotlb::KEY_OFFSET;
+const DEV_DOMAIN_SHIFT: u32 = 18;
 const DEV_DOMAIN: u64 = 0xffff << DEV_DOMAIN_SHIFT;
-const DEV_IDENTITY: u64 = 1 << 61;
-const DEV_TRUSTED: u64 = 1 << 62;
-const DEV_REGISTERED: u64 = 1 << 63;
+const DEV_IDENTITY: u64 = 1 << 34;
+const DEV_TRUSTED: u64 = 1 << 35;
+const DEV_REGISTERED: u64 = 1 << 36;
+const _: () = assert!(DEV_FAST & (DEV_DOMAIN | DEV_IDENTITY | DEV_TRUSTED | DEV_REGISTERED) == 0);
 
 fn attached_domain(v: u64) -> u16 {
     ((v & DEV_DOMAIN) >> DEV_DOMAIN_SHIFT) as u16
@@ -721,7 +723,7 @@ impl Iommu {
         let mut domains = self.inner.domains.write();
         let slot = match domains.iter().position(Option::is_none) {
             Some(i) => i,
-            None if domains.len() < usize::from(u16::MAX) => {
+            None if domains.len() < usize::from(iotlb::MAX_DOMAIN_ID) => {
                 domains.push(None);
                 domains.len() - 1
             }
@@ -770,8 +772,10 @@ impl Iommu {
             return Err(IommuError::DomainBusy { domain: d.id, devices: n });
         }
         d.flush();
+        // Once the domain is out of the table no fill can reach it (fills look it up under the
+        // table's read lock), so its id can be marked never filled.
         self.inner.domains.write()[usize::from(d.id) - 1] = None;
-        self.inner.iotlb.invalidate_domain(d.id);
+        self.inner.iotlb.forget_domain(d.id);
         Ok(())
     }
 
@@ -817,7 +821,7 @@ impl Iommu {
         }
         let kind = match d.kind {
             DomainKind::Identity => DEV_IDENTITY,
-            DomainKind::Translated => u64::from(d.id),
+            DomainKind::Translated => iotlb::domain_key(d.id),
         };
         let new = cur | kind | (u64::from(d.id) << DEV_DOMAIN_SHIFT);
         d.devices.fetch_add(1, Ordering::AcqRel);
@@ -1068,7 +1072,7 @@ impl Iommu {
             dev,
             word: &self.inner.devices[usize::from(dev.0)],
             entries: self.inner.iotlb.entries(),
-            mem: &self.inner.mem,
+            words: self.inner.mem.words(),
         }
     }
 
@@ -1119,7 +1123,7 @@ pub struct DevicePort<'a> {
     dev: DeviceId,
     word: &'a AtomicU64,
     entries: &'a iotlb::Entries,
-    mem: &'a PhysMem,
+    words: Words<'a>,
 }
 
 impl core::fmt::Debug for DevicePort<'_> {
@@ -1144,7 +1148,7 @@ impl DevicePort<'_> {
         let a = iova.as_u64();
         if a & (PAGE_SIZE - 1) <= PAGE_SIZE - 8
             && let Some(pa) = self.hit(a, Prot::READ.bits())
-            && let Ok(v) = self.mem.read_u64(PhysAddr::new(pa))
+            && let Some(v) = self.words.load(PhysAddr::new(pa))
         {
             return Ok(v);
         }
@@ -1156,12 +1160,10 @@ impl DevicePort<'_> {
     /// caller to the full path, which decides everything else.
     #[inline(always)]
     fn hit(&self, a: u64, need: u8) -> Option<u64> {
-        let id = (self.word.load(Ordering::Acquire) & DEV_FAST) as u16;
-        if id == 0 {
-            return None;
-        }
-        let (page, prot) = iotlb::lookup_in(self.entries, id, a >> PAGE_SHIFT)?;
-        (prot.bits() & need != 0).then_some(page | (a & (PAGE_SIZE - 1)))
+        // Relaxed is enough: a detach or an invalidation that happens before this access is
+        // visible to it by coherence, and a hit publishes nothing.
+        let (page, prot) = iotlb::lookup_key(self.entries, self.word.load(Ordering::Relaxed), a)?;
+        (prot & need != 0).then_some(page | (a & (PAGE_SIZE - 1)))
     }
 
     /// [`Iommu::dma_write_u64`] through the handle.

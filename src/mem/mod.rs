@@ -126,6 +126,46 @@ unsafe impl Send for PhysMem {}
 // SAFETY: see `Send`; the allocator state sits behind a mutex.
 unsafe impl Sync for PhysMem {}
 
+/// A copyable view of an arena for 64-bit loads in hot loops: it carries the base address and
+/// the bound itself, so a loop that holds one keeps them in registers instead of reloading them
+/// from the arena for every access. Borrowed from [`PhysMem::words`].
+#[derive(Clone, Copy)]
+pub struct Words<'a> {
+    base: NonNull<u8>,
+    /// `size - 8`: the highest offset an 8-byte access may start at.
+    last: u64,
+    _mem: core::marker::PhantomData<&'a PhysMem>,
+}
+
+impl core::fmt::Debug for Words<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Words").field("size", &(self.last + 8)).finish()
+    }
+}
+
+// SAFETY: a view is a shared borrow of a `PhysMem`, which is `Sync`; it only performs atomic
+// loads.
+unsafe impl Send for Words<'_> {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Words<'_> {}
+
+impl Words<'_> {
+    /// The 64-bit little-endian value at `pa` when it is 8-byte aligned and inside the arena;
+    /// `None` otherwise (use [`PhysMem::read_u64`], which also handles unaligned reads).
+    #[inline(always)]
+    #[must_use]
+    pub fn load(&self, pa: PhysAddr) -> Option<u64> {
+        let off = pa.as_u64();
+        if off > self.last || off & 7 != 0 {
+            return None;
+        }
+        // SAFETY: 8 bytes inside the live mapping (the borrow keeps the arena alive), 8-byte
+        // aligned; `AtomicU64` has the layout of `u64` and makes concurrent access sound.
+        let a = unsafe { &*self.base.as_ptr().add(off as usize).cast::<AtomicU64>() };
+        Some(u64::from_le(a.load(core::sync::atomic::Ordering::Acquire)))
+    }
+}
+
 impl core::fmt::Debug for PhysMem {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("PhysMem").field("size", &self.size).field("usage", &self.usage()).finish()
@@ -170,6 +210,12 @@ impl PhysMem {
         let base = NonNull::new(ptr.cast::<u8>()).ok_or(MemError::Mmap { size, errno: 0 })?;
         let nframes = u32::try_from(size >> PAGE_SHIFT).map_err(|_| MemError::BadSize { size })?;
         Ok(PhysMem { base, size, frames: Mutex::new(Buddy::new(nframes)) })
+    }
+
+    /// A view for aligned 64-bit loads in hot loops (see [`Words`]).
+    #[must_use]
+    pub fn words(&self) -> Words<'_> {
+        Words { base: self.base, last: self.size - 8, _mem: core::marker::PhantomData }
     }
 
     /// The arena size in bytes.
