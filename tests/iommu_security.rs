@@ -387,3 +387,25 @@ fn a_device_port_sees_detach_and_unmap_at_once() {
     assert!(port.write(iova, &buf).is_err());
     assert_eq!(port.device(), A);
 }
+
+#[test]
+fn a_reused_domain_id_inherits_no_cached_translation() {
+    let (mem, iommu, d1, _d2) = setup(Mode::Strict);
+    let secret = page_with(&mem, 0x77);
+    let iova = d1.alloc_iova(PAGE_SIZE).unwrap();
+    d1.map(iova, MapSource::Pages(&[secret]), Prot::RW).unwrap();
+    let port = iommu.port(A);
+    assert_eq!(port.read_u64(iova).unwrap(), 0x7777_7777_7777_7777);
+    assert_eq!(iommu.iotlb().count(d1.id()), 1);
+    let old_id = d1.id();
+    iommu.detach(A).unwrap();
+    iommu.destroy_domain(&d1).unwrap();
+    assert!(!iommu.iotlb().may_hold(old_id), "a destroyed domain's id holds nothing");
+    // The next domain gets the freed id; the same IOVA is unmapped there.
+    let d3 = iommu.create_domain(DomainConfig::default()).unwrap();
+    assert_eq!(d3.id(), old_id);
+    iommu.attach(A, &d3).unwrap();
+    let f = port.read_u64(iova).unwrap_err();
+    assert_eq!(f.reason, FaultReason::NotMapped);
+    assert_eq!(d3.faults().records(), vec![f]);
+}
