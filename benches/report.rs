@@ -64,6 +64,7 @@ fn main() {
         ("iommu/translate_hit", "vm-memory"),
         ("iommu/translate_hit", "btreemap"),
         ("iommu/translate_miss", "x86_64"),
+        ("iommu/translate_miss_2t", "vmbind-1t"),
         ("iommu/map_4k", "btreemap"),
         ("iommu/map_4k", "vm-memory"),
     ] {

@@ -1,5 +1,6 @@
 //! Strict mode under concurrency: while mappers map and unmap and allocate and free IOVA,
-//! device reads never succeed on a range whose unmap had already returned.
+//! device reads never succeed on a range whose unmap had already returned — whether they hit the
+//! IOTLB or miss and fill it (a flusher thread keeps emptying it, so fills race with unmaps).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,6 +24,18 @@ fn no_device_read_succeeds_after_strict_unmap_returned() {
     let iovas: Vec<DmaAddr> = (0..SLOTS).map(|_| dom.alloc_iova(PAGE_SIZE).unwrap()).collect();
     let unmapped: Arc<Vec<AtomicU64>> = Arc::new((0..SLOTS).map(|_| AtomicU64::new(0)).collect());
     let stop = Arc::new(AtomicBool::new(false));
+
+    let flusher = {
+        let (iommu, stop) = (iommu.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut flushes = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                iommu.iotlb().invalidate_all();
+                flushes += 1;
+            }
+            flushes
+        })
+    };
 
     let readers: Vec<_> = (0..2)
         .map(|_| {
@@ -57,6 +70,7 @@ fn no_device_read_succeeds_after_strict_unmap_returned() {
         .map(|m| {
             let (dom, mem, iovas, unmapped) = (dom.clone(), mem.clone(), iovas.clone(), unmapped.clone());
             std::thread::spawn(move || {
+                let mut pages = Vec::new();
                 for g in 1..=2000u64 {
                     // Mapper m owns slots m and m + 2.
                     let s = (m + 2 * (g % 2)) as usize;
@@ -69,15 +83,20 @@ fn no_device_read_succeeds_after_strict_unmap_returned() {
                     dom.free_iova(side, 3 * PAGE_SIZE).unwrap();
                     assert_eq!(dom.unmap(iovas[s], PAGE_SIZE), Ok(PAGE_SIZE));
                     unmapped[s].store(generation, Ordering::SeqCst);
-                    mem.free_frame(page).unwrap();
+                    // Frames stay allocated (and keep their generation) until the end, so a
+                    // stale translation would read an old generation and be caught.
+                    pages.push(page);
                 }
+                pages
             })
         })
         .collect();
+    let mut pages = Vec::new();
     for m in mappers {
-        m.join().unwrap();
+        pages.extend(m.join().unwrap());
     }
     stop.store(true, Ordering::Release);
+    let flushes = flusher.join().unwrap();
     let mut total_ok = 0;
     for r in readers {
         total_ok += r.join().unwrap().0;
@@ -86,5 +105,6 @@ fn no_device_read_succeeds_after_strict_unmap_returned() {
     for &iova in &iovas {
         assert!(iommu.dma_read_u64(dev, iova).is_err());
     }
-    eprintln!("successful concurrent reads: {total_ok}");
+    mem.free_frames(&pages).unwrap();
+    eprintln!("successful concurrent reads: {total_ok}, IOTLB flushes: {flushes}");
 }

@@ -4,13 +4,21 @@
 //!
 //! An entry is one 64-bit word holding the tag (domain id and the high page-number bits that the
 //! index does not imply), the physical page and the permissions, so a lookup is a single load and
-//! one compare, with no lock and no way to see a torn entry. A fill is one plain store (no locked
-//! instruction, so misses to different pages overlap); invalidations clear an entry by
-//! compare-and-swap. Invalidation by range (page by page when short, a sweep when long), by
-//! domain, and globally; a domain that has never been filled costs nothing to invalidate.
+//! one compare, with no lock and no way to see a torn entry. Invalidations clear an entry by
+//! compare-and-swap: by range (page by page when short, a sweep when long), by domain, and
+//! globally; a domain that has never been filled costs nothing to invalidate.
+//!
+//! Fills come two ways. Under the domain's invalidation lock (shared) a fill is one store. Without
+//! any lock, a fill first *reserves* the slot with a pending marker unique to this fill (an entry
+//! no lookup can use) and a full fence, then walks the table, then *commits* by compare-and-swap
+//! of its marker to the entry. Every invalidation fences after its table update and clears pending
+//! markers wherever it sweeps, so either the walk already saw the update or the invalidation saw
+//! the marker and cleared it, and then the commit fails. A committed entry was therefore valid
+//! when the walk read it and has not been invalidated since; no stale entry is ever usable, not
+//! even for a moment.
 #![forbid(unsafe_code)]
 
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 
 use crate::addr::PAGE_SHIFT;
 use crate::pt::Prot;
@@ -60,6 +68,40 @@ const DOMAIN_STEP: u64 = 0x9E37_79B9_7F4A_7C15 >> 20;
 #[inline(always)]
 fn tag(domain: u16, pfn: u64) -> u64 {
     (u64::from(domain) << DOMAIN_SHIFT) | ((pfn >> INDEX_BITS) << HI_SHIFT)
+}
+
+/// Whether `e` is a fill's pending marker: domain field 0 (no real entry has it), nonzero.
+#[inline]
+fn is_pending(e: u64) -> bool {
+    e != EMPTY && e >> DOMAIN_SHIFT == 0
+}
+
+/// A pending marker no other fill has used: a per-thread counter inside blocks handed out by a
+/// global counter, in bits 2..48 (domain field 0, prot 0), never 0. Markers wrap after 2^46
+/// fills, far beyond the life of one reservation.
+fn next_marker() -> u64 {
+    use std::cell::Cell;
+    const BLOCK: u64 = 1 << 20;
+    const MARKERS: u64 = 1 << (DOMAIN_SHIFT - PPN_SHIFT);
+    static BLOCKS: AtomicU64 = AtomicU64::new(0);
+    thread_local!(static NEXT: Cell<(u64, u64)> = const { Cell::new((0, 0)) });
+    NEXT.with(|c| {
+        let (mut next, mut end) = c.get();
+        if next == end {
+            next = (BLOCKS.fetch_add(1, Ordering::Relaxed) * BLOCK) % MARKERS;
+            end = next + BLOCK;
+        }
+        c.set((next + 1, end));
+        (next + 1) << PPN_SHIFT
+    })
+}
+
+/// A slot reserved by a lock-free fill: see [`Iotlb::reserve`].
+#[derive(Debug)]
+#[must_use = "a reservation is committed or cancelled"]
+pub(crate) struct Reservation {
+    idx: usize,
+    marker: u64,
 }
 
 /// The (domain, page number) an occupied entry in slot `idx` caches.
@@ -172,15 +214,55 @@ impl Iotlb {
         if domain == 0 || pfn >> (IOVA_BITS - PAGE_SHIFT) != 0 || page_pa >= PA_LIMIT {
             return;
         }
-        let flag = &self.filled[usize::from(domain)];
-        if !flag.load(Ordering::Relaxed) {
-            flag.store(true, Ordering::Release);
-        }
+        self.mark_filled(domain);
         let e = tag(domain, pfn) | ((page_pa >> PAGE_SHIFT) << PPN_SHIFT) | u64::from(prot.bits() & 3);
         self.entries[index(domain, pfn)].store(e, Ordering::Release);
     }
 
-    /// Clears slot `idx` if what it holds satisfies `pred` (given the decoded domain and page).
+    /// Reserves the slot of page `pfn` of `domain` for a lock-free fill: stores a fresh pending
+    /// marker, then fences, so that the caller's table walk, which must come after, either sees
+    /// every table update an invalidation fenced before, or that invalidation sees the marker.
+    /// `None` when the page cannot be cached (see [`Iotlb::insert`]).
+    pub(crate) fn reserve(&self, domain: u16, pfn: u64) -> Option<Reservation> {
+        if domain == 0 || pfn >> (IOVA_BITS - PAGE_SHIFT) != 0 {
+            return None;
+        }
+        self.mark_filled(domain);
+        let idx = index(domain, pfn);
+        let marker = next_marker();
+        self.entries[idx].store(marker, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        Some(Reservation { idx, marker })
+    }
+
+    /// Completes a lock-free fill with what its walk found: `true` when no invalidation (and no
+    /// other fill) touched the slot since [`Iotlb::reserve`], so the walk's answer is still valid
+    /// (the entry is then cached, if the page fits the format); `false` when the answer must not
+    /// be used.
+    pub(crate) fn commit(&self, r: Reservation, domain: u16, pfn: u64, page_pa: u64, prot: Prot) -> bool {
+        let e = if page_pa < PA_LIMIT && index(domain, pfn) == r.idx {
+            tag(domain, pfn) | ((page_pa >> PAGE_SHIFT) << PPN_SHIFT) | u64::from(prot.bits() & 3)
+        } else {
+            EMPTY
+        };
+        self.entries[r.idx].compare_exchange(r.marker, e, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+    }
+
+    /// Gives a reservation up (its walk found nothing usable).
+    pub(crate) fn cancel(&self, r: Reservation) {
+        let _ = self.entries[r.idx].compare_exchange(r.marker, EMPTY, Ordering::AcqRel, Ordering::Relaxed);
+    }
+
+    /// Sets `domain`'s may-hold flag, before any entry or marker of it is stored.
+    fn mark_filled(&self, domain: u16) {
+        let flag = &self.filled[usize::from(domain)];
+        if !flag.load(Ordering::Relaxed) {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Clears slot `idx` if what it holds satisfies `pred` (given the decoded domain and page),
+    /// or is a pending marker (whose fill then fails to commit and retries the slow way).
     fn clear_if(&self, idx: usize, pred: impl Fn(u16, u64) -> bool) {
         let slot = &self.entries[idx];
         let mut cur = slot.load(Ordering::Acquire);
@@ -189,7 +271,7 @@ impl Iotlb {
                 return;
             }
             let (d, pfn) = decode(idx, cur);
-            if !pred(d, pfn) {
+            if !is_pending(cur) && !pred(d, pfn) {
                 return;
             }
             match slot.compare_exchange(cur, EMPTY, Ordering::AcqRel, Ordering::Acquire) {
@@ -202,6 +284,8 @@ impl Iotlb {
 
     /// Drops the translations of `[iova, iova + len)` in `domain`.
     pub fn invalidate_range(&self, domain: u16, iova: u64, len: u64) {
+        // Orders the caller's table update before every read below (see `reserve`).
+        fence(Ordering::SeqCst);
         if !self.may_hold(domain) {
             return;
         }
@@ -221,6 +305,7 @@ impl Iotlb {
 
     /// Drops every translation of `domain`.
     pub fn invalidate_domain(&self, domain: u16) {
+        fence(Ordering::SeqCst);
         if !self.may_hold(domain) {
             return;
         }
@@ -239,6 +324,7 @@ impl Iotlb {
 
     /// Drops everything.
     pub fn invalidate_all(&self) {
+        fence(Ordering::SeqCst);
         for idx in 0..self.entries.len() {
             self.clear_if(idx, |_, _| true);
         }
@@ -261,6 +347,7 @@ impl Iotlb {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::addr::PAGE_SIZE;
     use crate::mem::SplitMix64;
 
     #[test]
@@ -325,6 +412,60 @@ mod tests {
             assert_eq!(lookup_key(t.entries(), domain_key(d), a | 1 << 48), None);
             assert!(lookup_key(t.entries(), 0, a).is_none_or(|(_, p)| p == 0));
         }
+    }
+
+    #[test]
+    fn an_unlocked_fill_commits_only_if_nothing_touched_its_slot() {
+        let t = Iotlb::new();
+        // Undisturbed: the entry is cached; a marker is never usable meanwhile.
+        let r = t.reserve(1, 7).unwrap();
+        assert_eq!(t.lookup(1, 7), None);
+        assert!(lookup_key(t.entries(), domain_key(1), 7 << PAGE_SHIFT).is_none());
+        assert!(lookup_key(t.entries(), 0, 7 << PAGE_SHIFT).is_none_or(|(_, p)| p == 0));
+        assert!(t.commit(r, 1, 7, 0x5000, Prot::READ));
+        assert_eq!(t.lookup(1, 7), Some((0x5000, Prot::READ)));
+        // An invalidation of the page, of its domain, of everything, or of an unrelated range
+        // that sweeps, all clear the marker: the commit fails and caches nothing.
+        let invalidations: [&dyn Fn(&Iotlb); 4] = [
+            &|t| t.invalidate_range(1, 8 << PAGE_SHIFT, PAGE_SIZE),
+            &|t| t.invalidate_domain(1),
+            &|t| t.invalidate_all(),
+            &|t| t.invalidate_range(1, 1 << 40, 1 << 39),
+        ];
+        for inv in invalidations {
+            let r = t.reserve(1, 8).unwrap();
+            inv(&t);
+            assert!(!t.commit(r, 1, 8, 0x6000, Prot::READ));
+            assert_eq!(t.lookup(1, 8), None);
+        }
+        // A locked fill or another unlocked fill of the slot wins over this one.
+        let r = t.reserve(1, 9).unwrap();
+        t.insert(1, 9, 0x7000, Prot::RW);
+        assert!(!t.commit(r, 1, 9, 0x8000, Prot::READ));
+        assert_eq!(t.lookup(1, 9), Some((0x7000, Prot::RW)));
+        let a = t.reserve(1, 10).unwrap();
+        let b = t.reserve(1, 10).unwrap();
+        assert!(!t.commit(a, 1, 10, 0x1000, Prot::READ));
+        assert!(t.commit(b, 1, 10, 0x2000, Prot::READ));
+        assert_eq!(t.lookup(1, 10), Some((0x2000, Prot::READ)));
+        // Cancelling leaves the slot empty; a page beyond the format validates but is not cached.
+        let r = t.reserve(1, 11).unwrap();
+        t.cancel(r);
+        assert_eq!(t.entries()[index(1, 11)].load(Ordering::Relaxed), EMPTY);
+        let r = t.reserve(1, 12).unwrap();
+        assert!(t.commit(r, 1, 12, PA_LIMIT, Prot::READ));
+        assert_eq!(t.lookup(1, 12), None);
+        assert!(t.reserve(0, 1).is_none() && t.reserve(1, 1 << 36).is_none());
+    }
+
+    #[test]
+    fn markers_are_distinct_across_threads() {
+        let mine: Vec<u64> = (0..1000).map(|_| next_marker()).collect();
+        let theirs =
+            std::thread::spawn(|| (0..1000).map(|_| next_marker()).collect::<Vec<u64>>()).join().unwrap();
+        let all: std::collections::HashSet<u64> = mine.iter().chain(&theirs).copied().collect();
+        assert_eq!(all.len(), 2000);
+        assert!(all.iter().all(|&m| is_pending(m)));
     }
 
     #[test]

@@ -606,6 +606,10 @@ struct Inner {
     iotlb: Arc<Iotlb>,
     /// One word per requester id: fixed size, so a `u16` index needs no bounds check.
     devices: Box<[AtomicU64; 65536]>,
+    /// Per domain id, the root table of the translated domain that has it (0: none), for IOTLB
+    /// fills that take no lock. Set before any device can attach, cleared before the domain's
+    /// entries are forgotten.
+    roots: Box<[AtomicU64; 65536]>,
     domains: RwLock<Vec<Option<Arc<Domain>>>>,
     faults: FaultLog,
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -664,11 +668,14 @@ impl Iommu {
     pub fn new(mem: Arc<PhysMem>) -> Self {
         let devices: Vec<AtomicU64> = (0..=u16::MAX).map(|_| AtomicU64::new(0)).collect();
         let Ok(devices) = devices.into_boxed_slice().try_into() else { unreachable!("65536 device words") };
+        let roots: Vec<AtomicU64> = (0..=u16::MAX).map(|_| AtomicU64::new(0)).collect();
+        let Ok(roots) = roots.into_boxed_slice().try_into() else { unreachable!("65536 root words") };
         Iommu {
             inner: Arc::new(Inner {
                 mem,
                 iotlb: Arc::new(Iotlb::new()),
                 devices,
+                roots,
                 domains: RwLock::new(Vec::new()),
                 faults: FaultLog::default(),
                 flusher: Mutex::new(None),
@@ -744,6 +751,9 @@ impl Iommu {
             faults: FaultLog::default(),
             devices: AtomicU32::new(0),
         });
+        if let Some(t) = &d.table {
+            self.inner.roots[usize::from(d.id)].store(t.root().as_u64(), Ordering::Release);
+        }
         domains[slot] = Some(d.clone());
         drop(domains);
         if cfg.mode == Mode::Lazy {
@@ -772,8 +782,10 @@ impl Iommu {
             return Err(IommuError::DomainBusy { domain: d.id, devices: n });
         }
         d.flush();
-        // Once the domain is out of the table no fill can reach it (fills look it up under the
-        // table's read lock), so its id can be marked never filled.
+        // Once the domain is out of both tables no fill can reach it (locked fills look it up
+        // under the table's read lock; unlocked ones read its root after reserving their slot,
+        // which the sweep of `forget_domain` clears), so its id can be marked never filled.
+        self.inner.roots[usize::from(d.id)].store(0, Ordering::Release);
         self.inner.domains.write()[usize::from(d.id) - 1] = None;
         self.inner.iotlb.forget_domain(d.id);
         Ok(())
@@ -946,7 +958,35 @@ impl Iommu {
         if v & DEV_IDENTITY != 0 {
             return Ok(PhysAddr::new(iova.as_u64()));
         }
+        if let Some(pa) = self.fill_unlocked(dev, v, id, iova.as_u64(), need) {
+            return Ok(pa);
+        }
         self.resolve_slow(dev, id, iova, access, need)
+    }
+
+    /// An IOTLB miss without a lock (see the `iotlb` module): reserve the slot, walk from the
+    /// domain's root, commit. `Some` only for a permitted access whose translation committed
+    /// while the device stayed attached as `word` says; anything else (a fault, a lost race, a
+    /// page the IOTLB cannot hold) goes the locked way, which decides it and records faults.
+    #[inline]
+    fn fill_unlocked(&self, dev: DeviceId, word: u64, id: DomainId, a: u64, need: Prot) -> Option<PhysAddr> {
+        let iotlb = &self.inner.iotlb;
+        let pfn = a >> PAGE_SHIFT;
+        let r = iotlb.reserve(id, pfn)?;
+        let root = self.inner.roots[usize::from(id)].load(Ordering::Acquire);
+        let t = (root != 0)
+            .then(|| {
+                PageTable::<X86Iommu>::translate_in(&self.inner.mem, PhysAddr::new(root), DmaAddr::new(a))
+            })
+            .flatten()
+            .filter(|t| t.prot.contains(need));
+        let Some(t) = t else {
+            iotlb.cancel(r);
+            return None;
+        };
+        let page = t.pa.as_u64() & !(PAGE_SIZE - 1);
+        let valid = iotlb.commit(r, id, pfn, page, t.prot);
+        (valid && self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire) == word).then_some(t.pa)
     }
 
     fn resolve_slow(
@@ -1202,5 +1242,84 @@ impl Drop for Inner {
                 let _ = h.join();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fill without a lock interleaved by hand with each kind of invalidation the domain
+    /// performs after a table update: its walk read the old translation, so it must not commit.
+    #[test]
+    fn an_unlocked_fill_overtaken_by_an_unmap_or_detach_caches_nothing() {
+        let mem = Arc::new(PhysMem::new(16 << 20).unwrap());
+        let iommu = Iommu::new(mem.clone());
+        let dev = DeviceId(3);
+        iommu.register_device(dev, true).unwrap();
+        for mode in [Mode::Strict, Mode::Lazy] {
+            for detach in [false, true] {
+                let d = iommu.create_domain(DomainConfig { mode, ..DomainConfig::default() }).unwrap();
+                iommu.attach(dev, &d).unwrap();
+                let page = mem.alloc_frame().unwrap();
+                let iova = d.alloc_iova(PAGE_SIZE).unwrap();
+                d.map(iova, MapSource::Pages(&[page]), Prot::RW).unwrap();
+                let (id, pfn) = (d.id(), iova.as_u64() >> PAGE_SHIFT);
+                let root = PhysAddr::new(iommu.inner.roots[usize::from(id)].load(Ordering::Acquire));
+                let r = iommu.iotlb().reserve(id, pfn).unwrap();
+                let t = PageTable::<X86Iommu>::translate_in(&mem, root, iova).unwrap();
+                assert_eq!(t.pa, page);
+                if detach {
+                    iommu.detach(dev).unwrap();
+                } else {
+                    d.unmap(iova, PAGE_SIZE).unwrap();
+                    d.flush();
+                }
+                assert!(!iommu.iotlb().commit(r, id, pfn, page.as_u64(), t.prot), "{mode:?} detach={detach}");
+                assert_eq!(iommu.iotlb().lookup(id, pfn), None);
+                if detach {
+                    assert!(iommu.dma_read_u64(dev, iova).is_err());
+                    iommu.attach(dev, &d).unwrap();
+                    d.unmap(iova, PAGE_SIZE).unwrap();
+                    d.flush();
+                }
+                assert_eq!(iommu.dma_read_u64(dev, iova).unwrap_err().reason, FaultReason::NotMapped);
+                iommu.detach(dev).unwrap();
+                d.free_iova(iova, PAGE_SIZE).unwrap();
+                iommu.destroy_domain(&d).unwrap();
+                mem.free_frame(page).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_miss_fills_without_a_lock_and_a_destroyed_domain_has_no_root() {
+        let mem = Arc::new(PhysMem::new(16 << 20).unwrap());
+        let iommu = Iommu::new(mem.clone());
+        let dev = DeviceId(4);
+        iommu.register_device(dev, true).unwrap();
+        let d = iommu.create_domain(DomainConfig::default()).unwrap();
+        iommu.attach(dev, &d).unwrap();
+        let page = mem.alloc_frame().unwrap();
+        mem.write_u64(page, 42).unwrap();
+        let iova = d.alloc_iova(PAGE_SIZE).unwrap();
+        d.map(iova, MapSource::Pages(&[page]), Prot::READ).unwrap();
+        // Hold the invalidation lock: a fill that needed it would block; this one does not.
+        let held = d.inv_lock.read();
+        let word = iommu.inner.devices[usize::from(dev.0)].load(Ordering::Acquire);
+        assert_eq!(iommu.fill_unlocked(dev, word, d.id(), iova.as_u64(), Prot::READ), Some(page));
+        assert_eq!(
+            iommu.iotlb().lookup(d.id(), iova.as_u64() >> PAGE_SHIFT),
+            Some((page.as_u64(), Prot::READ))
+        );
+        // Not permitted: no answer and nothing cached for it by this path.
+        assert_eq!(iommu.fill_unlocked(dev, word, d.id(), iova.as_u64(), Prot::WRITE), None);
+        drop(held);
+        assert_eq!(iommu.port(dev).read_u64(iova).unwrap(), 42);
+        let id = d.id();
+        iommu.detach(dev).unwrap();
+        iommu.destroy_domain(&d).unwrap();
+        assert_eq!(iommu.inner.roots[usize::from(id)].load(Ordering::Acquire), 0);
+        assert_eq!(iommu.fill_unlocked(dev, word, id, iova.as_u64(), Prot::READ), None);
     }
 }

@@ -1079,11 +1079,21 @@ impl<F: Format> PageTable<F> {
     /// nothing maps it. Takes no lock.
     #[inline]
     pub fn translate(&self, va: F::Va) -> Option<Translated> {
+        Self::translate_in(&self.mem, self.root, va)
+    }
+
+    /// [`PageTable::translate`] of the table rooted at `root` in `mem`, without the handle: for
+    /// a walker that holds only the root (the IOMMU's lock-free IOTLB fill). If the table is
+    /// being torn down meanwhile, the walk may read freed frames; it stays inside the arena and
+    /// ends after at most one step per level, but its answer means something only when the caller
+    /// can tell that no unmap of `va` completed during the walk.
+    #[inline]
+    pub(crate) fn translate_in(mem: &PhysMem, root: PhysAddr, va: F::Va) -> Option<Translated> {
         let v = va.as_u64();
         if v >= Self::VA_LIMIT {
             return None;
         }
-        let mut t = self.mem.table(self.root)?;
+        let mut t = mem.table(root)?;
         let mut level = Self::ROOT_LEVEL;
         loop {
             let raw = t[index(v, level)].load(Ordering::Acquire);
@@ -1100,7 +1110,7 @@ impl<F: Format> PageTable<F> {
                     if level == 0 {
                         return None;
                     }
-                    t = self.mem.table(pa)?;
+                    t = mem.table(pa)?;
                     level -= 1;
                 }
             }
