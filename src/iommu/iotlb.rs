@@ -40,7 +40,7 @@ pub const PA_LIMIT: u64 = 1 << (PAGE_SHIFT + PPN_BITS);
 const INDEX_BITS: u32 = 18;
 const DOMAIN_BITS: u32 = 16;
 const PPN_BITS: u32 = 28;
-// Word layout: bits 0..2 prot (1 read, 2 write), 2..30 physical page number, 30..49 the page
+// Word layout: bits 0..2 prot (1 read, 2 write), 2..30 physical page number, 30..48 the page
 // number bits above the index (IOVA bits 30..48), 48..64 the domain id (never 0, so 0 is empty).
 const PPN_SHIFT: u32 = 2;
 const HI_SHIFT: u32 = PPN_SHIFT + PPN_BITS;
@@ -61,7 +61,7 @@ fn index(domain: u16, pfn: u64) -> usize {
 }
 
 /// The per-domain offset of the index (odd, so consecutive ids spread over the whole array).
-const DOMAIN_STEP: u64 = 0x9E37_79B9_7F4A_7C15 >> 20;
+const DOMAIN_STEP: u64 = (0x9E37_79B9_7F4A_7C15 >> 20) | 1;
 
 /// The tag bits of the entry for page `pfn` of `domain`. Exact: with the slot index, which
 /// fixes the low bits of `pfn - domain * DOMAIN_STEP`, it names one (domain, page) pair.
@@ -133,7 +133,7 @@ pub(crate) fn domain_key(domain: u16) -> u64 {
 
 /// Looks IOVA `a` up with a [`domain_key`]: the physical page address and the prot bits
 /// (1 read, 2 write). A key whose domain field is 0 (no translated domain) finds nothing usable:
-/// it can match only an empty entry, whose prot bits are 0.
+/// it can match only an empty entry or a pending marker, whose prot bits are 0.
 #[inline(always)]
 pub(crate) fn lookup_key(entries: &Entries, key: u64, a: u64) -> Option<(u64, u8)> {
     // The key's bits above the offset only carry out of the masked index.
@@ -161,9 +161,11 @@ pub struct Iotlb {
     /// Fixed size, so that a masked index needs no bounds check on the hit path.
     entries: Box<Entries>,
     /// Per domain id: whether it may hold entries (set by its first fill, cleared only by
-    /// [`Iotlb::forget_domain`]), so that invalidating a domain never filled is free. Fills run
-    /// under the domain's invalidation lock shared and invalidations under it exclusive, so a
-    /// `false` seen by an invalidation cannot race with a fill of the same domain.
+    /// [`Iotlb::forget_domain`]), so that invalidating a domain never filled is free. A fill sets
+    /// it before it stores an entry or a marker (a locked fill holds the domain's invalidation
+    /// lock shared, which invalidations hold exclusively; an unlocked one sets it before its
+    /// fence), and invalidations read it after their fence, so a `false` they see means no fill
+    /// of the domain can have walked the table before their update.
     filled: Box<[AtomicBool]>,
 }
 
