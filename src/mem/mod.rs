@@ -690,6 +690,19 @@ mod tests {
     }
 
     #[test]
+    fn words_load_aligned_words_inside_the_arena_only() {
+        let mem = PhysMem::new(64 << 10).unwrap();
+        let f = mem.alloc_frame().unwrap();
+        mem.write_u64(f, 0x1122_3344_5566_7788).unwrap();
+        let w = mem.words();
+        assert_eq!(w.load(f), Some(0x1122_3344_5566_7788));
+        assert_eq!(w.load(PhysAddr::new(f.as_u64() + 4)), None, "unaligned");
+        assert_eq!(w.load(PhysAddr::new((64 << 10) - 8)), Some(0), "the last word");
+        assert_eq!(w.load(PhysAddr::new(64 << 10)), None, "past the end");
+        assert_eq!(w.load(PhysAddr::new(u64::MAX & !7)), None);
+    }
+
+    #[test]
     fn double_free_is_a_typed_error() {
         let mem = PhysMem::new(1 << 20).unwrap();
         let pa = mem.alloc_frame().unwrap();
