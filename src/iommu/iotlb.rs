@@ -100,7 +100,8 @@ fn next_marker() -> u64 {
 #[derive(Debug)]
 #[must_use = "a reservation is committed or cancelled"]
 pub(crate) struct Reservation {
-    idx: usize,
+    domain: u16,
+    pfn: u64,
     marker: u64,
 }
 
@@ -230,29 +231,32 @@ impl Iotlb {
             return None;
         }
         self.mark_filled(domain);
-        let idx = index(domain, pfn);
         let marker = next_marker();
-        self.entries[idx].store(marker, Ordering::Relaxed);
+        self.entries[index(domain, pfn)].store(marker, Ordering::Relaxed);
         fence(Ordering::SeqCst);
-        Some(Reservation { idx, marker })
+        Some(Reservation { domain, pfn, marker })
     }
 
     /// Completes a lock-free fill with what its walk found: `true` when no invalidation (and no
     /// other fill) touched the slot since [`Iotlb::reserve`], so the walk's answer is still valid
     /// (the entry is then cached, if the page fits the format); `false` when the answer must not
     /// be used.
-    pub(crate) fn commit(&self, r: Reservation, domain: u16, pfn: u64, page_pa: u64, prot: Prot) -> bool {
-        let e = if page_pa < PA_LIMIT && index(domain, pfn) == r.idx {
-            tag(domain, pfn) | ((page_pa >> PAGE_SHIFT) << PPN_SHIFT) | u64::from(prot.bits() & 3)
+    pub(crate) fn commit(&self, r: Reservation, page_pa: u64, prot: Prot) -> bool {
+        let e = if page_pa < PA_LIMIT {
+            tag(r.domain, r.pfn) | ((page_pa >> PAGE_SHIFT) << PPN_SHIFT) | u64::from(prot.bits() & 3)
         } else {
             EMPTY
         };
-        self.entries[r.idx].compare_exchange(r.marker, e, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+        self.slot_of(&r).compare_exchange(r.marker, e, Ordering::AcqRel, Ordering::Relaxed).is_ok()
     }
 
     /// Gives a reservation up (its walk found nothing usable).
     pub(crate) fn cancel(&self, r: Reservation) {
-        let _ = self.entries[r.idx].compare_exchange(r.marker, EMPTY, Ordering::AcqRel, Ordering::Relaxed);
+        let _ = self.slot_of(&r).compare_exchange(r.marker, EMPTY, Ordering::AcqRel, Ordering::Relaxed);
+    }
+
+    fn slot_of(&self, r: &Reservation) -> &AtomicU64 {
+        &self.entries[index(r.domain, r.pfn)]
     }
 
     /// Sets `domain`'s may-hold flag, before any entry or marker of it is stored.
@@ -424,7 +428,7 @@ mod tests {
         assert_eq!(t.lookup(1, 7), None);
         assert!(lookup_key(t.entries(), domain_key(1), 7 << PAGE_SHIFT).is_none());
         assert!(lookup_key(t.entries(), 0, 7 << PAGE_SHIFT).is_none_or(|(_, p)| p == 0));
-        assert!(t.commit(r, 1, 7, 0x5000, Prot::READ));
+        assert!(t.commit(r, 0x5000, Prot::READ));
         assert_eq!(t.lookup(1, 7), Some((0x5000, Prot::READ)));
         // An invalidation of the page, of its domain, of everything, or of an unrelated range
         // that sweeps, all clear the marker: the commit fails and caches nothing.
@@ -437,25 +441,25 @@ mod tests {
         for inv in invalidations {
             let r = t.reserve(1, 8).unwrap();
             inv(&t);
-            assert!(!t.commit(r, 1, 8, 0x6000, Prot::READ));
+            assert!(!t.commit(r, 0x6000, Prot::READ));
             assert_eq!(t.lookup(1, 8), None);
         }
         // A locked fill or another unlocked fill of the slot wins over this one.
         let r = t.reserve(1, 9).unwrap();
         t.insert(1, 9, 0x7000, Prot::RW);
-        assert!(!t.commit(r, 1, 9, 0x8000, Prot::READ));
+        assert!(!t.commit(r, 0x8000, Prot::READ));
         assert_eq!(t.lookup(1, 9), Some((0x7000, Prot::RW)));
         let a = t.reserve(1, 10).unwrap();
         let b = t.reserve(1, 10).unwrap();
-        assert!(!t.commit(a, 1, 10, 0x1000, Prot::READ));
-        assert!(t.commit(b, 1, 10, 0x2000, Prot::READ));
+        assert!(!t.commit(a, 0x1000, Prot::READ));
+        assert!(t.commit(b, 0x2000, Prot::READ));
         assert_eq!(t.lookup(1, 10), Some((0x2000, Prot::READ)));
         // Cancelling leaves the slot empty; a page beyond the format validates but is not cached.
         let r = t.reserve(1, 11).unwrap();
         t.cancel(r);
         assert_eq!(t.entries()[index(1, 11)].load(Ordering::Relaxed), EMPTY);
         let r = t.reserve(1, 12).unwrap();
-        assert!(t.commit(r, 1, 12, PA_LIMIT, Prot::READ));
+        assert!(t.commit(r, PA_LIMIT, Prot::READ));
         assert_eq!(t.lookup(1, 12), None);
         assert!(t.reserve(0, 1).is_none() && t.reserve(1, 1 << 36).is_none());
     }

@@ -971,8 +971,7 @@ impl Iommu {
     #[inline]
     fn fill_unlocked(&self, dev: DeviceId, word: u64, id: DomainId, a: u64, need: Prot) -> Option<PhysAddr> {
         let iotlb = &self.inner.iotlb;
-        let pfn = a >> PAGE_SHIFT;
-        let r = iotlb.reserve(id, pfn)?;
+        let r = iotlb.reserve(id, a >> PAGE_SHIFT)?;
         let root = self.inner.roots[usize::from(id)].load(Ordering::Acquire);
         let t = (root != 0)
             .then(|| {
@@ -985,7 +984,7 @@ impl Iommu {
             return None;
         };
         let page = t.pa.as_u64() & !(PAGE_SIZE - 1);
-        let valid = iotlb.commit(r, id, pfn, page, t.prot);
+        let valid = iotlb.commit(r, page, t.prot);
         (valid && self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire) == word).then_some(t.pa)
     }
 
@@ -1251,12 +1250,18 @@ mod tests {
 
     /// A fill without a lock interleaved by hand with each kind of invalidation the domain
     /// performs after a table update: its walk read the old translation, so it must not commit.
-    #[test]
-    fn an_unlocked_fill_overtaken_by_an_unmap_or_detach_caches_nothing() {
+    /// An arena, an IOMMU over it and one registered (not attached) device.
+    fn setup() -> (Arc<PhysMem>, Iommu, DeviceId) {
         let mem = Arc::new(PhysMem::new(16 << 20).unwrap());
         let iommu = Iommu::new(mem.clone());
         let dev = DeviceId(3);
         iommu.register_device(dev, true).unwrap();
+        (mem, iommu, dev)
+    }
+
+    #[test]
+    fn an_unlocked_fill_overtaken_by_an_unmap_or_detach_caches_nothing() {
+        let (mem, iommu, dev) = setup();
         for mode in [Mode::Strict, Mode::Lazy] {
             for detach in [false, true] {
                 let d = iommu.create_domain(DomainConfig { mode, ..DomainConfig::default() }).unwrap();
@@ -1275,7 +1280,7 @@ mod tests {
                     d.unmap(iova, PAGE_SIZE).unwrap();
                     d.flush();
                 }
-                assert!(!iommu.iotlb().commit(r, id, pfn, page.as_u64(), t.prot), "{mode:?} detach={detach}");
+                assert!(!iommu.iotlb().commit(r, page.as_u64(), t.prot), "{mode:?} detach={detach}");
                 assert_eq!(iommu.iotlb().lookup(id, pfn), None);
                 if detach {
                     assert!(iommu.dma_read_u64(dev, iova).is_err());
@@ -1294,10 +1299,7 @@ mod tests {
 
     #[test]
     fn a_miss_fills_without_a_lock_and_a_destroyed_domain_has_no_root() {
-        let mem = Arc::new(PhysMem::new(16 << 20).unwrap());
-        let iommu = Iommu::new(mem.clone());
-        let dev = DeviceId(4);
-        iommu.register_device(dev, true).unwrap();
+        let (mem, iommu, dev) = setup();
         let d = iommu.create_domain(DomainConfig::default()).unwrap();
         iommu.attach(dev, &d).unwrap();
         let page = mem.alloc_frame().unwrap();

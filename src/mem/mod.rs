@@ -132,7 +132,8 @@ unsafe impl Sync for PhysMem {}
 #[derive(Clone, Copy)]
 pub struct Words<'a> {
     base: NonNull<u8>,
-    /// `size - 8`: the highest offset an 8-byte access may start at.
+    /// `size - 8`: the highest offset an 8-byte access may start at (the arena is at least
+    /// 8 KiB, so this cannot wrap).
     last: u64,
     _mem: core::marker::PhantomData<&'a PhysMem>,
 }
@@ -443,14 +444,8 @@ impl PhysMem {
     /// [`MemError::OutOfBounds`] when the 8 bytes leave the arena.
     #[inline]
     pub fn read_u64(&self, pa: PhysAddr) -> Result<u64, MemError> {
-        // One compare: the arena is at least 8 KiB, so `size - 8` cannot wrap.
-        let off = pa.as_u64();
-        if off <= self.size - 8 && off & 7 == 0 {
-            let off = off as usize;
-            // SAFETY: 8 bytes inside the live mapping, 8-byte aligned; `AtomicU64` has the layout
-            // of `u64` and makes concurrent access sound.
-            let a = unsafe { &*self.base.as_ptr().add(off).cast::<AtomicU64>() };
-            return Ok(u64::from_le(a.load(core::sync::atomic::Ordering::Acquire)));
+        if let Some(v) = self.words().load(pa) {
+            return Ok(v);
         }
         self.check(pa, 8)?;
         let mut b = [0u8; 8];
