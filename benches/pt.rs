@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use vmbind::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
-use vmbind::mem::{PhysMem, SplitMix64};
+use vmbind::mem::PhysMem;
+#[path = "../tests/common/rng.rs"]
+mod rng;
+use rng::SplitMix64;
 use vmbind::pt::{MapOptions, MapSource, PageTable, Prot, X86Iommu};
 
 const PAGES: usize = 16_384;

@@ -13,14 +13,17 @@ mod harness;
 mod iommu_cases;
 #[path = "common/peers.rs"]
 mod peers;
+#[path = "../tests/common/rng.rs"]
+mod rng;
 
 use std::sync::Arc;
 
 use harness::{Report, timed};
 use peers::arm::{Arm, ArmConstraints};
 use peers::x86::X86;
+use rng::SplitMix64;
 use vmbind::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
-use vmbind::mem::{PhysMem, SplitMix64};
+use vmbind::mem::PhysMem;
 use vmbind::pt::{MapOptions, MapSource, PageTable, Prot, X86Iommu};
 
 /// 1 GiB of 4 KiB pages.

@@ -15,6 +15,7 @@
 //!   [`dma::DmaVec`];
 //! - [`nvme`]: PRP lists (and SGLs) built from a `DmaVec`, and controller-side decoders.
 #![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 pub mod addr;
 pub mod dma;

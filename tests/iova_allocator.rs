@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use proptest::prelude::*;
 use vmbind::addr::{DmaAddr, PAGE_SIZE};
 use vmbind::iommu::iova::{IovaAllocator, IovaError};
-use vmbind::mem::SplitMix64;
+#[path = "common/rng.rs"]
+mod rng;
+use rng::SplitMix64;
 
 fn rounded_pages(pages: u64) -> (u64, u64) {
     if pages <= 32 {

@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 
 use vmbind::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
-use vmbind::mem::{PhysMem, SplitMix64};
+use vmbind::mem::PhysMem;
+#[path = "common/rng.rs"]
+mod rng;
+use rng::SplitMix64;
 use vmbind::pt::{MapError, MapOptions, MapSource, PageTable, Prot, X86Iommu};
 
 const THREADS: u64 = 4;

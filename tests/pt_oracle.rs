@@ -7,6 +7,8 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use vmbind::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use vmbind::mem::PhysMem;
+#[path = "common/rng.rs"]
+mod rng;
 use vmbind::pt::{MapError, MapOptions, MapSource, PageTable, Prot, X86Iommu};
 
 const MIB2: u64 = 2 << 20;
@@ -78,7 +80,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 }
 
 fn scattered(seed: u64, n: u64) -> Vec<PhysAddr> {
-    let mut rng = vmbind::mem::SplitMix64::new(seed);
+    let mut rng = rng::SplitMix64::new(seed);
     (0..n).map(|_| PhysAddr::new((1 + rng.below(1 << 30)) << 12)).collect()
 }
 

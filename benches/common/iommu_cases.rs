@@ -6,13 +6,14 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
+use super::rng::{SplitMix64, shuffle};
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 use vm_memory::iommu::Iotlb as VmIotlb;
 use vm_memory::{GuestAddress, Permissions};
 use vmbind::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use vmbind::iommu::iova::IovaAllocator;
 use vmbind::iommu::{DeviceId, DomainConfig, Iommu};
-use vmbind::mem::{PhysMem, SplitMix64, shuffle};
+use vmbind::mem::PhysMem;
 use vmbind::pt::{MapSource, Prot};
 
 use crate::harness::{Report, per, timed};

@@ -354,7 +354,7 @@ impl Iotlb {
 mod tests {
     use super::*;
     use crate::addr::PAGE_SIZE;
-    use crate::mem::SplitMix64;
+    use crate::mem::rng::SplitMix64;
 
     #[test]
     fn insert_lookup_and_each_kind_of_invalidation() {

@@ -9,18 +9,21 @@
 //!
 //! This module is the edge where raw memory is touched; every `unsafe` block says why it holds.
 
+mod access;
+mod bvec;
 mod frames;
+pub(crate) mod rng;
 
 use core::ptr::NonNull;
-use core::sync::atomic::AtomicU64;
-use std::io::Read;
-use std::path::Path;
 
 use parking_lot::Mutex;
 
 use crate::addr::{PAGE_SHIFT, PAGE_SIZE, PageSize, PhysAddr};
+pub use access::Words;
+pub use bvec::BioVec;
 use frames::Buddy;
 pub use frames::MAX_ORDER;
+use rng::shuffle;
 
 /// Errors of [`PhysMem`] operations.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -100,8 +103,11 @@ pub struct MemUsage {
 /// An mmap-backed arena of "physical memory" with a buddy frame allocator.
 ///
 /// `PhysMem` is `Sync`: allocation takes a short lock; byte accesses are bounds checked and take
-/// none, like a device's DMA into shared memory. Page tables read and write their entries through
-/// [`PhysMem::table`] as atomics.
+/// none, like a device's DMA into shared memory. Every access to the arena's bytes is an aligned
+/// 64-bit atomic, so concurrent readers and writers of the same bytes — threads, devices, table
+/// walkers — are never undefined behaviour: racing writers leave whole words of one of them (the
+/// memory model is written out in the `access` module's docs, summarised in the crate README).
+/// Page tables read and write their entries through [`PhysMem::table`].
 ///
 /// ```
 /// use vmbind::mem::PhysMem;
@@ -119,53 +125,12 @@ pub struct PhysMem {
     frames: Mutex<Buddy>,
 }
 
-// SAFETY: the arena is plain memory owned by this value for its whole life; the raw base pointer
-// is never handed out as a Rust reference except through `table` (atomics, shared-safe). Byte
-// accesses are copies, like DMA into memory shared with a device.
+// SAFETY: the arena is plain memory owned by this value for its whole life; every access to it
+// goes through `access`, which only makes aligned 64-bit atomic accesses (its module docs), so
+// moving the owner to another thread is sound.
 unsafe impl Send for PhysMem {}
-// SAFETY: see `Send`; the allocator state sits behind a mutex.
+// SAFETY: shared use is atomic arena accesses (see `Send`) and the allocator, behind a mutex.
 unsafe impl Sync for PhysMem {}
-
-/// A copyable view of an arena for 64-bit loads in hot loops: it carries the base address and
-/// the bound itself, so a loop that holds one keeps them in registers instead of reloading them
-/// from the arena for every access. Borrowed from [`PhysMem::words`].
-#[derive(Clone, Copy)]
-pub struct Words<'a> {
-    base: NonNull<u8>,
-    /// `size - 8`: the highest offset an 8-byte access may start at (the arena is at least
-    /// 8 KiB, so this cannot wrap).
-    last: u64,
-    _mem: core::marker::PhantomData<&'a PhysMem>,
-}
-
-impl core::fmt::Debug for Words<'_> {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Words").field("size", &(self.last + 8)).finish()
-    }
-}
-
-// SAFETY: a view is a shared borrow of a `PhysMem`, which is `Sync`; it only performs atomic
-// loads.
-unsafe impl Send for Words<'_> {}
-// SAFETY: as for `Send`.
-unsafe impl Sync for Words<'_> {}
-
-impl Words<'_> {
-    /// The 64-bit little-endian value at `pa` when it is 8-byte aligned and inside the arena;
-    /// `None` otherwise (use [`PhysMem::read_u64`], which also handles unaligned reads).
-    #[inline(always)]
-    #[must_use]
-    pub fn load(&self, pa: PhysAddr) -> Option<u64> {
-        let off = pa.as_u64();
-        if off > self.last || off & 7 != 0 {
-            return None;
-        }
-        // SAFETY: 8 bytes inside the live mapping (the borrow keeps the arena alive), 8-byte
-        // aligned; `AtomicU64` has the layout of `u64` and makes concurrent access sound.
-        let a = unsafe { &*self.base.as_ptr().add(off as usize).cast::<AtomicU64>() };
-        Some(u64::from_le(a.load(core::sync::atomic::Ordering::Acquire)))
-    }
-}
 
 impl core::fmt::Debug for PhysMem {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -211,12 +176,6 @@ impl PhysMem {
         let base = NonNull::new(ptr.cast::<u8>()).ok_or(MemError::Mmap { size, errno: 0 })?;
         let nframes = u32::try_from(size >> PAGE_SHIFT).map_err(|_| MemError::BadSize { size })?;
         Ok(PhysMem { base, size, frames: Mutex::new(Buddy::new(nframes)) })
-    }
-
-    /// A view for aligned 64-bit loads in hot loops (see [`Words`]).
-    #[must_use]
-    pub fn words(&self) -> Words<'_> {
-        Words { base: self.base, last: self.size - 8, _mem: core::marker::PhantomData }
     }
 
     /// The arena size in bytes.
@@ -390,189 +349,6 @@ impl PhysMem {
         let mut b = self.frames.lock();
         b.alloc(0, true).map(to_pa).map_err(|_| Self::oom(&b, 1))
     }
-
-    fn check(&self, pa: PhysAddr, len: u64) -> Result<usize, MemError> {
-        match pa.as_u64().checked_add(len) {
-            Some(end) if end <= self.size => Ok(pa.as_u64() as usize),
-            _ => Err(MemError::OutOfBounds { pa, len, size: self.size }),
-        }
-    }
-
-    /// Host pointer to `len` bytes at `pa`, for importing the arena into a GPU API or handing a
-    /// table to an independent walker.
-    ///
-    /// # Errors
-    /// [`MemError::OutOfBounds`] when the range leaves the arena.
-    pub fn host_ptr(&self, pa: PhysAddr, len: u64) -> Result<NonNull<u8>, MemError> {
-        let off = self.check(pa, len)?;
-        // SAFETY: `off <= size`, so the result stays inside (or one past) the mapping.
-        Ok(unsafe { self.base.add(off) })
-    }
-
-    /// Copies bytes at `pa` into `buf`.
-    ///
-    /// # Errors
-    /// [`MemError::OutOfBounds`] when `[pa, pa + buf.len())` leaves the arena.
-    pub fn read(&self, pa: PhysAddr, buf: &mut [u8]) -> Result<(), MemError> {
-        let off = self.check(pa, buf.len() as u64)?;
-        // SAFETY: the source range is inside the live mapping (checked above) and cannot overlap
-        // `buf`, which is Rust-owned memory outside the arena.
-        unsafe {
-            core::ptr::copy_nonoverlapping(self.base.as_ptr().add(off), buf.as_mut_ptr(), buf.len());
-        }
-        Ok(())
-    }
-
-    /// Copies `data` to `pa`.
-    ///
-    /// # Errors
-    /// [`MemError::OutOfBounds`] when `[pa, pa + data.len())` leaves the arena.
-    pub fn write(&self, pa: PhysAddr, data: &[u8]) -> Result<(), MemError> {
-        let off = self.check(pa, data.len() as u64)?;
-        // SAFETY: the destination is inside the live mapping (checked above); `data` is outside
-        // the arena or, if it was read from it, a distinct Rust buffer.
-        unsafe {
-            core::ptr::copy_nonoverlapping(data.as_ptr(), self.base.as_ptr().add(off), data.len());
-        }
-        Ok(())
-    }
-
-    /// Loads the 64-bit little-endian value at `pa` (atomically when 8-byte aligned, as a bus
-    /// read of a naturally aligned word is).
-    ///
-    /// # Errors
-    /// [`MemError::OutOfBounds`] when the 8 bytes leave the arena.
-    #[inline]
-    pub fn read_u64(&self, pa: PhysAddr) -> Result<u64, MemError> {
-        if let Some(v) = self.words().load(pa) {
-            return Ok(v);
-        }
-        self.check(pa, 8)?;
-        let mut b = [0u8; 8];
-        self.read(pa, &mut b)?;
-        Ok(u64::from_le_bytes(b))
-    }
-
-    /// Stores a 64-bit little-endian value at `pa` (atomically when 8-byte aligned).
-    ///
-    /// # Errors
-    /// [`MemError::OutOfBounds`] when the 8 bytes leave the arena.
-    #[inline]
-    pub fn write_u64(&self, pa: PhysAddr, v: u64) -> Result<(), MemError> {
-        let off = self.check(pa, 8)?;
-        if off & 7 == 0 {
-            // SAFETY: as in `read_u64`.
-            let a = unsafe { &*self.base.as_ptr().add(off).cast::<AtomicU64>() };
-            a.store(v.to_le(), core::sync::atomic::Ordering::Release);
-            return Ok(());
-        }
-        self.write(pa, &v.to_le_bytes())
-    }
-
-    /// Fills `[pa, pa + len)` with zeros.
-    ///
-    /// # Errors
-    /// [`MemError::OutOfBounds`] when the range leaves the arena.
-    pub fn zero(&self, pa: PhysAddr, len: u64) -> Result<(), MemError> {
-        let off = self.check(pa, len)?;
-        // SAFETY: the range is inside the live mapping (checked above).
-        unsafe { core::ptr::write_bytes(self.base.as_ptr().add(off), 0, len as usize) };
-        Ok(())
-    }
-
-    /// The 4 KiB frame at `pa` seen as 512 atomic 64-bit entries: how page tables living in the
-    /// arena are read and written. `None` when `pa` is unaligned or the frame leaves the arena.
-    #[inline]
-    #[must_use]
-    pub fn table(&self, pa: PhysAddr) -> Option<&[AtomicU64; 512]> {
-        let off = pa.as_u64();
-        if off & (PAGE_SIZE - 1) != 0 || off >= self.size {
-            return None;
-        }
-        // SAFETY: the frame lies wholly inside the mapping (size is a 4 KiB multiple and off is a
-        // 4 KiB-aligned offset below it), is 8-byte aligned, lives as long as `self`, and
-        // `AtomicU64` has the layout of `u64`; atomics make shared access sound.
-        Some(unsafe { &*self.base.as_ptr().add(off as usize).cast::<[AtomicU64; 512]>() })
-    }
-
-    /// Places `data` into freshly allocated frames and returns the bio_vec array describing it:
-    /// full pages, the last one partial. With `scatter_seed` the frames are shuffled (a buffer
-    /// scattered over physical memory, reproducible), otherwise they come in allocation order.
-    ///
-    /// # Errors
-    /// [`MemError::ZeroLength`] for empty data; [`MemError::OutOfMemory`] when the frames are not
-    /// there (nothing is allocated then).
-    pub fn bvecs_from_bytes(&self, data: &[u8], scatter_seed: Option<u64>) -> Result<Vec<BioVec>, MemError> {
-        if data.is_empty() {
-            return Err(MemError::ZeroLength);
-        }
-        let frames = self.frames_for(data.len() as u64, scatter_seed)?;
-        let mut out = Vec::with_capacity(frames.len());
-        for (chunk, &pa) in data.chunks(PAGE_SIZE as usize).zip(&frames) {
-            self.write(pa, chunk)?;
-            out.push(BioVec { phys: pa, offset: 0, len: chunk.len() as u32 });
-        }
-        Ok(out)
-    }
-
-    /// Reads a file into freshly allocated (optionally scattered) frames, a page at a time, and
-    /// returns its bio_vec array.
-    ///
-    /// # Errors
-    /// [`MemError::Io`] when the file cannot be read, [`MemError::ZeroLength`] for an empty file,
-    /// [`MemError::OutOfMemory`] when the frames are not there; frames taken are given back.
-    pub fn bvecs_from_file(&self, path: &Path, scatter_seed: Option<u64>) -> Result<Vec<BioVec>, MemError> {
-        let io =
-            |e: std::io::Error| MemError::Io { path: path.display().to_string(), message: e.to_string() };
-        let mut file = std::fs::File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        if len == 0 {
-            return Err(MemError::ZeroLength);
-        }
-        let frames = self.frames_for(len, scatter_seed)?;
-        let mut out = Vec::with_capacity(frames.len());
-        let mut page = vec![0u8; PAGE_SIZE as usize];
-        let mut left = len;
-        for &pa in &frames {
-            let n = left.min(PAGE_SIZE) as usize;
-            if let Err(e) = file.read_exact(&mut page[..n]) {
-                let _ = self.free_frames(&frames);
-                return Err(io(e));
-            }
-            self.write(pa, &page[..n])?;
-            out.push(BioVec { phys: pa, offset: 0, len: n as u32 });
-            left -= n as u64;
-        }
-        Ok(out)
-    }
-
-    fn frames_for(&self, len: u64, seed: Option<u64>) -> Result<Vec<PhysAddr>, MemError> {
-        let n = len.div_ceil(PAGE_SIZE) as usize;
-        match seed {
-            Some(s) => self.alloc_scattered(n, s),
-            None => self.alloc_frames(n),
-        }
-    }
-
-    /// Gathers the bytes a bio_vec array describes.
-    ///
-    /// # Errors
-    /// [`MemError::OutOfBounds`] when a segment leaves the arena.
-    pub fn read_bvecs(&self, bvecs: &[BioVec]) -> Result<Vec<u8>, MemError> {
-        let total: u64 = bvecs.iter().map(|b| u64::from(b.len)).sum();
-        let mut out = vec![0u8; total as usize];
-        let mut at = 0usize;
-        for b in bvecs {
-            let start = b.start().ok_or(MemError::OutOfBounds {
-                pa: b.phys,
-                len: u64::from(b.len),
-                size: self.size,
-            })?;
-            self.read(start, &mut out[at..at + b.len as usize])?;
-            at += b.len as usize;
-        }
-        Ok(out)
-    }
 }
 
 impl Drop for PhysMem {
@@ -582,84 +358,6 @@ impl Drop for PhysMem {
         unsafe {
             libc::munmap(self.base.as_ptr().cast(), self.size as usize);
         }
-    }
-}
-
-/// One segment of an I/O: `len` bytes starting `offset` bytes into the page at `phys`, with the
-/// meaning of the kernel's `struct bio_vec { bv_page, bv_len, bv_offset }`. A segment may span
-/// several physically contiguous pages (a multi-page bvec).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(C)]
-pub struct BioVec {
-    /// The (page-aligned) physical page the segment starts in.
-    pub phys: PhysAddr,
-    /// Byte offset of the segment's first byte from `phys`.
-    pub offset: u32,
-    /// Length in bytes.
-    pub len: u32,
-}
-
-impl BioVec {
-    /// A whole 4 KiB page.
-    #[must_use]
-    pub const fn page(phys: PhysAddr) -> Self {
-        BioVec { phys, offset: 0, len: PAGE_SIZE as u32 }
-    }
-
-    /// Physical address of the first byte, `None` on overflow.
-    #[must_use]
-    pub const fn start(&self) -> Option<PhysAddr> {
-        self.phys.checked_add(self.offset as u64)
-    }
-
-    /// Physical address one past the last byte, `None` on overflow.
-    #[must_use]
-    pub const fn end(&self) -> Option<PhysAddr> {
-        match self.phys.checked_add(self.offset as u64) {
-            Some(s) => s.checked_add(self.len as u64),
-            None => None,
-        }
-    }
-
-    /// One whole-page bvec per frame: the array a driver builds from a list of scattered pages.
-    #[must_use]
-    pub fn from_frames(frames: &[PhysAddr]) -> Vec<BioVec> {
-        frames.iter().map(|&pa| BioVec::page(pa)).collect()
-    }
-}
-
-/// A small, fast, seeded generator (SplitMix64) for reproducible scattering.
-#[derive(Clone, Debug)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// A generator from a seed.
-    #[must_use]
-    pub const fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A value in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
-    }
-}
-
-/// Fisher–Yates shuffle with a seeded [`SplitMix64`].
-pub fn shuffle<T>(v: &mut [T], seed: u64) {
-    let mut rng = SplitMix64::new(seed);
-    for i in (1..v.len()).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
-        v.swap(i, j);
     }
 }
 

@@ -1,0 +1,133 @@
+//! [`BioVec`], the kernel's `bio_vec`, and loading bytes or files into scattered frames as a
+//! bio_vec array.
+#![forbid(unsafe_code)]
+
+use std::io::Read;
+use std::path::Path;
+
+use super::{MemError, PhysMem};
+use crate::addr::{PAGE_SIZE, PhysAddr};
+
+impl PhysMem {
+    /// Places `data` into freshly allocated frames and returns the bio_vec array describing it:
+    /// full pages, the last one partial. With `scatter_seed` the frames are shuffled (a buffer
+    /// scattered over physical memory, reproducible), otherwise they come in allocation order.
+    ///
+    /// # Errors
+    /// [`MemError::ZeroLength`] for empty data; [`MemError::OutOfMemory`] when the frames are not
+    /// there (nothing is allocated then).
+    pub fn bvecs_from_bytes(&self, data: &[u8], scatter_seed: Option<u64>) -> Result<Vec<BioVec>, MemError> {
+        if data.is_empty() {
+            return Err(MemError::ZeroLength);
+        }
+        let frames = self.frames_for(data.len() as u64, scatter_seed)?;
+        let mut out = Vec::with_capacity(frames.len());
+        for (chunk, &pa) in data.chunks(PAGE_SIZE as usize).zip(&frames) {
+            self.write(pa, chunk)?;
+            out.push(BioVec { phys: pa, offset: 0, len: chunk.len() as u32 });
+        }
+        Ok(out)
+    }
+
+    /// Reads a file into freshly allocated (optionally scattered) frames, a page at a time, and
+    /// returns its bio_vec array.
+    ///
+    /// # Errors
+    /// [`MemError::Io`] when the file cannot be read, [`MemError::ZeroLength`] for an empty file,
+    /// [`MemError::OutOfMemory`] when the frames are not there; frames taken are given back.
+    pub fn bvecs_from_file(&self, path: &Path, scatter_seed: Option<u64>) -> Result<Vec<BioVec>, MemError> {
+        let io =
+            |e: std::io::Error| MemError::Io { path: path.display().to_string(), message: e.to_string() };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        if len == 0 {
+            return Err(MemError::ZeroLength);
+        }
+        let frames = self.frames_for(len, scatter_seed)?;
+        let mut out = Vec::with_capacity(frames.len());
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        let mut left = len;
+        for &pa in &frames {
+            let n = left.min(PAGE_SIZE) as usize;
+            if let Err(e) = file.read_exact(&mut page[..n]) {
+                let _ = self.free_frames(&frames);
+                return Err(io(e));
+            }
+            self.write(pa, &page[..n])?;
+            out.push(BioVec { phys: pa, offset: 0, len: n as u32 });
+            left -= n as u64;
+        }
+        Ok(out)
+    }
+
+    fn frames_for(&self, len: u64, seed: Option<u64>) -> Result<Vec<PhysAddr>, MemError> {
+        let n = len.div_ceil(PAGE_SIZE) as usize;
+        match seed {
+            Some(s) => self.alloc_scattered(n, s),
+            None => self.alloc_frames(n),
+        }
+    }
+
+    /// Gathers the bytes a bio_vec array describes.
+    ///
+    /// # Errors
+    /// [`MemError::OutOfBounds`] when a segment leaves the arena.
+    pub fn read_bvecs(&self, bvecs: &[BioVec]) -> Result<Vec<u8>, MemError> {
+        let total: u64 = bvecs.iter().map(|b| u64::from(b.len)).sum();
+        let mut out = vec![0u8; total as usize];
+        let mut at = 0usize;
+        for b in bvecs {
+            let start = b.start().ok_or(MemError::OutOfBounds {
+                pa: b.phys,
+                len: u64::from(b.len),
+                size: self.size,
+            })?;
+            self.read(start, &mut out[at..at + b.len as usize])?;
+            at += b.len as usize;
+        }
+        Ok(out)
+    }
+}
+
+/// One segment of an I/O: `len` bytes starting `offset` bytes into the page at `phys`, with the
+/// meaning of the kernel's `struct bio_vec { bv_page, bv_len, bv_offset }`. A segment may span
+/// several physically contiguous pages (a multi-page bvec).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct BioVec {
+    /// The (page-aligned) physical page the segment starts in.
+    pub phys: PhysAddr,
+    /// Byte offset of the segment's first byte from `phys`.
+    pub offset: u32,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+impl BioVec {
+    /// A whole 4 KiB page.
+    #[must_use]
+    pub const fn page(phys: PhysAddr) -> Self {
+        BioVec { phys, offset: 0, len: PAGE_SIZE as u32 }
+    }
+
+    /// Physical address of the first byte, `None` on overflow.
+    #[must_use]
+    pub const fn start(&self) -> Option<PhysAddr> {
+        self.phys.checked_add(self.offset as u64)
+    }
+
+    /// Physical address one past the last byte, `None` on overflow.
+    #[must_use]
+    pub const fn end(&self) -> Option<PhysAddr> {
+        match self.phys.checked_add(self.offset as u64) {
+            Some(s) => s.checked_add(self.len as u64),
+            None => None,
+        }
+    }
+
+    /// One whole-page bvec per frame: the array a driver builds from a list of scattered pages.
+    #[must_use]
+    pub fn from_frames(frames: &[PhysAddr]) -> Vec<BioVec> {
+        frames.iter().map(|&pa| BioVec::page(pa)).collect()
+    }
+}
