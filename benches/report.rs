@@ -11,6 +11,8 @@ mod dma_cases;
 mod harness;
 #[path = "common/iommu_cases.rs"]
 mod iommu_cases;
+#[path = "common/mem_cases.rs"]
+mod mem_cases;
 #[path = "common/peers.rs"]
 mod peers;
 #[path = "../tests/common/rng.rs"]
@@ -43,6 +45,7 @@ fn main() {
     iommu_cases::iova_cases(&mut r);
     iommu_cases::iommu_cases(&mut r);
     dma_cases::dma_cases(&mut r);
+    mem_cases::mem_cases(&mut r);
     println!("\nratios (higher = vmbind faster unless noted):");
     for peer in ["x86_64", "aarch64-paging"] {
         let label = format!("pt/map_4k_scattered {peer} / vmbind");
@@ -81,6 +84,8 @@ fn main() {
     r.ratio(label, ("dma/two_step_per_bvec", "vmbind"), ("dma/two_step_array", "vmbind"));
     let label = "dma/two_step_array / pt/map_4k_scattered (lower better)";
     r.ratio(label, ("dma/two_step_array", "vmbind"), ("pt/map_4k_scattered", "vmbind"));
+    let label = "mem/copy vmbind / memcpy (lower better)";
+    r.ratio(label, ("mem/copy", "vmbind"), ("mem/copy", "memcpy"));
     if let Some(path) = json {
         r.write_json(&path).unwrap();
         println!("wrote {path}");

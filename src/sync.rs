@@ -1,31 +1,258 @@
-//! A synchronization shim (as crossbeam does it): `parking_lot` normally, `loom` under
-//! `--cfg loom`, so that loom models can check the lock-based exchanges of the IOVA caches.
+//! The synchronization shim (as crossbeam does it): `parking_lot` locks and `core` atomics
+//! normally, `loom`'s under `--cfg loom`, so that loom models can check the lock-free and
+//! lock-based exchanges (the IOVA caches, the IOTLB fill against invalidation).
+//!
+//! Locks are **ranked** (wgpu-core's model): each is created with a [`Rank`], and a thread may
+//! only take a lock whose rank is above every lock it already holds. Debug builds check this on
+//! every acquisition and panic, naming both locks, at the first out-of-order acquisition, so a
+//! lock-order inversion is found by any test that reaches it, not by the deadlock it could
+//! cause. Release builds carry no check. The ranks are listed, with who takes what, in the
+//! `# Locking` section of the `iommu` module docs.
+#![forbid(unsafe_code)]
 
 #[cfg(not(loom))]
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 
-/// A mutex whose `lock` returns the guard directly, over either backend.
-#[derive(Debug, Default)]
-pub(crate) struct Mutex<T>(#[cfg(not(loom))] parking_lot::Mutex<T>, #[cfg(loom)] loom::sync::Mutex<T>);
+/// Atomics and fences: `core`'s, or loom's under `--cfg loom`.
+pub(crate) mod atomic {
+    #[cfg(not(loom))]
+    pub(crate) use core::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+    #[cfg(loom)]
+    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+}
 
-#[cfg(not(loom))]
-pub(crate) type MutexGuard<'a, T> = parking_lot::MutexGuard<'a, T>;
-#[cfg(loom)]
-pub(crate) type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+/// The rank of a lock: a thread takes locks in increasing rank only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub(crate) enum Rank {
+    /// `Iommu`: the background flusher's handle.
+    Flusher = 1,
+    /// `Iommu`: the domain registry (`RwLock`).
+    Registry = 2,
+    /// `Domain`: the lazy flush queue.
+    FlushQueue = 3,
+    /// `Domain`: the invalidation lock (`RwLock`; walks that fill the IOTLB the locked way hold
+    /// it shared, invalidations exclusive).
+    Invalidation = 4,
+    /// `PageTable`: the mutation lock (one map or unmap walk at a time).
+    Table = 5,
+    /// `IovaAllocator`: a per-CPU slot (its caches and live records).
+    IovaSlot = 6,
+    /// `IovaAllocator`: the magazine depot of one order.
+    IovaDepot = 7,
+    /// `IovaAllocator`: the free-range tree.
+    IovaTree = 8,
+    /// `PhysMem`: the frame allocator.
+    Frames = 9,
+    /// Leaf locks that never take another: fault logs, a table's parked pages, a device's DMA
+    /// records.
+    Leaf = 10,
+}
 
-impl<T> Mutex<T> {
-    pub(crate) fn new(v: T) -> Self {
-        #[cfg(not(loom))]
-        return Mutex(parking_lot::Mutex::new(v));
-        #[cfg(loom)]
-        return Mutex(loom::sync::Mutex::new(v));
+#[cfg(all(debug_assertions, not(loom)))]
+mod order {
+    use super::Rank;
+    use std::cell::RefCell;
+
+    thread_local!(static HELD: RefCell<Vec<Rank>> = const { RefCell::new(Vec::new()) });
+
+    /// Records that the calling thread takes a lock of `rank`, after checking the order.
+    pub(super) fn acquire(rank: Rank) {
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            if let Some(&top) = h.iter().max() {
+                assert!(rank > top, "lock order violated: taking {rank:?} while holding {top:?}");
+            }
+            h.push(rank);
+        });
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+    pub(super) fn release(rank: Rank) {
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            if let Some(i) = h.iter().rposition(|&r| r == rank) {
+                h.remove(i);
+            }
+        });
+    }
+}
+
+#[cfg(not(all(debug_assertions, not(loom))))]
+mod order {
+    use super::Rank;
+    #[inline(always)]
+    pub(super) fn acquire(_: Rank) {}
+}
+
+/// Holds a rank for as long as a guard lives.
+#[derive(Debug)]
+struct Held(#[cfg(all(debug_assertions, not(loom)))] Rank);
+
+impl Held {
+    #[inline(always)]
+    fn new(rank: Rank) -> Self {
+        order::acquire(rank);
+        #[cfg(all(debug_assertions, not(loom)))]
+        return Held(rank);
+        #[cfg(not(all(debug_assertions, not(loom))))]
+        {
+            let _ = rank;
+            Held()
+        }
+    }
+}
+
+impl Drop for Held {
+    #[inline(always)]
+    fn drop(&mut self) {
+        #[cfg(all(debug_assertions, not(loom)))]
+        order::release(self.0);
+    }
+}
+
+/// A ranked mutex whose `lock` returns the guard directly, over either backend.
+#[derive(Debug)]
+pub(crate) struct Mutex<T> {
+    #[cfg(not(loom))]
+    inner: parking_lot::Mutex<T>,
+    #[cfg(loom)]
+    inner: loom::sync::Mutex<T>,
+    rank: Rank,
+}
+
+#[cfg(not(loom))]
+type RawMutexGuard<'a, T> = parking_lot::MutexGuard<'a, T>;
+#[cfg(loom)]
+type RawMutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+
+/// The guard of a [`Mutex`].
+pub(crate) struct MutexGuard<'a, T> {
+    guard: RawMutexGuard<'a, T>,
+    _held: Held,
+}
+
+impl<T> core::ops::Deref for MutexGuard<'_, T> {
+    type Target = T;
+    #[inline(always)]
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+
+impl<T> core::ops::DerefMut for MutexGuard<'_, T> {
+    #[inline(always)]
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.guard
+    }
+}
+
+impl<T> Mutex<T> {
+    pub(crate) fn new(v: T, rank: Rank) -> Self {
         #[cfg(not(loom))]
-        return self.0.lock();
+        return Mutex { inner: parking_lot::Mutex::new(v), rank };
         #[cfg(loom)]
-        return self.0.lock().unwrap();
+        return Mutex { inner: loom::sync::Mutex::new(v), rank };
+    }
+
+    #[inline]
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+        let held = Held::new(self.rank);
+        #[cfg(not(loom))]
+        let guard = self.inner.lock();
+        #[cfg(loom)]
+        let guard = self.inner.lock().unwrap();
+        MutexGuard { guard, _held: held }
+    }
+
+    /// The value, through exclusive access (no lock taken).
+    pub(crate) fn get_mut(&mut self) -> &mut T {
+        #[cfg(not(loom))]
+        return self.inner.get_mut();
+        #[cfg(loom)]
+        return self.inner.get_mut().unwrap();
+    }
+}
+
+/// A ranked reader-writer lock over either backend.
+#[derive(Debug)]
+pub(crate) struct RwLock<T> {
+    #[cfg(not(loom))]
+    inner: parking_lot::RwLock<T>,
+    #[cfg(loom)]
+    inner: loom::sync::RwLock<T>,
+    rank: Rank,
+}
+
+#[cfg(not(loom))]
+type RawReadGuard<'a, T> = parking_lot::RwLockReadGuard<'a, T>;
+#[cfg(loom)]
+type RawReadGuard<'a, T> = loom::sync::RwLockReadGuard<'a, T>;
+#[cfg(not(loom))]
+type RawWriteGuard<'a, T> = parking_lot::RwLockWriteGuard<'a, T>;
+#[cfg(loom)]
+type RawWriteGuard<'a, T> = loom::sync::RwLockWriteGuard<'a, T>;
+
+/// A shared guard of a [`RwLock`].
+pub(crate) struct ReadGuard<'a, T> {
+    guard: RawReadGuard<'a, T>,
+    _held: Held,
+}
+
+/// An exclusive guard of a [`RwLock`].
+pub(crate) struct WriteGuard<'a, T> {
+    guard: RawWriteGuard<'a, T>,
+    _held: Held,
+}
+
+impl<T> core::ops::Deref for ReadGuard<'_, T> {
+    type Target = T;
+    #[inline(always)]
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+
+impl<T> core::ops::Deref for WriteGuard<'_, T> {
+    type Target = T;
+    #[inline(always)]
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+
+impl<T> core::ops::DerefMut for WriteGuard<'_, T> {
+    #[inline(always)]
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.guard
+    }
+}
+
+impl<T> RwLock<T> {
+    pub(crate) fn new(v: T, rank: Rank) -> Self {
+        #[cfg(not(loom))]
+        return RwLock { inner: parking_lot::RwLock::new(v), rank };
+        #[cfg(loom)]
+        return RwLock { inner: loom::sync::RwLock::new(v), rank };
+    }
+
+    #[inline]
+    pub(crate) fn read(&self) -> ReadGuard<'_, T> {
+        let held = Held::new(self.rank);
+        #[cfg(not(loom))]
+        let guard = self.inner.read();
+        #[cfg(loom)]
+        let guard = self.inner.read().unwrap();
+        ReadGuard { guard, _held: held }
+    }
+
+    #[inline]
+    pub(crate) fn write(&self) -> WriteGuard<'_, T> {
+        let held = Held::new(self.rank);
+        #[cfg(not(loom))]
+        let guard = self.inner.write();
+        #[cfg(loom)]
+        let guard = self.inner.write().unwrap();
+        WriteGuard { guard, _held: held }
     }
 }
 
@@ -46,6 +273,7 @@ impl<T> core::ops::Deref for CachePadded<T> {
 pub(crate) fn thread_index() -> usize {
     #[cfg(not(loom))]
     {
+        use core::sync::atomic::Ordering;
         use std::cell::Cell;
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         thread_local!(static INDEX: Cell<usize> = const { Cell::new(usize::MAX) });
@@ -61,5 +289,30 @@ pub(crate) fn thread_index() -> usize {
         // Loom threads are numbered; their ids keep models deterministic.
         let id = format!("{:?}", loom::thread::current().id());
         id.bytes().filter(u8::is_ascii_digit).fold(0usize, |a, b| a * 10 + usize::from(b - b'0'))
+    }
+}
+
+#[cfg(all(test, debug_assertions, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locks_taken_in_rank_order_pass_and_an_inversion_is_caught() {
+        let a = Mutex::new(0, Rank::Registry);
+        let b = RwLock::new(0, Rank::Table);
+        {
+            let _a = a.lock();
+            let _b = b.read();
+        }
+        {
+            let _b = b.write();
+        }
+        let r = std::thread::spawn(move || {
+            let _b = b.write();
+            let _a = a.lock();
+        })
+        .join();
+        let msg = r.unwrap_err().downcast::<String>().unwrap();
+        assert!(msg.contains("lock order violated: taking Registry while holding Table"), "{msg}");
     }
 }

@@ -30,7 +30,7 @@ fn no_device_read_succeeds_after_strict_unmap_returned() {
         std::thread::spawn(move || {
             let mut flushes = 0u64;
             while !stop.load(Ordering::Acquire) {
-                iommu.iotlb().invalidate_all();
+                iommu.flush_iotlb();
                 flushes += 1;
             }
             flushes

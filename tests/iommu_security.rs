@@ -363,7 +363,7 @@ fn bad_input_attaching_a_device_already_attached_elsewhere() {
     assert_eq!(other.attach(A, &d1), Err(IommuError::ForeignDomain(d1.id())));
     iommu.detach(A).unwrap();
     iommu.destroy_domain(&d1).unwrap();
-    assert_eq!(iommu.attach(A, &d1), Err(IommuError::ForeignDomain(d1.id())));
+    assert_eq!(iommu.attach(A, &d1), Err(IommuError::StaleDomain(d1.id())));
 }
 
 #[test]

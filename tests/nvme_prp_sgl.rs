@@ -53,7 +53,7 @@ fn request(r: &Rig, head: u64, len: u64, seed: u64) -> (DmaVec, Vec<u8>, IovaSta
     let mut s = IovaState::try_alloc(&r.dev, bv[0].start().unwrap(), len).unwrap().unwrap();
     s.link_bvecs(&r.dev, 0, &bv, TO, A).unwrap();
     s.sync(&r.dev, 0, len).unwrap();
-    (DmaVec::from_segment(s.addr(), len), data, s)
+    (DmaVec::from_segment(s.addr(), len).unwrap(), data, s)
 }
 
 fn entries_in(r: &Rig, list: PhysAddr) -> Vec<u64> {
@@ -146,8 +146,8 @@ fn prp_refuses_a_middle_segment_off_a_page_and_sgl_takes_it() {
     let (a, da, _sa) = request(&r, 0, PAGE_SIZE + 0x100, 8);
     let (b, db, _sb) = request(&r, 0, PAGE_SIZE, 9);
     let mut v = DmaVec::default();
-    v.push(a.segments()[0].addr, a.segments()[0].len);
-    v.push(b.segments()[0].addr, b.segments()[0].len);
+    v.push(a.segments()[0].addr, a.segments()[0].len).unwrap();
+    v.push(b.segments()[0].addr, b.segments()[0].len).unwrap();
     let free = r.pool.available();
     assert_eq!(
         nvme::build_prp(&mut r.pool, &v, PAGE_SIZE, MAX_TRANSFER),
@@ -179,7 +179,7 @@ fn sgl_more_than_256_segments_chain_only_when_asked() {
     for i in 0..300u64 {
         // Separate small requests: their segments never touch, so they stay 300 segments.
         let (one, d, s) = request(&r, 0x40, 0x100, 100 + i);
-        v.push(one.segments()[0].addr, 0x100);
+        v.push(one.segments()[0].addr, 0x100).unwrap();
         want.extend(d);
         keep.push(s);
     }
@@ -250,17 +250,17 @@ fn prp_with_a_16k_controller_page_size_chains_2047_entries_per_list() {
 #[test]
 fn sgl_is_preferred_for_large_segments_or_when_prp_cannot_express_it() {
     let mut big = DmaVec::default();
-    big.push(DmaAddr::new(0x10_0000), 64 << 10);
-    big.push(DmaAddr::new(0x80_0000), 64 << 10);
+    big.push(DmaAddr::new(0x10_0000), 64 << 10).unwrap();
+    big.push(DmaAddr::new(0x80_0000), 64 << 10).unwrap();
     assert!(nvme::prefers_sgl(&big, PAGE_SIZE, true));
     assert!(!nvme::prefers_sgl(&big, PAGE_SIZE, false));
     let mut small = DmaVec::default();
     for i in 0..8 {
-        small.push(DmaAddr::new(0x100_0000 + i * 0x10_0000), PAGE_SIZE);
+        small.push(DmaAddr::new(0x100_0000 + i * 0x10_0000), PAGE_SIZE).unwrap();
     }
     assert!(!nvme::prefers_sgl(&small, PAGE_SIZE, true));
     let mut odd = DmaVec::default();
-    odd.push(DmaAddr::new(0x10_0000), 0x800);
-    odd.push(DmaAddr::new(0x20_0000), PAGE_SIZE);
+    odd.push(DmaAddr::new(0x10_0000), 0x800).unwrap();
+    odd.push(DmaAddr::new(0x20_0000), PAGE_SIZE).unwrap();
     assert!(nvme::prefers_sgl(&odd, PAGE_SIZE, true));
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use vmbind::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
+use vmbind::addr::{DmaAddr, PAGE_SIZE, PageSize, PhysAddr};
 use vmbind::mem::PhysMem;
 #[path = "common/rng.rs"]
 mod rng;
@@ -219,4 +219,260 @@ proptest! {
             }
         }
     }
+}
+
+/// One long seeded run on ONE table, as Linux's generic page-table test runs 1000 random
+/// operations on one table: maps of 1 page to a few MiB (contiguous ranges, 2 MiB aligned ranges
+/// that become huge leaves, scattered page lists of real arena frames) and unmaps of random
+/// ranges (partly covering huge leaves and holes) in a 4 GiB window, so that overlaps are common.
+/// Every operation is checked against a page-level oracle; the whole table every 50 operations.
+struct LongRun {
+    mem: Arc<PhysMem>,
+    pt: PageTable<X86Iommu>,
+    /// Usage once the test's data frames are allocated: what an empty table leaves.
+    base: vmbind::mem::MemUsage,
+    /// 8 MiB physically contiguous blocks: sources of ranges and huge leaves.
+    blocks: Vec<PhysAddr>,
+    /// Scattered single frames: sources of page lists.
+    frames: Vec<PhysAddr>,
+    oracle: BTreeMap<u64, (u64, Prot)>,
+    rng: rng::SplitMix64,
+    /// Maps refused as overlapping, huge leaves written, unmaps that cut into a huge leaf.
+    refused: u64,
+    huge_mapped: u64,
+    huge_cut: u64,
+}
+
+const LONG_WINDOW: u64 = 4 * GIB;
+const BLOCK: u64 = 8 << 20;
+
+impl LongRun {
+    fn pick_prot(&mut self) -> Prot {
+        if self.rng.below(2) == 0 { Prot::READ } else { Prot::RW }
+    }
+
+    /// An `align`-aligned address in the window: uniform half the time, else next to (at most a
+    /// few `align`s from) a mapped page, so that overlaps and partial unmaps happen often.
+    fn pick_va(&mut self, align: u64) -> u64 {
+        let slots = LONG_WINDOW / align;
+        let r = self.rng.below(LONG_WINDOW);
+        let near = self.oracle.range(r..).next().or_else(|| self.oracle.iter().next()).map(|(&k, _)| k);
+        match near {
+            Some(k) if self.rng.below(2) == 0 => {
+                let slot = (k / align) as i64 + self.rng.below(7) as i64 - 3;
+                slot.clamp(0, slots as i64 - 1) as u64 * align
+            }
+            _ => self.rng.below(slots) * align,
+        }
+    }
+
+    /// What must not change when an operation is refused, and the per-op invariants.
+    fn snapshot(&self) -> (vmbind::mem::MemUsage, u64, u64) {
+        (self.mem.usage(), self.pt.table_pages(), self.pt.split_reserve())
+    }
+
+    fn check_accounting(&self) {
+        let u = self.mem.usage();
+        // The table's pages (beyond the root) and its split reserve are all it takes from the arena.
+        assert_eq!(u.free_frames, self.base.free_frames - (self.pt.table_pages() - 1));
+        assert_eq!(u.reserved_frames, self.pt.split_reserve());
+    }
+
+    fn map(&mut self) {
+        let prot = self.pick_prot();
+        let kind = self.rng.below(10);
+        // (va, pa of page i, pages, result)
+        let (va, pages, r, pa_of): (u64, u64, _, Box<dyn Fn(u64) -> u64>) = if kind < 4 {
+            // A contiguous range, 4 KiB aligned: mostly 4 KiB leaves.
+            let block = self.blocks[self.rng.below(self.blocks.len() as u64) as usize].as_u64();
+            let off = self.rng.below(BLOCK / PAGE_SIZE);
+            let va = self.pick_va(PAGE_SIZE);
+            let pages =
+                (1 + self.rng.below(1536)).min(BLOCK / PAGE_SIZE - off).min((LONG_WINDOW - va) / PAGE_SIZE);
+            let pa = block + off * PAGE_SIZE;
+            let opts = if self.rng.below(5) == 0 { MapOptions::FORCE_4K } else { MapOptions::default() };
+            let src = MapSource::Range { pa: PhysAddr::new(pa), len: pages * PAGE_SIZE };
+            let r = self.pt.map(DmaAddr::new(va), src, prot, opts);
+            (va, pages, r, Box::new(move |i| pa + i * PAGE_SIZE))
+        } else if kind < 7 {
+            // A 2 MiB aligned range of 2 MiB aligned memory: huge leaves, sometimes a 4 KiB tail.
+            let block = self.blocks[self.rng.below(self.blocks.len() as u64) as usize].as_u64();
+            let off = self.rng.below(BLOCK / MIB2);
+            let va = self.pick_va(MIB2);
+            let whole = 1 + self.rng.below(BLOCK / MIB2 - off);
+            let tail = if self.rng.below(3) == 0 && whole < BLOCK / MIB2 - off {
+                1 + self.rng.below(511)
+            } else {
+                0
+            };
+            let pages = (whole * 512 + tail).min((LONG_WINDOW - va) / PAGE_SIZE);
+            let pa = block + off * MIB2;
+            let src = MapSource::Range { pa: PhysAddr::new(pa), len: pages * PAGE_SIZE };
+            let r = self.pt.map(DmaAddr::new(va), src, prot, MapOptions::default());
+            (va, pages, r, Box::new(move |i| pa + i * PAGE_SIZE))
+        } else {
+            // Scattered frames of the arena (repeats allowed: a frame may be mapped twice).
+            let align = if self.rng.below(2) == 0 { PAGE_SIZE } else { MIB2 };
+            let va = self.pick_va(align);
+            let n = (1 + self.rng.below(1024)).min((LONG_WINDOW - va) / PAGE_SIZE);
+            let list: Vec<PhysAddr> =
+                (0..n).map(|_| self.frames[self.rng.below(self.frames.len() as u64) as usize]).collect();
+            let r = self.pt.map(DmaAddr::new(va), MapSource::Pages(&list), prot, MapOptions::default());
+            (va, n, r, Box::new(move |i| list[i as usize].as_u64()))
+        };
+        let end = va + pages * PAGE_SIZE;
+        match self.oracle.range(va..end).next().map(|(&k, _)| k) {
+            Some(first) => {
+                assert_eq!(
+                    r,
+                    Err(MapError::AlreadyMapped { va: DmaAddr::new(first) }),
+                    "map [{va:#x}, {end:#x})"
+                );
+                self.refused += 1;
+            }
+            None => {
+                let stats = r.unwrap_or_else(|e| panic!("map [{va:#x}, {end:#x}) of free space: {e}"));
+                assert_eq!(stats.bytes, pages * PAGE_SIZE);
+                assert_eq!(stats.leaves[0] + 512 * stats.leaves[1], pages);
+                self.huge_mapped += stats.leaves[1];
+                for i in 0..pages {
+                    self.oracle.insert(va + i * PAGE_SIZE, (pa_of(i), prot));
+                }
+            }
+        }
+    }
+
+    fn unmap(&mut self) {
+        let (va, pages) = match self.rng.below(40) {
+            // Short, from next to a mapped page.
+            0..=17 => {
+                let va = self.pick_va(PAGE_SIZE);
+                (va, 1 + self.rng.below(1024))
+            }
+            // From inside a 2 MiB slot: cuts into huge leaves.
+            18..=31 => {
+                let va = self.pick_va(MIB2) + PAGE_SIZE * (1 + self.rng.below(511));
+                (va, 1 + self.rng.below(2048))
+            }
+            // Long: up to 64 MiB, holes and all.
+            32..=38 => {
+                let va = self.pick_va(MIB2);
+                (va, 512 * (1 + self.rng.below(32)))
+            }
+            // Very long: a quarter of the window.
+            _ => (self.rng.below(4) * GIB, GIB / PAGE_SIZE),
+        };
+        let pages = pages.min((LONG_WINDOW - va) / PAGE_SIZE);
+        let end = va + pages * PAGE_SIZE;
+        let cuts_huge = |a: u64| {
+            a % MIB2 != 0 && self.pt.translate(DmaAddr::new(a)).is_some_and(|t| t.size == PageSize::Size2M)
+        };
+        if cuts_huge(va) || cuts_huge(end) {
+            self.huge_cut += 1;
+        }
+        let inv = self.pt.unmap(DmaAddr::new(va), pages * PAGE_SIZE).unwrap();
+        let gone: Vec<u64> = self.oracle.range(va..end).map(|(&k, _)| k).collect();
+        assert_eq!(inv.unmapped_bytes(), gone.len() as u64 * PAGE_SIZE, "unmap [{va:#x}, {end:#x})");
+        match inv.range() {
+            Some((s, l)) => {
+                assert_eq!(s.as_u64(), gone[0]);
+                assert_eq!(s.as_u64() + l, gone.last().unwrap() + PAGE_SIZE);
+            }
+            None => assert!(gone.is_empty()),
+        }
+        inv.complete();
+        for k in gone {
+            self.oracle.remove(&k);
+        }
+    }
+
+    /// The whole table, expanded to pages, against the oracle; the split reserve against the
+    /// huge leaves; and translations at random addresses.
+    fn verify(&mut self) {
+        let leaves = self.pt.leaves();
+        let mut want = self.oracle.iter();
+        let mut huge = 0;
+        for l in &leaves {
+            assert_ne!(l.size, PageSize::Size1G, "no 1 GiB source exists");
+            huge += u64::from(l.size == PageSize::Size2M);
+            for i in 0..l.size.bytes() / PAGE_SIZE {
+                let got = (l.va.as_u64() + i * PAGE_SIZE, (l.pa.as_u64() + i * PAGE_SIZE, l.prot));
+                assert_eq!(Some((&got.0, &got.1)), want.next(), "leaf {l:?}, page {i}");
+            }
+        }
+        assert_eq!(want.next(), None, "the oracle has pages the table lacks");
+        assert_eq!(self.pt.split_reserve(), huge, "one split frame reserved per 2 MiB leaf");
+        for _ in 0..200 {
+            let va = if self.rng.below(2) == 0 {
+                self.pick_va(PAGE_SIZE) + self.rng.below(PAGE_SIZE)
+            } else {
+                self.rng.below(LONG_WINDOW)
+            };
+            let page = va & !(PAGE_SIZE - 1);
+            let want = self.oracle.get(&page).map(|&(pa, prot)| (pa + (va - page), prot));
+            let got = self.pt.translate(DmaAddr::new(va)).map(|t| (t.pa.as_u64(), t.prot));
+            assert_eq!(got, want, "translate {va:#x}");
+        }
+    }
+}
+
+#[test]
+fn two_thousand_seeded_random_ops_on_one_table_match_the_oracle() {
+    const OPS: usize = 2000;
+    let mem = Arc::new(PhysMem::new(GIB).unwrap());
+    let pt = PageTable::<X86Iommu>::new(mem.clone()).unwrap();
+    let after_table = mem.usage();
+    let blocks: Vec<PhysAddr> = (0..8).map(|_| mem.alloc_block(BLOCK).unwrap()).collect();
+    let frames = mem.alloc_scattered(4096, 0xf4a3e5).unwrap();
+    let data_frames = 8 * BLOCK / PAGE_SIZE + 4096;
+    let base = mem.usage();
+    assert_eq!(base.free_frames, after_table.free_frames - data_frames);
+    let mut run = LongRun {
+        mem,
+        pt,
+        base,
+        blocks,
+        frames,
+        oracle: BTreeMap::new(),
+        rng: rng::SplitMix64::new(0x1000_0000_5eed),
+        refused: 0,
+        huge_mapped: 0,
+        huge_cut: 0,
+    };
+    for op in 0..OPS {
+        let before = run.snapshot();
+        let refused = run.refused;
+        if run.rng.below(10) < 6 {
+            run.map();
+        } else {
+            run.unmap();
+        }
+        if run.refused > refused {
+            assert_eq!(run.snapshot(), before, "a refused map changed the table (op {op})");
+        }
+        run.check_accounting();
+        if op % 50 == 49 {
+            run.verify();
+        }
+    }
+    run.verify();
+    // The run was the one intended: overlaps refused, huge leaves made and cut.
+    assert!(run.refused >= 100, "only {} maps overlapped", run.refused);
+    assert!(run.huge_mapped >= 100, "only {} huge leaves mapped", run.huge_mapped);
+    assert!(run.huge_cut >= 20, "only {} unmaps cut into a huge leaf", run.huge_cut);
+
+    // Unmapping everything returns every table page and every reserved frame.
+    let inv = run.pt.unmap(DmaAddr::new(0), LONG_WINDOW).unwrap();
+    assert_eq!(inv.unmapped_bytes(), run.oracle.len() as u64 * PAGE_SIZE);
+    inv.complete();
+    run.oracle.clear();
+    assert!(run.pt.leaves().is_empty());
+    assert_eq!(run.pt.table_pages(), 1);
+    assert_eq!(run.pt.split_reserve(), 0);
+    assert_eq!(run.mem.usage(), base);
+    for b in &run.blocks {
+        run.mem.free_block(*b, BLOCK).unwrap();
+    }
+    run.mem.free_frames(&run.frames).unwrap();
+    assert_eq!(run.mem.usage(), after_table);
 }

@@ -98,7 +98,7 @@ pub fn dma_cases(r: &mut Report) {
         let mut s = IovaState::try_alloc(dev, frames[0], MAX_TRANSFER).unwrap().unwrap();
         s.link_bvecs(dev, 0, &bvecs[..2048], dir, a).unwrap();
         s.sync(dev, 0, MAX_TRANSFER).unwrap();
-        let v = DmaVec::from_segment(s.addr(), MAX_TRANSFER);
+        let v = DmaVec::from_segment(s.addr(), MAX_TRANSFER).unwrap();
         let v = &v;
         let vm = timed(
             || (),

@@ -219,7 +219,7 @@ pub fn iommu_cases(r: &mut Report) {
             timed(
                 || {
                     if miss {
-                        iommu.iotlb().invalidate_all();
+                        iommu.flush_iotlb();
                     }
                 },
                 |()| {
@@ -312,7 +312,7 @@ pub fn iommu_cases(r: &mut Report) {
         let run = |threads: usize| -> Box<dyn FnMut() -> f64> {
             let (iommu, probes) = (iommu.clone(), probes.clone());
             Box::new(move || {
-                iommu.iotlb().invalidate_all();
+                iommu.flush_iotlb();
                 let barrier = Arc::new(Barrier::new(threads));
                 let hs: Vec<_> = (0..threads)
                     .map(|t| {

@@ -80,6 +80,30 @@ pub(crate) fn finish(mem: &PhysMem, b: Bounce, attrs: Attrs) {
     let _ = mem.free_frame(b.frame);
 }
 
+/// Syncs the bytes of `bounces` that fall in `[lo, hi)` (offsets from the mapping's IOVA base):
+/// for the CPU, what the device wrote is copied back (unless it only reads); for the device,
+/// what the CPU wrote is copied in (unless it only writes).
+pub(crate) fn sync_range(mem: &PhysMem, bounces: &[Bounce], lo: u64, hi: u64, for_cpu: bool) {
+    for b in bounces {
+        let in_page = b.orig.as_u64() % GRANULE;
+        let (s, e) = ((b.at + in_page).max(lo), (b.at + in_page + b.len).min(hi));
+        if s >= e {
+            continue;
+        }
+        let skip = s - (b.at + in_page);
+        let orig = PhysAddr::new(b.orig.as_u64() + skip);
+        let copy = PhysAddr::new(b.frame.as_u64() + in_page + skip);
+        let mut tmp = vec![0u8; (e - s) as usize];
+        if for_cpu && b.dir != Direction::ToDevice {
+            let _ = mem.read(copy, &mut tmp);
+            let _ = mem.write(orig, &tmp);
+        } else if !for_cpu && b.dir != Direction::FromDevice {
+            let _ = mem.read(orig, &mut tmp);
+            let _ = mem.write(copy, &tmp);
+        }
+    }
+}
+
 /// Gives back bounces whose mapping was never made (no copy back).
 pub(crate) fn abandon(mem: &PhysMem, bounces: Vec<Bounce>) {
     for b in bounces {

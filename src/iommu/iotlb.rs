@@ -18,14 +18,20 @@
 //! even for a moment.
 #![forbid(unsafe_code)]
 
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 
-use crate::addr::PAGE_SHIFT;
+use crate::addr::{DmaAddr, PAGE_SHIFT, PhysAddr};
 use crate::pt::Prot;
 
 /// Entries of the IOTLB (8 bytes each: 2 MiB, reaching 1 GiB of 4 KiB pages: a whole GPU
 /// buffer or a small VM's memory stays cached).
 pub const IOTLB_ENTRIES: usize = 1 << INDEX_BITS;
+
+/// May-hold flags: one per domain id (a handful under loom, whose models use ids 1 and 2).
+#[cfg(not(loom))]
+const FILLED_FLAGS: usize = 1 << 16;
+#[cfg(loom)]
+const FILLED_FLAGS: usize = 4;
 
 /// The largest domain id an entry can carry.
 pub const MAX_DOMAIN_ID: u16 = u16::MAX;
@@ -37,9 +43,15 @@ pub const IOVA_BITS: u32 = 48;
 /// every time): the entry has 28 bits for the page number, which covers arenas up to 1 TiB.
 pub const PA_LIMIT: u64 = 1 << (PAGE_SHIFT + PPN_BITS);
 
+#[cfg(not(loom))]
 const INDEX_BITS: u32 = 18;
+/// Under loom the cache is tiny (models create every atomic), and the freed tag bits go to
+/// the page number.
+#[cfg(loom)]
+const INDEX_BITS: u32 = 3;
 const DOMAIN_BITS: u32 = 16;
-const PPN_BITS: u32 = 28;
+/// What the word has left for the physical page number: 28 bits (arenas up to 1 TiB).
+const PPN_BITS: u32 = 64 - 2 - DOMAIN_BITS - (IOVA_BITS - PAGE_SHIFT - INDEX_BITS);
 // Word layout: bits 0..2 prot (1 read, 2 write), 2..30 physical page number, 30..48 the page
 // number bits above the index (IOVA bits 30..48), 48..64 the domain id (never 0, so 0 is empty).
 const PPN_SHIFT: u32 = 2;
@@ -180,14 +192,14 @@ impl Iotlb {
     /// Whether `domain` may hold entries: it has been filled since it was last forgotten.
     #[must_use]
     pub fn may_hold(&self, domain: u16) -> bool {
-        self.filled[usize::from(domain)].load(Ordering::Acquire)
+        self.filled[usize::from(domain) % FILLED_FLAGS].load(Ordering::Acquire)
     }
 
     /// An empty cache.
     #[must_use]
     pub fn new() -> Self {
         let v: Vec<AtomicU64> = (0..IOTLB_ENTRIES).map(|_| AtomicU64::new(EMPTY)).collect();
-        let filled = (0..=usize::from(MAX_DOMAIN_ID)).map(|_| AtomicBool::new(false)).collect();
+        let filled = (0..FILLED_FLAGS).map(|_| AtomicBool::new(false)).collect();
         match v.into_boxed_slice().try_into() {
             Ok(entries) => Iotlb { entries, filled },
             Err(_) => unreachable!("the vector has exactly the array length"),
@@ -200,10 +212,16 @@ impl Iotlb {
         self.entries.len()
     }
 
-    /// The cached translation of page `pfn` in `domain`: (physical page address, prot).
+    /// The cached translation of the page holding `iova` in `domain`: (physical page address,
+    /// prot). Reading the cache is harmless; only the IOMMU changes it.
     #[inline(always)]
-    pub fn lookup(&self, domain: u16, pfn: u64) -> Option<(u64, Prot)> {
-        lookup_in(&self.entries, domain, pfn).map(|(pa, p)| (pa, Prot::from_bits_truncate(p)))
+    #[must_use]
+    pub fn lookup(&self, domain: u16, iova: DmaAddr) -> Option<(PhysAddr, Prot)> {
+        let pfn = iova.as_u64() >> PAGE_SHIFT;
+        if pfn >> (IOVA_BITS - PAGE_SHIFT) != 0 {
+            return None;
+        }
+        lookup_in(&self.entries, domain, pfn).map(|(pa, p)| (PhysAddr::new(pa), Prot::from_bits_truncate(p)))
     }
 
     /// The entry array, for holders that look up repeatedly ([`super::DevicePort`]).
@@ -211,9 +229,11 @@ impl Iotlb {
         &self.entries
     }
 
-    /// Caches a translation. Pages the entry format cannot hold (an IOVA at or above 2^48, a physical page at or above [`PA_LIMIT`]) are
+    /// Caches a translation (crate-private: only the IOMMU, after a walk of the domain's table,
+    /// may plant one). Pages the entry format cannot hold (an IOVA at or above 2^48, a physical page at or above [`PA_LIMIT`]) are
     /// not cached: their accesses keep taking the walk.
-    pub fn insert(&self, domain: u16, pfn: u64, page_pa: u64, prot: Prot) {
+    pub(crate) fn insert(&self, domain: u16, iova: DmaAddr, page: PhysAddr, prot: Prot) {
+        let (pfn, page_pa) = (iova.as_u64() >> PAGE_SHIFT, page.as_u64() & !((1 << PAGE_SHIFT) - 1));
         if domain == 0 || pfn >> (IOVA_BITS - PAGE_SHIFT) != 0 || page_pa >= PA_LIMIT {
             return;
         }
@@ -226,7 +246,8 @@ impl Iotlb {
     /// marker, then fences, so that the caller's table walk, which must come after, either sees
     /// every table update an invalidation fenced before, or that invalidation sees the marker.
     /// `None` when the page cannot be cached (see [`Iotlb::insert`]).
-    pub(crate) fn reserve(&self, domain: u16, pfn: u64) -> Option<Reservation> {
+    pub(crate) fn reserve(&self, domain: u16, iova: DmaAddr) -> Option<Reservation> {
+        let pfn = iova.as_u64() >> PAGE_SHIFT;
         if domain == 0 || pfn >> (IOVA_BITS - PAGE_SHIFT) != 0 {
             return None;
         }
@@ -241,7 +262,8 @@ impl Iotlb {
     /// other fill) touched the slot since [`Iotlb::reserve`], so the walk's answer is still valid
     /// (the entry is then cached, if the page fits the format); `false` when the answer must not
     /// be used.
-    pub(crate) fn commit(&self, r: Reservation, page_pa: u64, prot: Prot) -> bool {
+    pub(crate) fn commit(&self, r: Reservation, page: PhysAddr, prot: Prot) -> bool {
+        let page_pa = page.as_u64() & !((1 << PAGE_SHIFT) - 1);
         let e = if page_pa < PA_LIMIT {
             tag(r.domain, r.pfn) | ((page_pa >> PAGE_SHIFT) << PPN_SHIFT) | u64::from(prot.bits() & 3)
         } else {
@@ -261,7 +283,7 @@ impl Iotlb {
 
     /// Sets `domain`'s may-hold flag, before any entry or marker of it is stored.
     fn mark_filled(&self, domain: u16) {
-        let flag = &self.filled[usize::from(domain)];
+        let flag = &self.filled[usize::from(domain) % FILLED_FLAGS];
         if !flag.load(Ordering::Relaxed) {
             flag.store(true, Ordering::SeqCst);
         }
@@ -289,7 +311,8 @@ impl Iotlb {
     }
 
     /// Drops the translations of `[iova, iova + len)` in `domain`.
-    pub fn invalidate_range(&self, domain: u16, iova: u64, len: u64) {
+    pub(crate) fn invalidate_range(&self, domain: u16, iova: DmaAddr, len: u64) {
+        let iova = iova.as_u64();
         // Orders the caller's table update before every read below (see `reserve`).
         fence(Ordering::SeqCst);
         if !self.may_hold(domain) {
@@ -310,7 +333,7 @@ impl Iotlb {
     }
 
     /// Drops every translation of `domain`.
-    pub fn invalidate_domain(&self, domain: u16) {
+    pub(crate) fn invalidate_domain(&self, domain: u16) {
         fence(Ordering::SeqCst);
         if !self.may_hold(domain) {
             return;
@@ -325,11 +348,11 @@ impl Iotlb {
     /// calls it once the domain is out of its table, which fills need).
     pub(crate) fn forget_domain(&self, domain: u16) {
         self.invalidate_domain(domain);
-        self.filled[usize::from(domain)].store(false, Ordering::Release);
+        self.filled[usize::from(domain) % FILLED_FLAGS].store(false, Ordering::Release);
     }
 
     /// Drops everything.
-    pub fn invalidate_all(&self) {
+    pub(crate) fn invalidate_all(&self) {
         fence(Ordering::SeqCst);
         for idx in 0..self.entries.len() {
             self.clear_if(idx, |_, _| true);
@@ -354,46 +377,55 @@ impl Iotlb {
 mod tests {
     use super::*;
     use crate::addr::PAGE_SIZE;
+    use crate::addr::{DmaAddr, PhysAddr};
     use crate::mem::rng::SplitMix64;
+
+    fn va(pfn: u64) -> DmaAddr {
+        DmaAddr::new(pfn << PAGE_SHIFT)
+    }
+
+    fn lk(t: &Iotlb, d: u16, pfn: u64) -> Option<(u64, Prot)> {
+        t.lookup(d, va(pfn)).map(|(p, r)| (p.as_u64(), r))
+    }
 
     #[test]
     fn insert_lookup_and_each_kind_of_invalidation() {
         let t = Iotlb::new();
-        t.insert(1, 5, 0x7000, Prot::RW);
-        t.insert(2, 5, 0x9000, Prot::READ);
-        assert_eq!(t.lookup(1, 5), Some((0x7000, Prot::RW)));
+        t.insert(1, va(5), PhysAddr::new(0x7000), Prot::RW);
+        t.insert(2, va(5), PhysAddr::new(0x9000), Prot::READ);
+        assert_eq!(lk(&t, 1, 5), Some((0x7000, Prot::RW)));
         assert!(t.may_hold(1) && t.may_hold(2) && !t.may_hold(3));
-        assert_eq!(t.lookup(2, 5), Some((0x9000, Prot::READ)));
-        assert_eq!(t.lookup(1, 6), None);
-        t.invalidate_range(1, 5 << 12, 4096);
-        assert_eq!(t.lookup(1, 5), None);
-        assert!(t.lookup(2, 5).is_some());
-        t.insert(2, 6, 0xa000, Prot::READ);
-        t.invalidate_range(2, 0, 1 << 40); // long: a sweep
+        assert_eq!(lk(&t, 2, 5), Some((0x9000, Prot::READ)));
+        assert_eq!(lk(&t, 1, 6), None);
+        t.invalidate_range(1, DmaAddr::new(5 << 12), 4096);
+        assert_eq!(lk(&t, 1, 5), None);
+        assert!(lk(&t, 2, 5).is_some());
+        t.insert(2, va(6), PhysAddr::new(0xa000), Prot::READ);
+        t.invalidate_range(2, DmaAddr::new(0), 1 << 40); // long: a sweep
         assert_eq!(t.count(2), 0);
-        t.insert(3, 1, 0x1000, Prot::READ);
+        t.insert(3, va(1), PhysAddr::new(0x1000), Prot::READ);
         t.invalidate_domain(3);
-        assert_eq!(t.lookup(3, 1), None);
-        t.insert(4, 1, 0x1000, Prot::READ);
+        assert_eq!(lk(&t, 3, 1), None);
+        t.insert(4, va(1), PhysAddr::new(0x1000), Prot::READ);
         t.invalidate_all();
-        assert_eq!(t.lookup(4, 1), None);
-        t.insert(4, 1, 0x1000, Prot::READ);
+        assert_eq!(lk(&t, 4, 1), None);
+        t.insert(4, va(1), PhysAddr::new(0x1000), Prot::READ);
         t.forget_domain(4);
-        assert_eq!((t.lookup(4, 1), t.may_hold(4)), (None, false));
+        assert_eq!((lk(&t, 4, 1), t.may_hold(4)), (None, false));
     }
 
     #[test]
     fn eviction_by_another_domain() {
         let t = Iotlb::new();
-        t.insert(5, 9, 0x1000, Prot::READ);
+        t.insert(5, va(9), PhysAddr::new(0x1000), Prot::READ);
         // The page of domain 6 that lands on domain 5's slot.
         let pfn6 = 9u64.wrapping_sub(DOMAIN_STEP) & (IOTLB_ENTRIES as u64 - 1);
         assert_eq!(index(6, pfn6), index(5, 9));
-        t.insert(6, pfn6, 0x2000, Prot::READ);
+        t.insert(6, va(pfn6), PhysAddr::new(0x2000), Prot::READ);
         assert_eq!((t.count(5), t.count(6)), (0, 1));
-        assert_eq!(t.lookup(5, 9), None);
+        assert_eq!(lk(&t, 5, 9), None);
         // Same slot, same domain, a page 2^17 pages away: a different tag, never a false hit.
-        assert_eq!(t.lookup(6, pfn6 + IOTLB_ENTRIES as u64), None);
+        assert_eq!(lk(&t, 6, pfn6 + IOTLB_ENTRIES as u64), None);
     }
 
     #[test]
@@ -404,15 +436,12 @@ mod tests {
         for _ in 0..10_000 {
             let d = 1 + rng.below(8) as u16;
             let pfn = rng.below(1 << (IOVA_BITS - PAGE_SHIFT));
-            t.insert(d, pfn, rng.below(1 << 20) << PAGE_SHIFT, Prot::READ);
+            t.insert(d, va(pfn), PhysAddr::new(rng.below(1 << 20) << PAGE_SHIFT), Prot::READ);
             cached.push((d, pfn));
         }
         for (d, pfn) in cached {
             let a = (pfn << PAGE_SHIFT) | 0x123;
-            assert_eq!(
-                lookup_key(t.entries(), domain_key(d), a),
-                t.lookup(d, pfn).map(|(p, r)| (p, r.bits()))
-            );
+            assert_eq!(lookup_key(t.entries(), domain_key(d), a), lk(&t, d, pfn).map(|(p, r)| (p, r.bits())));
             // Another domain, bits above the aperture, or no domain: nothing usable.
             assert_eq!(lookup_key(t.entries(), domain_key(d + 8), a), None);
             assert_eq!(lookup_key(t.entries(), domain_key(d), a | 1 << 48), None);
@@ -424,44 +453,44 @@ mod tests {
     fn an_unlocked_fill_commits_only_if_nothing_touched_its_slot() {
         let t = Iotlb::new();
         // Undisturbed: the entry is cached; a marker is never usable meanwhile.
-        let r = t.reserve(1, 7).unwrap();
-        assert_eq!(t.lookup(1, 7), None);
+        let r = t.reserve(1, va(7)).unwrap();
+        assert_eq!(lk(&t, 1, 7), None);
         assert!(lookup_key(t.entries(), domain_key(1), 7 << PAGE_SHIFT).is_none());
         assert!(lookup_key(t.entries(), 0, 7 << PAGE_SHIFT).is_none_or(|(_, p)| p == 0));
-        assert!(t.commit(r, 0x5000, Prot::READ));
-        assert_eq!(t.lookup(1, 7), Some((0x5000, Prot::READ)));
+        assert!(t.commit(r, PhysAddr::new(0x5000), Prot::READ));
+        assert_eq!(lk(&t, 1, 7), Some((0x5000, Prot::READ)));
         // An invalidation of the page, of its domain, of everything, or of an unrelated range
         // that sweeps, all clear the marker: the commit fails and caches nothing.
         let invalidations: [&dyn Fn(&Iotlb); 4] = [
-            &|t| t.invalidate_range(1, 8 << PAGE_SHIFT, PAGE_SIZE),
+            &|t| t.invalidate_range(1, DmaAddr::new(8 << PAGE_SHIFT), PAGE_SIZE),
             &|t| t.invalidate_domain(1),
             &|t| t.invalidate_all(),
-            &|t| t.invalidate_range(1, 1 << 40, 1 << 39),
+            &|t| t.invalidate_range(1, DmaAddr::new(1 << 40), 1 << 39),
         ];
         for inv in invalidations {
-            let r = t.reserve(1, 8).unwrap();
+            let r = t.reserve(1, va(8)).unwrap();
             inv(&t);
-            assert!(!t.commit(r, 0x6000, Prot::READ));
-            assert_eq!(t.lookup(1, 8), None);
+            assert!(!t.commit(r, PhysAddr::new(0x6000), Prot::READ));
+            assert_eq!(lk(&t, 1, 8), None);
         }
         // A locked fill or another unlocked fill of the slot wins over this one.
-        let r = t.reserve(1, 9).unwrap();
-        t.insert(1, 9, 0x7000, Prot::RW);
-        assert!(!t.commit(r, 0x8000, Prot::READ));
-        assert_eq!(t.lookup(1, 9), Some((0x7000, Prot::RW)));
-        let a = t.reserve(1, 10).unwrap();
-        let b = t.reserve(1, 10).unwrap();
-        assert!(!t.commit(a, 0x1000, Prot::READ));
-        assert!(t.commit(b, 0x2000, Prot::READ));
-        assert_eq!(t.lookup(1, 10), Some((0x2000, Prot::READ)));
+        let r = t.reserve(1, va(9)).unwrap();
+        t.insert(1, va(9), PhysAddr::new(0x7000), Prot::RW);
+        assert!(!t.commit(r, PhysAddr::new(0x8000), Prot::READ));
+        assert_eq!(lk(&t, 1, 9), Some((0x7000, Prot::RW)));
+        let a = t.reserve(1, va(10)).unwrap();
+        let b = t.reserve(1, va(10)).unwrap();
+        assert!(!t.commit(a, PhysAddr::new(0x1000), Prot::READ));
+        assert!(t.commit(b, PhysAddr::new(0x2000), Prot::READ));
+        assert_eq!(lk(&t, 1, 10), Some((0x2000, Prot::READ)));
         // Cancelling leaves the slot empty; a page beyond the format validates but is not cached.
-        let r = t.reserve(1, 11).unwrap();
+        let r = t.reserve(1, va(11)).unwrap();
         t.cancel(r);
         assert_eq!(t.entries()[index(1, 11)].load(Ordering::Relaxed), EMPTY);
-        let r = t.reserve(1, 12).unwrap();
-        assert!(t.commit(r, PA_LIMIT, Prot::READ));
-        assert_eq!(t.lookup(1, 12), None);
-        assert!(t.reserve(0, 1).is_none() && t.reserve(1, 1 << 36).is_none());
+        let r = t.reserve(1, va(12)).unwrap();
+        assert!(t.commit(r, PhysAddr::new(PA_LIMIT), Prot::READ));
+        assert_eq!(lk(&t, 1, 12), None);
+        assert!(t.reserve(0, va(1)).is_none() && t.reserve(1, va(1 << 36)).is_none());
     }
 
     #[test]
@@ -490,11 +519,11 @@ mod tests {
     #[test]
     fn translations_the_entry_cannot_hold_are_not_cached() {
         let t = Iotlb::new();
-        t.insert(1, 1, PA_LIMIT, Prot::READ);
-        t.insert(1, 1 << 36, 0x1000, Prot::READ);
-        t.insert(0, 1, 0x1000, Prot::READ);
+        t.insert(1, va(1), PhysAddr::new(PA_LIMIT), Prot::READ);
+        t.insert(1, va(1 << 36), PhysAddr::new(0x1000), Prot::READ);
+        t.insert(0, va(1), PhysAddr::new(0x1000), Prot::READ);
         assert_eq!(t.count(1) + t.count(0), 0);
-        t.insert(MAX_DOMAIN_ID, (1 << 36) - 1, PA_LIMIT - 4096, Prot::WRITE);
-        assert_eq!(t.lookup(MAX_DOMAIN_ID, (1 << 36) - 1), Some((PA_LIMIT - 4096, Prot::WRITE)));
+        t.insert(MAX_DOMAIN_ID, va((1 << 36) - 1), PhysAddr::new(PA_LIMIT - 4096), Prot::WRITE);
+        assert_eq!(lk(&t, MAX_DOMAIN_ID, (1 << 36) - 1), Some((PA_LIMIT - 4096, Prot::WRITE)));
     }
 }

@@ -26,7 +26,10 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::addr::{DmaAddr, PAGE_SHIFT, PAGE_SIZE};
-use crate::sync::{CachePadded, Mutex, thread_index};
+use crate::sync::{CachePadded, Mutex, Rank, thread_index};
+
+/// Serial numbers of allocators, so that a retired range names the allocator that retired it.
+static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// IOVAs per magazine (Linux: 127, so that a magazine fills 1 KiB with its count).
 #[cfg(not(loom))]
@@ -87,6 +90,15 @@ pub enum IovaError {
         /// Size given.
         size: u64,
     },
+    /// Freeing with a tag other than the allocation's (another user's allocation, or a tagged
+    /// one through the plain API): nothing changes.
+    #[error("{addr} was allocated with another tag ({found:?})")]
+    TagMismatch {
+        /// Start.
+        addr: DmaAddr,
+        /// The allocation's tag.
+        found: IovaTag,
+    },
     /// Freeing with a size other than the one allocated.
     #[error("{addr} was allocated with {allocated:#x} bytes, freed with {given:#x}")]
     SizeMismatch {
@@ -125,7 +137,26 @@ impl Hasher for PfnHasher {
     }
 }
 
-type LiveMap = HashMap<u64, u64, BuildHasherDefault<PfnHasher>>;
+type LiveMap = HashMap<u64, Live, BuildHasherDefault<PfnHasher>>;
+
+/// An opaque tag a user of the allocator attaches to an allocation (the DMA layer records who
+/// mapped it, how, in which direction and with which exact size: Linux's dma-debug entry), kept
+/// in the live record itself so checking it costs no extra lookup. [`IovaTag::NONE`] is what
+/// untagged allocations carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IovaTag(pub u64, pub u64);
+
+impl IovaTag {
+    /// The tag of plain, untagged allocations.
+    pub const NONE: IovaTag = IovaTag(0, 0);
+}
+
+/// A live allocation: its rounded size and its tag.
+#[derive(Debug, Clone, Copy)]
+struct Live {
+    pages: u64,
+    tag: IovaTag,
+}
 
 const NIL: u32 = u32::MAX;
 
@@ -411,6 +442,8 @@ pub struct RetiredIova {
     pfn: u64,
     pages: u64,
     order: Option<usize>,
+    /// The serial of the allocator that retired it: only that one may release it.
+    owner: u64,
 }
 
 impl RetiredIova {
@@ -424,6 +457,51 @@ impl RetiredIova {
     #[must_use]
     pub fn size(&self) -> u64 {
         self.pages << PAGE_SHIFT
+    }
+}
+
+/// A retired range handed to an allocator (or domain) that did not retire it: the token is handed
+/// back, and nothing changed.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the retired IOVA {} (+{:#x}) belongs to another allocator", .token.addr(), .token.size())]
+pub struct ForeignToken {
+    /// The token, to release where it came from.
+    pub token: RetiredIova,
+}
+
+/// A read-only view of an [`IovaAllocator`]: what it has live, cached and free.
+#[derive(Debug, Clone, Copy)]
+pub struct IovaView<'a>(&'a IovaAllocator);
+
+impl IovaView<'_> {
+    /// [`IovaAllocator::stats`].
+    #[must_use]
+    pub fn stats(&self) -> IovaStats {
+        self.0.stats()
+    }
+
+    /// [`IovaAllocator::is_allocated`].
+    #[must_use]
+    pub fn is_allocated(&self, addr: DmaAddr) -> bool {
+        self.0.is_allocated(addr)
+    }
+
+    /// [`IovaAllocator::free_ranges`].
+    #[must_use]
+    pub fn free_ranges(&self) -> Vec<(DmaAddr, u64)> {
+        self.0.free_ranges()
+    }
+
+    /// First address of the aperture.
+    #[must_use]
+    pub fn start(&self) -> DmaAddr {
+        self.0.start()
+    }
+
+    /// One past the last address of the aperture.
+    #[must_use]
+    pub fn end(&self) -> DmaAddr {
+        self.0.end()
     }
 }
 
@@ -461,6 +539,8 @@ pub struct IovaAllocator {
     /// Boxed magazines move between a CPU slot and the depot by pointer, not by 1 KiB copy.
     #[allow(clippy::vec_box)]
     depot: Vec<CachePadded<Mutex<Vec<Box<Magazine>>>>>,
+    /// Unique among the allocators of the process: the owner mark of its retired ranges.
+    serial: u64,
 }
 
 impl IovaAllocator {
@@ -497,15 +577,16 @@ impl IovaAllocator {
             let caches = (0..CACHED_ORDERS)
                 .map(|_| CpuCache { loaded: Magazine::empty(), prev: Magazine::empty() })
                 .collect();
-            CachePadded(Mutex::new(Slot { caches, live: LiveMap::default() }))
+            CachePadded(Mutex::new(Slot { caches, live: LiveMap::default() }, Rank::IovaSlot))
         };
         Ok(IovaAllocator {
             start_pfn: s,
             end_pfn: e,
-            tree: Mutex::new(tree),
+            tree: Mutex::new(tree, Rank::IovaTree),
+            serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             // A power of two, so that picking a slot is a mask, not a division.
             slots: (0..slots.max(1).next_power_of_two()).map(|_| slot()).collect(),
-            depot: (0..CACHED_ORDERS).map(|_| CachePadded(Mutex::new(Vec::new()))).collect(),
+            depot: (0..CACHED_ORDERS).map(|_| CachePadded(Mutex::new(Vec::new(), Rank::IovaDepot))).collect(),
         })
     }
 
@@ -564,13 +645,22 @@ impl IovaAllocator {
     /// # Errors
     /// As [`IovaAllocator::alloc`].
     pub fn alloc_below(&self, size: u64, limit: DmaAddr) -> Result<DmaAddr, IovaError> {
+        self.alloc_tagged(size, limit, IovaTag::NONE)
+    }
+
+    /// [`IovaAllocator::alloc_below`] recording `tag` with the allocation: a free must then
+    /// present the same tag ([`IovaAllocator::retire_tagged`]).
+    ///
+    /// # Errors
+    /// As [`IovaAllocator::alloc`].
+    pub fn alloc_tagged(&self, size: u64, limit: DmaAddr, tag: IovaTag) -> Result<DmaAddr, IovaError> {
         let pages = Self::pages_of(size)?;
         let (need, align, order) = shape(pages);
         let limit_pfn = (limit.as_u64() >> PAGE_SHIFT).min(self.end_pfn);
         if let Some(o) = order {
             let mut slot = self.my_slot().lock();
             if let Some(pfn) = self.cache_get(&mut slot, o, need, limit_pfn) {
-                slot.live.insert(pfn, need);
+                slot.live.insert(pfn, Live { pages: need, tag });
                 return Ok(DmaAddr::new(pfn << PAGE_SHIFT));
             }
         }
@@ -586,7 +676,7 @@ impl IovaAllocator {
                 })?
             }
         };
-        self.my_slot().lock().live.insert(pfn, need);
+        self.my_slot().lock().live.insert(pfn, Live { pages: need, tag });
         Ok(DmaAddr::new(pfn << PAGE_SHIFT))
     }
 
@@ -619,24 +709,42 @@ impl IovaAllocator {
         Ok((pfn, need, order))
     }
 
-    /// Removes the live record of `pfn` (looking in the caller's slot first), checking the size.
+    /// Checks a live record against a free: the tag first (it carries the exact size for its
+    /// owner), then the rounded size.
+    fn judge(addr: DmaAddr, live: Live, need: u64, tag: IovaTag) -> Result<(), IovaError> {
+        if live.tag != tag {
+            return Err(IovaError::TagMismatch { addr, found: live.tag });
+        }
+        if live.pages != need {
+            return Err(IovaError::SizeMismatch {
+                addr,
+                allocated: live.pages * PAGE_SIZE,
+                given: need * PAGE_SIZE,
+            });
+        }
+        Ok(())
+    }
+
+    /// Removes the live record of `pfn` (looking in the caller's slot first), checking the tag
+    /// and size; a refused free leaves the record in place.
     fn take_live<'a>(
         &'a self,
         addr: DmaAddr,
         pfn: u64,
         need: u64,
+        tag: IovaTag,
     ) -> Result<crate::sync::MutexGuard<'a, Slot>, IovaError> {
         let mine = self.slot_index();
         let mut slot = self.slots[mine].lock();
-        match slot.live.remove(&pfn) {
-            Some(n) if n == need => Ok(slot),
-            Some(n) => {
-                slot.live.insert(pfn, n);
-                Err(IovaError::SizeMismatch { addr, allocated: n * PAGE_SIZE, given: need * PAGE_SIZE })
+        match slot.live.get(&pfn).copied() {
+            Some(live) => {
+                Self::judge(addr, live, need, tag)?;
+                slot.live.remove(&pfn);
+                Ok(slot)
             }
             None => {
                 drop(slot);
-                self.take_live_elsewhere(mine, addr, pfn, need)?;
+                self.take_live_elsewhere(mine, addr, pfn, need, tag)?;
                 Ok(self.slots[mine].lock())
             }
         }
@@ -662,7 +770,7 @@ impl IovaAllocator {
     /// [`IovaError::SizeMismatch`] for the wrong size. Nothing changes on error.
     pub fn free(&self, addr: DmaAddr, size: u64) -> Result<(), IovaError> {
         let (pfn, need, order) = self.check_free(addr, size)?;
-        let slot = self.take_live(addr, pfn, need)?;
+        let slot = self.take_live(addr, pfn, need, IovaTag::NONE)?;
         self.put(slot, pfn, need, order);
         Ok(())
     }
@@ -674,40 +782,83 @@ impl IovaAllocator {
     /// # Errors
     /// As [`IovaAllocator::free`].
     pub fn retire(&self, addr: DmaAddr, size: u64) -> Result<RetiredIova, IovaError> {
-        let (pfn, need, order) = self.check_free(addr, size)?;
-        drop(self.take_live(addr, pfn, need)?);
-        Ok(RetiredIova { pfn, pages: need, order })
+        self.retire_tagged(addr, size, IovaTag::NONE)
     }
 
-    /// Makes a retired range reusable.
-    pub fn release(&self, r: RetiredIova) {
+    /// [`IovaAllocator::retire`] of an allocation made with [`IovaAllocator::alloc_tagged`]:
+    /// `tag` must be the allocation's.
+    ///
+    /// # Errors
+    /// As [`IovaAllocator::free`], and [`IovaError::TagMismatch`] (carrying the allocation's
+    /// tag) when the tags differ; nothing changes on error.
+    pub fn retire_tagged(&self, addr: DmaAddr, size: u64, tag: IovaTag) -> Result<RetiredIova, IovaError> {
+        let (pfn, need, order) = self.check_free(addr, size)?;
+        drop(self.take_live(addr, pfn, need, tag)?);
+        Ok(RetiredIova { pfn, pages: need, order, owner: self.serial })
+    }
+
+    /// Whether `r` was retired by this allocator.
+    #[must_use]
+    pub fn owns(&self, r: &RetiredIova) -> bool {
+        r.owner == self.serial
+    }
+
+    /// Makes a retired range reusable. The token is consumed: a range is released once.
+    ///
+    /// # Errors
+    /// [`ForeignToken`] when the token was retired by another allocator; it is handed back and
+    /// nothing changes in either.
+    pub fn release(&self, r: RetiredIova) -> Result<(), ForeignToken> {
+        if !self.owns(&r) {
+            return Err(ForeignToken { token: r });
+        }
         let slot = self.my_slot().lock();
         self.put(slot, r.pfn, r.pages, r.order);
+        Ok(())
+    }
+
+    /// A read-only view (counts, free ranges), what an owner that pairs allocation with mapping
+    /// hands out.
+    #[must_use]
+    pub fn view(&self) -> IovaView<'_> {
+        IovaView(self)
     }
 
     /// Finds and removes a live record made on another CPU slot (a free on another thread).
-    fn take_live_elsewhere(&self, mine: usize, addr: DmaAddr, pfn: u64, need: u64) -> Result<(), IovaError> {
+    fn take_live_elsewhere(
+        &self,
+        mine: usize,
+        addr: DmaAddr,
+        pfn: u64,
+        need: u64,
+        tag: IovaTag,
+    ) -> Result<(), IovaError> {
         for (i, s) in self.slots.iter().enumerate() {
             if i == mine {
                 continue;
             }
             let mut s = s.lock();
-            match s.live.get(&pfn).copied() {
-                Some(n) if n == need => {
-                    s.live.remove(&pfn);
-                    return Ok(());
-                }
-                Some(n) => {
-                    return Err(IovaError::SizeMismatch {
-                        addr,
-                        allocated: n * PAGE_SIZE,
-                        given: need * PAGE_SIZE,
-                    });
-                }
-                None => {}
+            if let Some(live) = s.live.get(&pfn).copied() {
+                Self::judge(addr, live, need, tag)?;
+                s.live.remove(&pfn);
+                return Ok(());
             }
         }
         Err(IovaError::NotAllocated { addr, size: need * PAGE_SIZE })
+    }
+
+    /// The tag and rounded size (bytes) of the live allocation starting at `addr`, if any.
+    #[must_use]
+    pub fn live_tag(&self, addr: DmaAddr) -> Option<(IovaTag, u64)> {
+        let pfn = addr.as_u64() >> PAGE_SHIFT;
+        let mine = self.slot_index();
+        let order = core::iter::once(mine).chain((0..self.slots.len()).filter(|&i| i != mine));
+        for i in order {
+            if let Some(l) = self.slots[i].lock().live.get(&pfn) {
+                return Some((l.tag, l.pages * PAGE_SIZE));
+            }
+        }
+        None
     }
 
     fn cache_put(&self, slot: &mut Slot, order: usize, pfn: u64) {

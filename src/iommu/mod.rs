@@ -2,12 +2,19 @@
 //! [`iotlb::Iotlb`], strict and lazy invalidation, and device-side access that faults exactly
 //! where hardware would.
 //!
+//! Files along their jobs: `fault` (fault records and logs), `domain` (a domain: its table,
+//! allocator, invalidation), `access` (device-side access, [`DevicePort`], the IOTLB fill), this
+//! module (the registry: devices, domains, attach and detach), `iotlb` and `iova`.
+//!
 //! # Model
 //!
 //! - A **domain** is an I/O address space: a page table of the `pt` engine in the IOMMU format
 //!   ([`crate::pt::X86Iommu`]), an aperture (48-bit by default), an IOVA allocator
 //!   ([`iova::IovaAllocator`]), a fault log and an invalidation mode. An **identity** domain has
-//!   no table: the device reaches physical address = IOVA (bypass).
+//!   no table: the device reaches physical address = IOVA (bypass). **Only the domain changes
+//!   its table and only the IOMMU its IOTLB**: [`Domain::table`] and [`Domain::iova`] are
+//!   read-only views, and the IOTLB's mutators are crate-private, so no caller can unmap behind
+//!   the IOTLB or plant a translation that was never mapped.
 //! - A **device** ([`DeviceId`], like a PCI requester id) is registered once, trusted or not,
 //!   and attached to at most one domain at a time. Detach invalidates every IOTLB entry of the
 //!   domain, and the device reaches nothing until attached again.
@@ -18,14 +25,21 @@
 //!   moves, so a faulting access reads or writes nothing. Every fault is returned as a typed
 //!   [`DmaFault`] and appended to the domain's (or, for an unattached device, the IOMMU's) fault
 //!   log: a bounded ring that counts what it had to drop.
+//! - **Handles know they are stale**: a destroyed domain's `Arc<Domain>` is refused by
+//!   [`Iommu::attach`] and [`Iommu::destroy_domain`] ([`IommuError::StaleDomain`]) and by its
+//!   own maps and allocations ([`DomainError::Destroyed`]), however its id is reused: the
+//!   registry checks identity, not the id.
 //!
 //! # Security model: strict and lazy invalidation
 //!
 //! **Strict** ([`Mode::Strict`]): [`Domain::unmap`] clears the table, then invalidates the
-//! IOTLB for the range, waiting for table walks in flight (they hold the domain's invalidation
-//! lock shared, the invalidation takes it exclusive), and only then returns. From that moment
-//! every access to the range faults, including one whose translation had been cached. Table
-//! pages are freed and IOVAs reusable immediately.
+//! IOTLB for the range, and only then returns. From that moment every access to the range
+//! faults, including one whose translation had been cached. Table pages are freed and IOVAs
+//! reusable immediately. IOTLB misses fill without a lock (see [`iotlb`]): a fill reserves its
+//! slot with a marker and a fence before walking and commits by compare-and-swap, and every
+//! invalidation fences after its table update and clears the markers it meets, so a fill whose
+//! walk may have read the old table never commits. Faults and lost races take the locked path,
+//! which walks holding the domain's invalidation lock shared (invalidations hold it exclusive).
 //!
 //! **Lazy** ([`Mode::Lazy`], Linux's flush queue): unmap clears the table but queues the IOTLB
 //! invalidation; the queue is flushed (one domain-wide invalidation) when it holds 256 entries,
@@ -34,26 +48,48 @@
 //! through a cached translation: that bounded window (≤ 10 ms or 256 unmaps) is the price of
 //! lazy mode. Within it, freed IOVAs are not handed out again and freed table pages not reused,
 //! so the window never exposes memory the domain did not map.
+//!
+//! # Locking
+//!
+//! Every lock has a rank (`crate::sync::Rank`); a thread takes locks in increasing rank only,
+//! and debug builds check it on every acquisition (wgpu-core's ranked locks). From first to
+//! last:
+//!
+//! | rank | lock | held while |
+//! |---|---|---|
+//! | 1 `Flusher` | `Iommu`'s flusher handle (mutex) | starting the lazy-flush thread |
+//! | 2 `Registry` | `Iommu`'s domain registry (`RwLock`) | create/destroy (write); attach, detach, the locked IOTLB fill, the flusher's scan (read) |
+//! | 3 `FlushQueue` | `Domain`'s lazy queue (mutex) | queueing, and a whole flush until the IOTLB is clean |
+//! | 4 `Invalidation` | `Domain`'s invalidation lock (`RwLock`) | every IOTLB invalidation (write); the locked fill's walk and insert (read) |
+//! | 5 `Table` | `PageTable`'s mutation lock | one map or unmap walk |
+//! | 6–8 `IovaSlot`, `IovaDepot`, `IovaTree` | the IOVA allocator's per-CPU slot, depot, tree | an allocation or free |
+//! | 9 `Frames` | `PhysMem`'s frame allocator | allocating or freeing frames (a map takes it under `Table`) |
+//! | 10 `Leaf` | fault logs, a table's parked pages, a device's DMA records | a push or a lookup, nothing nested |
+//!
+//! Lock-free: IOTLB lookups and fills, device words, domain roots, table walks
+//! (`PageTable::translate`). No lock is held across a call into another layer's user code.
 #![forbid(unsafe_code)]
 
+mod access;
+mod domain;
+mod fault;
 pub mod iotlb;
 pub mod iova;
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
-
-use crate::addr::{DmaAddr, PAGE_SHIFT, PAGE_SIZE, PhysAddr};
-use crate::mem::{MemError, PhysMem, Words};
-use crate::pt::{
-    Invalidation, MapError, MapOptions, MapSource, MapStats, PageTable, Prot, Translated, UnmapError,
-    X86Iommu,
-};
+use crate::addr::{DmaAddr, PAGE_SIZE};
+use crate::mem::{MemError, PhysMem};
+use crate::pt::PageTable;
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::sync::{Mutex, Rank, RwLock};
+pub use access::DevicePort;
+pub use domain::{Domain, DomainConfig, DomainError, DomainKind, FLUSH_QUEUE_MAX, FLUSH_TIMEOUT, Mode};
+pub use fault::{Access, DmaFault, FAULT_LOG_MAX, FaultLog, FaultReason};
 use iotlb::Iotlb;
-use iova::{IovaAllocator, IovaError, RetiredIova};
+use iova::IovaAllocator;
 
 /// A device's requester id (like PCI bus/device/function).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -67,141 +103,6 @@ impl core::fmt::Display for DeviceId {
 
 /// A domain's id: 1..=65535 ([`iotlb::MAX_DOMAIN_ID`]), the tag of its IOTLB entries.
 pub type DomainId = u16;
-
-/// What a domain translates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DomainKind {
-    /// IOVA → physical through a page table.
-    Translated,
-    /// No translation: the device reaches physical address = IOVA (bypass / passthrough).
-    Identity,
-}
-
-/// When unmaps reach the IOTLB (see the module docs for what each promises).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Invalidate before unmap returns.
-    Strict,
-    /// Queue invalidations; flush in batches (≤ 256 entries, ≤ 10 ms).
-    Lazy,
-}
-
-/// How to build a domain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DomainConfig {
-    /// Translated or identity.
-    pub kind: DomainKind,
-    /// Strict or lazy invalidation.
-    pub mode: Mode,
-    /// First IOVA (page aligned, above 0; the IOVA allocator never returns address 0).
-    pub aperture_start: DmaAddr,
-    /// Width of the aperture: IOVAs stay below `1 << aperture_bits` (at most 48).
-    pub aperture_bits: u32,
-    /// Lazy mode: how old the oldest queued entry may get before the background flush
-    /// ([`FLUSH_TIMEOUT`] by default). The window of lazy mode is at most this long.
-    pub flush_timeout: Duration,
-}
-
-impl Default for DomainConfig {
-    fn default() -> Self {
-        DomainConfig {
-            kind: DomainKind::Translated,
-            mode: Mode::Strict,
-            aperture_start: DmaAddr::new(PAGE_SIZE),
-            aperture_bits: 48,
-            flush_timeout: FLUSH_TIMEOUT,
-        }
-    }
-}
-
-/// Lazy mode: flush when this many unmaps and frees are queued.
-pub const FLUSH_QUEUE_MAX: usize = 256;
-/// Lazy mode: flush when the oldest queued entry is this old.
-pub const FLUSH_TIMEOUT: Duration = Duration::from_millis(10);
-/// Fault records kept per log before the oldest are dropped (and counted).
-pub const FAULT_LOG_MAX: usize = 256;
-
-/// A device access kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// Device reads memory.
-    Read,
-    /// Device writes memory.
-    Write,
-}
-
-/// Why a device access faulted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaultReason {
-    /// The device was never registered.
-    UnknownDevice,
-    /// The device is attached to no domain.
-    NotAttached,
-    /// Nothing is mapped at the IOVA.
-    NotMapped,
-    /// A mapping exists but does not allow the access.
-    NotPermitted {
-        /// What the mapping allows.
-        prot: Prot,
-    },
-    /// The IOVA is outside the domain's aperture.
-    OutsideAperture,
-    /// The translation leads outside physical memory.
-    BusError {
-        /// The physical address reached.
-        pa: PhysAddr,
-    },
-}
-
-/// A device access that the IOMMU refused: the error of device-side calls and the record of
-/// the fault logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("DMA fault: {device} {access:?} at {iova}: {reason:?}")]
-pub struct DmaFault {
-    /// Who accessed.
-    pub device: DeviceId,
-    /// The first faulting address.
-    pub iova: DmaAddr,
-    /// Read or write.
-    pub access: Access,
-    /// Why.
-    pub reason: FaultReason,
-}
-
-/// A bounded ring of fault records that counts what it dropped.
-#[derive(Debug, Default)]
-pub struct FaultLog {
-    ring: Mutex<VecDeque<DmaFault>>,
-    dropped: AtomicU64,
-}
-
-impl FaultLog {
-    fn record(&self, f: DmaFault) {
-        let mut r = self.ring.lock();
-        if r.len() == FAULT_LOG_MAX {
-            r.pop_front();
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        r.push_back(f);
-    }
-
-    /// The records held, oldest first.
-    #[must_use]
-    pub fn records(&self) -> Vec<DmaFault> {
-        self.ring.lock().iter().copied().collect()
-    }
-
-    /// Takes the records held, oldest first, leaving the ring empty.
-    pub fn take(&self) -> Vec<DmaFault> {
-        self.ring.lock().drain(..).collect()
-    }
-
-    /// Records dropped because the ring was full.
-    #[must_use]
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-}
 
 /// Errors of IOMMU and domain management.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -223,9 +124,12 @@ pub enum IommuError {
     /// The device is attached to no domain.
     #[error("{0} is not attached")]
     NotAttached(DeviceId),
-    /// The domain belongs to another IOMMU or was destroyed.
+    /// The domain belongs to another IOMMU.
     #[error("domain {0} does not belong to this IOMMU")]
     ForeignDomain(DomainId),
+    /// The domain handle is stale: that domain was destroyed (its id may name another now).
+    #[error("domain {0} was destroyed: the handle is stale")]
+    StaleDomain(DomainId),
     /// Devices are still attached to the domain.
     #[error("domain {domain} still has {devices} device(s) attached")]
     DomainBusy {
@@ -243,347 +147,6 @@ pub enum IommuError {
     /// The arena has no room for the domain's root table.
     #[error(transparent)]
     Mem(#[from] MemError),
-}
-
-/// Errors of a domain's map and unmap.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DomainError {
-    /// The request leaves the aperture.
-    #[error("[{iova}, +{len:#x}) is outside the aperture of domain {domain}")]
-    OutsideAperture {
-        /// The domain.
-        domain: DomainId,
-        /// Start.
-        iova: DmaAddr,
-        /// Length.
-        len: u64,
-    },
-    /// An identity domain has no table to map into.
-    #[error("domain {0} is an identity domain: it has no page table")]
-    Identity(DomainId),
-    /// Nothing was mapped in the range to unmap.
-    #[error("nothing is mapped in [{iova}, +{len:#x})")]
-    NotMapped {
-        /// Start.
-        iova: DmaAddr,
-        /// Length.
-        len: u64,
-    },
-    /// The table refused the map.
-    #[error(transparent)]
-    Map(#[from] MapError<DmaAddr>),
-    /// The table refused the unmap.
-    #[error(transparent)]
-    Unmap(#[from] UnmapError<DmaAddr>),
-    /// The IOVA allocator refused.
-    #[error(transparent)]
-    Iova(#[from] IovaError),
-}
-
-#[derive(Default)]
-struct FlushQueue {
-    invalidations: Vec<Invalidation<DmaAddr>>,
-    iovas: Vec<RetiredIova>,
-    oldest: Option<Instant>,
-}
-
-impl FlushQueue {
-    fn len(&self) -> usize {
-        self.invalidations.len() + self.iovas.len()
-    }
-
-    fn overlaps(&self, start: u64, end: u64) -> bool {
-        self.invalidations
-            .iter()
-            .any(|i| i.range().is_some_and(|(s, l)| s.as_u64() < end && start < s.as_u64() + l))
-            || self.iovas.iter().any(|r| r.addr().as_u64() < end && start < r.addr().as_u64() + r.size())
-    }
-}
-
-/// An I/O address space. Created by [`Iommu::create_domain`].
-pub struct Domain {
-    id: DomainId,
-    kind: DomainKind,
-    mode: Mode,
-    flush_timeout: Duration,
-    aperture: (u64, u64),
-    owner: Weak<Inner>,
-    iotlb: Arc<Iotlb>,
-    table: Option<PageTable<X86Iommu>>,
-    iova: Option<IovaAllocator>,
-    /// Table walks that fill the IOTLB hold it shared; invalidations hold it exclusive.
-    inv_lock: RwLock<()>,
-    fq: Mutex<FlushQueue>,
-    faults: FaultLog,
-    devices: AtomicU32,
-}
-
-impl core::fmt::Debug for Domain {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Domain")
-            .field("id", &self.id)
-            .field("kind", &self.kind)
-            .field("mode", &self.mode)
-            .field("devices", &self.devices.load(Ordering::Relaxed))
-            .finish()
-    }
-}
-
-impl Domain {
-    /// The domain id (its IOTLB tag).
-    #[must_use]
-    pub fn id(&self) -> DomainId {
-        self.id
-    }
-
-    /// Translated or identity.
-    #[must_use]
-    pub fn kind(&self) -> DomainKind {
-        self.kind
-    }
-
-    /// Strict or lazy.
-    #[must_use]
-    pub fn mode(&self) -> Mode {
-        self.mode
-    }
-
-    /// The aperture `[start, end)`.
-    #[must_use]
-    pub fn aperture(&self) -> (DmaAddr, DmaAddr) {
-        (DmaAddr::new(self.aperture.0), DmaAddr::new(self.aperture.1))
-    }
-
-    /// The domain's page table (`None` for an identity domain).
-    #[must_use]
-    pub fn table(&self) -> Option<&PageTable<X86Iommu>> {
-        self.table.as_ref()
-    }
-
-    /// The domain's IOVA allocator (`None` for an identity domain).
-    #[must_use]
-    pub fn iova(&self) -> Option<&IovaAllocator> {
-        self.iova.as_ref()
-    }
-
-    /// The domain's fault log.
-    #[must_use]
-    pub fn faults(&self) -> &FaultLog {
-        &self.faults
-    }
-
-    /// Devices attached now.
-    #[must_use]
-    pub fn device_count(&self) -> u32 {
-        self.devices.load(Ordering::Relaxed)
-    }
-
-    fn check_aperture(&self, iova: DmaAddr, len: u64) -> Result<(), DomainError> {
-        let s = iova.as_u64();
-        match s.checked_add(len) {
-            Some(e) if s >= self.aperture.0 && e <= self.aperture.1 => Ok(()),
-            _ => Err(DomainError::OutsideAperture { domain: self.id, iova, len }),
-        }
-    }
-
-    fn table_or_err(&self) -> Result<&PageTable<X86Iommu>, DomainError> {
-        self.table.as_ref().ok_or(DomainError::Identity(self.id))
-    }
-
-    /// Maps `src` at `iova` (callers that manage IOVA themselves, like iommufd's IOAS; or after
-    /// [`Domain::alloc_iova`]). In lazy mode a map over a range whose unmap is still queued
-    /// flushes the queue first, so no stale translation survives a remap.
-    ///
-    /// # Errors
-    /// [`DomainError::OutsideAperture`], [`DomainError::Identity`], or the table's
-    /// [`MapError`]; nothing changes on error.
-    pub fn map(&self, iova: DmaAddr, src: MapSource<'_>, prot: Prot) -> Result<MapStats, DomainError> {
-        self.map_with(iova, src, prot, MapOptions::default())
-    }
-
-    /// [`Domain::map`] with explicit [`MapOptions`].
-    ///
-    /// # Errors
-    /// As [`Domain::map`].
-    pub fn map_with(
-        &self,
-        iova: DmaAddr,
-        src: MapSource<'_>,
-        prot: Prot,
-        opts: MapOptions,
-    ) -> Result<MapStats, DomainError> {
-        let table = self.table_or_err()?;
-        let len = src.len();
-        self.check_aperture(iova, len.max(1))?;
-        if self.mode == Mode::Lazy {
-            let pending = {
-                let fq = self.fq.lock();
-                fq.len() > 0 && fq.overlaps(iova.as_u64(), iova.as_u64().saturating_add(len))
-            };
-            if pending {
-                self.flush();
-            }
-        }
-        Ok(table.map(iova, src, prot, opts)?)
-    }
-
-    /// Unmaps `[iova, iova + len)` and returns the bytes that were mapped there. Strict mode:
-    /// invalidated before return. Lazy mode: queued (see the module docs).
-    ///
-    /// # Errors
-    /// [`DomainError::OutsideAperture`], [`DomainError::Identity`], the table's
-    /// [`UnmapError`], and [`DomainError::NotMapped`] when nothing was mapped there; nothing
-    /// changes on error.
-    pub fn unmap(&self, iova: DmaAddr, len: u64) -> Result<u64, DomainError> {
-        self.unmap_with(iova, len, self.mode)
-    }
-
-    /// Unmaps and invalidates before returning, whatever the domain's mode (what the DMA API's
-    /// `unlink` does: it is always strict).
-    ///
-    /// # Errors
-    /// As [`Domain::unmap`].
-    pub fn unmap_strict(&self, iova: DmaAddr, len: u64) -> Result<u64, DomainError> {
-        self.unmap_with(iova, len, Mode::Strict)
-    }
-
-    /// Drops the IOTLB's translations of `[iova, iova + len)` in this domain: the one flush of a
-    /// batch of maps (`iommu_iotlb_sync`), after which devices see exactly what the table holds.
-    pub fn sync(&self, iova: DmaAddr, len: u64) {
-        let _walks_done = self.inv_lock.write();
-        self.iotlb.invalidate_range(self.id, iova.as_u64(), len);
-    }
-
-    fn unmap_with(&self, iova: DmaAddr, len: u64, mode: Mode) -> Result<u64, DomainError> {
-        let table = self.table_or_err()?;
-        self.check_aperture(iova, len.max(1))?;
-        let inv = table.unmap(iova, len)?;
-        let bytes = inv.unmapped_bytes();
-        if bytes == 0 {
-            return Err(DomainError::NotMapped { iova, len });
-        }
-        match mode {
-            Mode::Strict => {
-                if let Some((s, l)) = inv.range() {
-                    let _walks_done = self.inv_lock.write();
-                    self.iotlb.invalidate_range(self.id, s.as_u64(), l);
-                }
-                inv.complete();
-            }
-            Mode::Lazy => self.enqueue(|fq| fq.invalidations.push(inv)),
-        }
-        Ok(bytes)
-    }
-
-    fn enqueue(&self, push: impl FnOnce(&mut FlushQueue)) {
-        let full = {
-            let mut fq = self.fq.lock();
-            push(&mut fq);
-            fq.oldest.get_or_insert_with(Instant::now);
-            fq.len() >= FLUSH_QUEUE_MAX
-        };
-        if full {
-            self.flush();
-        }
-    }
-
-    /// Translates on the CPU side (no IOTLB, no permission check).
-    #[must_use]
-    pub fn translate(&self, iova: DmaAddr) -> Option<Translated> {
-        match &self.table {
-            Some(t) => t.translate(iova),
-            None => Some(Translated {
-                pa: PhysAddr::new(iova.as_u64()),
-                prot: Prot::RW,
-                size: crate::addr::PageSize::Size4K,
-            }),
-        }
-    }
-
-    /// Allocates IOVA space in the aperture (top-down, per-CPU cached; see [`iova`]).
-    ///
-    /// # Errors
-    /// [`DomainError::Identity`], or the allocator's [`IovaError`].
-    pub fn alloc_iova(&self, size: u64) -> Result<DmaAddr, DomainError> {
-        Ok(self.iova.as_ref().ok_or(DomainError::Identity(self.id))?.alloc(size)?)
-    }
-
-    /// Allocates IOVA space ending at or below `limit` (a device's DMA mask + 1).
-    ///
-    /// # Errors
-    /// As [`Domain::alloc_iova`].
-    pub fn alloc_iova_below(&self, size: u64, limit: DmaAddr) -> Result<DmaAddr, DomainError> {
-        Ok(self.iova.as_ref().ok_or(DomainError::Identity(self.id))?.alloc_below(size, limit)?)
-    }
-
-    /// Frees IOVA space. Strict: reusable at once. Lazy: the allocation ends now (a second free
-    /// is an error) but the range is handed out again only after the next flush.
-    ///
-    /// # Errors
-    /// [`DomainError::Identity`], or the allocator's [`IovaError`] (double free, wrong size...).
-    pub fn free_iova(&self, addr: DmaAddr, size: u64) -> Result<(), DomainError> {
-        let a = self.iova.as_ref().ok_or(DomainError::Identity(self.id))?;
-        match self.mode {
-            Mode::Strict => a.free(addr, size)?,
-            Mode::Lazy => self.free_retired(a.retire(addr, size)?),
-        }
-        Ok(())
-    }
-
-    /// Ends the allocation of `[addr, addr + size)` now (a second free of it is an error from
-    /// here on) without making it reusable: hand the token to [`Domain::free_retired`] once the
-    /// range is unmapped. Lets a caller validate a free before it changes anything else.
-    ///
-    /// # Errors
-    /// [`DomainError::Identity`], or the allocator's [`IovaError`].
-    pub fn retire_iova(&self, addr: DmaAddr, size: u64) -> Result<RetiredIova, DomainError> {
-        Ok(self.iova.as_ref().ok_or(DomainError::Identity(self.id))?.retire(addr, size)?)
-    }
-
-    /// Makes a retired range reusable: at once in strict mode, after the next flush in lazy mode.
-    pub fn free_retired(&self, r: RetiredIova) {
-        match (self.mode, &self.iova) {
-            (Mode::Strict, Some(a)) => a.release(r),
-            (Mode::Lazy, Some(_)) => self.enqueue(|fq| fq.iovas.push(r)),
-            (_, None) => drop(r),
-        }
-    }
-
-    /// Lazy mode: flushes the queue now (one domain-wide IOTLB invalidation, then the queued
-    /// table pages are freed and IOVAs released). Strict mode: nothing is ever queued.
-    pub fn flush(&self) {
-        // The queue stays locked until the IOTLB is clean, so that once `pending_flush` reads 0
-        // no stale translation of a queued unmap can be used any more.
-        let mut fq = self.fq.lock();
-        if fq.len() == 0 {
-            return;
-        }
-        {
-            let _walks_done = self.inv_lock.write();
-            self.iotlb.invalidate_domain(self.id);
-        }
-        let q = core::mem::take(&mut *fq);
-        drop(fq);
-        drop(q.invalidations);
-        if let Some(a) = &self.iova {
-            for r in q.iovas {
-                a.release(r);
-            }
-        }
-    }
-
-    /// Unmaps and frees queued in lazy mode and not yet flushed.
-    #[must_use]
-    pub fn pending_flush(&self) -> usize {
-        self.fq.lock().len()
-    }
-
-    fn flush_if_old(&self) {
-        let old = self.fq.lock().oldest.is_some_and(|t| t.elapsed() >= self.flush_timeout);
-        if old {
-            self.flush();
-        }
-    }
 }
 
 // A device word: when attached to a *translated* domain, that domain's IOTLB lookup key (its id
@@ -614,6 +177,9 @@ struct Inner {
     faults: FaultLog,
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
     stop: AtomicBool,
+    /// Per device, data the layer above keeps for it whatever handle it uses (the DMA layer's
+    /// mapping records and bounce state), type-erased so that this layer knows nothing of it.
+    dev_data: Mutex<HashMap<u16, Arc<dyn Any + Send + Sync>>>,
 }
 
 /// Facts about a registered device.
@@ -676,10 +242,11 @@ impl Iommu {
                 iotlb: Arc::new(Iotlb::new()),
                 devices,
                 roots,
-                domains: RwLock::new(Vec::new()),
+                domains: RwLock::new(Vec::new(), Rank::Registry),
                 faults: FaultLog::default(),
-                flusher: Mutex::new(None),
+                flusher: Mutex::new(None, Rank::Flusher),
                 stop: AtomicBool::new(false),
+                dev_data: Mutex::new(HashMap::new(), Rank::Leaf),
             }),
         }
     }
@@ -690,10 +257,36 @@ impl Iommu {
         &self.inner.mem
     }
 
-    /// The shared IOTLB.
+    /// The shared IOTLB, to look at (lookups, counts). Only the IOMMU fills it and invalidates
+    /// it: its mutators are crate-private, so nothing can plant a translation.
+    ///
+    /// ```compile_fail
+    /// # use std::sync::Arc;
+    /// # use vmbind::{addr::{DmaAddr, PhysAddr}, iommu::Iommu, mem::PhysMem, pt::Prot};
+    /// let iommu = Iommu::new(Arc::new(PhysMem::new(1 << 20).unwrap()));
+    /// iommu.iotlb().insert(1, DmaAddr::new(0x1000), PhysAddr::new(0x2000), Prot::RW);
+    /// ```
     #[must_use]
     pub fn iotlb(&self) -> &Iotlb {
         &self.inner.iotlb
+    }
+
+    /// Drops every cached translation of every domain (a global IOTLB invalidation). Always
+    /// safe: devices then walk their tables again.
+    pub fn flush_iotlb(&self) {
+        self.inner.iotlb.invalidate_all();
+    }
+
+    /// The data the layer above keeps for device `dev` (created by `init` on first use), shared
+    /// by every handle of that device.
+    pub(crate) fn device_data<T: Any + Send + Sync>(
+        &self,
+        dev: DeviceId,
+        init: impl FnOnce() -> T,
+    ) -> Option<Arc<T>> {
+        let mut m = self.inner.dev_data.lock();
+        let e = m.entry(dev.0).or_insert_with(|| Arc::new(init()));
+        e.clone().downcast::<T>().ok()
     }
 
     /// Faults of devices that had no domain.
@@ -736,21 +329,15 @@ impl Iommu {
             }
             None => return Err(IommuError::TooManyDomains),
         };
-        let d = Arc::new(Domain {
-            id: (slot + 1) as DomainId,
-            kind: cfg.kind,
-            mode: cfg.mode,
-            flush_timeout: cfg.flush_timeout,
-            aperture: (start, end),
-            owner: Arc::downgrade(&self.inner),
-            iotlb: self.inner.iotlb.clone(),
+        let d = Arc::new(Domain::new(
+            (slot + 1) as DomainId,
+            &cfg,
+            (start, end),
+            Arc::downgrade(&self.inner),
+            self.inner.iotlb.clone(),
             table,
             iova,
-            inv_lock: RwLock::new(()),
-            fq: Mutex::new(FlushQueue::default()),
-            faults: FaultLog::default(),
-            devices: AtomicU32::new(0),
-        });
+        ));
         if let Some(t) = &d.table {
             self.inner.roots[usize::from(d.id)].store(t.root().as_u64(), Ordering::Release);
         }
@@ -762,31 +349,42 @@ impl Iommu {
         Ok(d)
     }
 
-    fn owns(&self, d: &Domain) -> bool {
-        d.owner.as_ptr() == Arc::as_ptr(&self.inner)
-            && self.inner.domains.read().get(usize::from(d.id) - 1).is_some_and(|s| s.is_some())
+    /// Checks that `d` is the live domain of its id in this IOMMU's registry: identity, not the
+    /// id, so a handle of a destroyed domain whose id was reused is recognised as stale.
+    fn check_live(&self, domains: &[Option<Arc<Domain>>], d: &Arc<Domain>) -> Result<(), IommuError> {
+        if d.owner.as_ptr() != Arc::as_ptr(&self.inner) {
+            return Err(IommuError::ForeignDomain(d.id));
+        }
+        match domains.get(usize::from(d.id) - 1) {
+            Some(Some(live)) if Arc::ptr_eq(live, d) => Ok(()),
+            _ => Err(IommuError::StaleDomain(d.id)),
+        }
     }
 
     /// Destroys a domain with no devices attached: pending lazy work is flushed, its IOTLB
-    /// entries dropped and its id freed. Its table and allocator live on while the caller
-    /// still holds the `Arc`.
+    /// entries dropped and its id freed. The handle becomes stale: every later use of it is
+    /// refused ([`DomainError::Destroyed`], [`IommuError::StaleDomain`]).
     ///
     /// # Errors
-    /// [`IommuError::ForeignDomain`], [`IommuError::DomainBusy`].
+    /// [`IommuError::ForeignDomain`], [`IommuError::StaleDomain`] (destroyed already),
+    /// [`IommuError::DomainBusy`]; nothing changes then.
     pub fn destroy_domain(&self, d: &Arc<Domain>) -> Result<(), IommuError> {
-        if !self.owns(d) {
-            return Err(IommuError::ForeignDomain(d.id));
-        }
+        // The registry stays locked for the whole teardown: no attach can slip in between the
+        // device count check and the removal, and no new domain can take the id before its
+        // IOTLB entries and fill flag are forgotten.
+        let mut domains = self.inner.domains.write();
+        self.check_live(&domains, d)?;
         let n = d.devices.load(Ordering::Acquire);
         if n > 0 {
             return Err(IommuError::DomainBusy { domain: d.id, devices: n });
         }
+        d.destroyed.store(true, Ordering::Release);
         d.flush();
         // Once the domain is out of both tables no fill can reach it (locked fills look it up
-        // under the table's read lock; unlocked ones read its root after reserving their slot,
-        // which the sweep of `forget_domain` clears), so its id can be marked never filled.
+        // under the registry's read lock; unlocked ones read its root after reserving their
+        // slot, which the sweep of `forget_domain` clears), so its id can be marked never filled.
         self.inner.roots[usize::from(d.id)].store(0, Ordering::Release);
-        self.inner.domains.write()[usize::from(d.id) - 1] = None;
+        domains[usize::from(d.id) - 1] = None;
         self.inner.iotlb.forget_domain(d.id);
         Ok(())
     }
@@ -817,12 +415,13 @@ impl Iommu {
     /// Attaches a device to a domain.
     ///
     /// # Errors
-    /// [`IommuError::UnknownDevice`], [`IommuError::ForeignDomain`],
-    /// [`IommuError::AlreadyAttached`] (to this or another domain: detach first).
+    /// [`IommuError::UnknownDevice`], [`IommuError::ForeignDomain`], [`IommuError::StaleDomain`],
+    /// [`IommuError::AlreadyAttached`] (to this or another domain: detach first); nothing
+    /// changes then.
     pub fn attach(&self, dev: DeviceId, d: &Arc<Domain>) -> Result<(), IommuError> {
-        if !self.owns(d) {
-            return Err(IommuError::ForeignDomain(d.id));
-        }
+        // Held until the device is counted: a destroy cannot pass its busy check meanwhile.
+        let domains = self.inner.domains.read();
+        self.check_live(&domains, d)?;
         let slot = &self.inner.devices[usize::from(dev.0)];
         let cur = slot.load(Ordering::Acquire);
         if cur & DEV_REGISTERED == 0 {
@@ -863,13 +462,16 @@ impl Iommu {
         }
         slot.compare_exchange(cur, cur & (DEV_REGISTERED | DEV_TRUSTED), Ordering::AcqRel, Ordering::Acquire)
             .map_err(|_| IommuError::NotAttached(dev))?;
-        let d = self.domain_by_id(id);
-        if let Some(d) = &d {
-            d.devices.fetch_sub(1, Ordering::AcqRel);
-            let _walks_done = d.inv_lock.write();
-            self.inner.iotlb.invalidate_domain(id);
-        } else {
-            self.inner.iotlb.invalidate_domain(id);
+        // The registry stays read-locked: the domain the device was counted in is the one found
+        // under its id (a destroy needs the count at zero and the write lock).
+        let domains = self.inner.domains.read();
+        match domains.get(usize::from(id) - 1).and_then(Option::as_ref) {
+            Some(d) => {
+                d.devices.fetch_sub(1, Ordering::AcqRel);
+                let _walks_done = d.inv_lock.write();
+                self.inner.iotlb.invalidate_domain(id);
+            }
+            None => self.inner.iotlb.invalidate_domain(id),
         }
         Ok(id)
     }
@@ -880,7 +482,7 @@ impl Iommu {
         self.domain_by_id(id)
     }
 
-    fn domain_by_id(&self, id: DomainId) -> Option<Arc<Domain>> {
+    pub(super) fn domain_by_id(&self, id: DomainId) -> Option<Arc<Domain>> {
         self.inner.domains.read().get(usize::from(id).wrapping_sub(1)).and_then(|d| d.clone())
     }
 
@@ -908,326 +510,6 @@ impl Iommu {
         // Without the thread the time bound degrades to the size bound and explicit flushes.
         *f = spawned.ok();
     }
-
-    fn fault(&self, d: Option<&Domain>, f: DmaFault) -> DmaFault {
-        match d {
-            Some(d) => d.faults.record(f),
-            None => self.inner.faults.record(f),
-        }
-        f
-    }
-
-    /// The IOTLB-hit fast path (see [`DevicePort::hit`]).
-    #[inline(always)]
-    fn iotlb_hit(&self, dev: DeviceId, a: u64, need: u8) -> Option<u64> {
-        self.port(dev).hit(a, need)
-    }
-
-    /// Translates one device access to a page: the physical address of `iova`, checked for
-    /// `access`, through the IOTLB and, on a miss, a table walk that fills it.
-    #[inline]
-    fn resolve(&self, dev: DeviceId, iova: DmaAddr, access: Access) -> Result<PhysAddr, DmaFault> {
-        let need = match access {
-            Access::Read => Prot::READ,
-            Access::Write => Prot::WRITE,
-        };
-        match self.iotlb_hit(dev, iova.as_u64(), need.bits()) {
-            Some(pa) => Ok(PhysAddr::new(pa)),
-            None => self.resolve_cold(dev, iova, access, need),
-        }
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn resolve_cold(
-        &self,
-        dev: DeviceId,
-        iova: DmaAddr,
-        access: Access,
-        need: Prot,
-    ) -> Result<PhysAddr, DmaFault> {
-        let v = self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire);
-        let fault = |reason| DmaFault { device: dev, iova, access, reason };
-        if v & DEV_REGISTERED == 0 {
-            return Err(self.fault(None, fault(FaultReason::UnknownDevice)));
-        }
-        let id = attached_domain(v);
-        if id == 0 {
-            return Err(self.fault(None, fault(FaultReason::NotAttached)));
-        }
-        if v & DEV_IDENTITY != 0 {
-            return Ok(PhysAddr::new(iova.as_u64()));
-        }
-        if let Some(pa) = self.fill_unlocked(dev, v, id, iova.as_u64(), need) {
-            return Ok(pa);
-        }
-        self.resolve_slow(dev, id, iova, access, need)
-    }
-
-    /// An IOTLB miss without a lock (see the `iotlb` module): reserve the slot, walk from the
-    /// domain's root, commit. `Some` only for a permitted access whose translation committed
-    /// while the device stayed attached as `word` says; anything else (a fault, a lost race, a
-    /// page the IOTLB cannot hold) goes the locked way, which decides it and records faults.
-    #[inline]
-    fn fill_unlocked(&self, dev: DeviceId, word: u64, id: DomainId, a: u64, need: Prot) -> Option<PhysAddr> {
-        let iotlb = &self.inner.iotlb;
-        let r = iotlb.reserve(id, a >> PAGE_SHIFT)?;
-        let root = self.inner.roots[usize::from(id)].load(Ordering::Acquire);
-        let t = (root != 0)
-            .then(|| {
-                PageTable::<X86Iommu>::translate_in(&self.inner.mem, PhysAddr::new(root), DmaAddr::new(a))
-            })
-            .flatten()
-            .filter(|t| t.prot.contains(need));
-        let Some(t) = t else {
-            iotlb.cancel(r);
-            return None;
-        };
-        let page = t.pa.as_u64() & !(PAGE_SIZE - 1);
-        let valid = iotlb.commit(r, page, t.prot);
-        (valid && self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire) == word).then_some(t.pa)
-    }
-
-    fn resolve_slow(
-        &self,
-        dev: DeviceId,
-        id: DomainId,
-        iova: DmaAddr,
-        access: Access,
-        need: Prot,
-    ) -> Result<PhysAddr, DmaFault> {
-        let fault = |reason| DmaFault { device: dev, iova, access, reason };
-        let domains = self.inner.domains.read();
-        let Some(d) = domains.get(usize::from(id) - 1).and_then(Option::as_deref) else {
-            drop(domains);
-            return Err(self.fault(None, fault(FaultReason::NotAttached)));
-        };
-        let a = iova.as_u64();
-        if a < d.aperture.0 || a >= d.aperture.1 {
-            return Err(self.fault(Some(d), fault(FaultReason::OutsideAperture)));
-        }
-        let Some(table) = &d.table else {
-            return Ok(PhysAddr::new(a));
-        };
-        let walk = d.inv_lock.read();
-        let Some(t) = table.translate(iova) else {
-            drop(walk);
-            return Err(self.fault(Some(d), fault(FaultReason::NotMapped)));
-        };
-        let page = t.pa.as_u64() & !(PAGE_SIZE - 1);
-        self.inner.iotlb.insert(id, a >> PAGE_SHIFT, page, t.prot);
-        drop(walk);
-        if !t.prot.contains(need) {
-            return Err(self.fault(Some(d), fault(FaultReason::NotPermitted { prot: t.prot })));
-        }
-        Ok(t.pa)
-    }
-
-    fn bus_check(
-        &self,
-        dev: DeviceId,
-        iova: DmaAddr,
-        access: Access,
-        pa: PhysAddr,
-        len: u64,
-    ) -> Result<(), DmaFault> {
-        match pa.as_u64().checked_add(len) {
-            Some(e) if e <= self.inner.mem.size() => Ok(()),
-            _ => Err(self.bus_fault(dev, iova, access, pa)),
-        }
-    }
-
-    #[cold]
-    fn bus_fault(&self, dev: DeviceId, iova: DmaAddr, access: Access, pa: PhysAddr) -> DmaFault {
-        let id = self.device(dev).and_then(|i| i.domain).and_then(|id| self.domain_by_id(id));
-        let f = DmaFault { device: dev, iova, access, reason: FaultReason::BusError { pa } };
-        self.fault(id.as_deref(), f)
-    }
-
-    /// Translates every page of `[iova, iova + len)` first; returns (pa, chunk length) pieces.
-    fn resolve_range(
-        &self,
-        dev: DeviceId,
-        iova: DmaAddr,
-        len: usize,
-        access: Access,
-    ) -> Result<Vec<(PhysAddr, usize)>, DmaFault> {
-        let mut out = Vec::with_capacity(len / PAGE_SIZE as usize + 2);
-        let mut at = iova.as_u64();
-        let mut left = len as u64;
-        while left > 0 {
-            let n = (PAGE_SIZE - (at & (PAGE_SIZE - 1))).min(left);
-            let va = DmaAddr::new(at);
-            let pa = self.resolve(dev, va, access)?;
-            self.bus_check(dev, va, access, pa, n)?;
-            out.push((pa, n as usize));
-            at = at.checked_add(n).ok_or_else(|| {
-                let f = DmaFault { device: dev, iova: va, access, reason: FaultReason::OutsideAperture };
-                self.fault(None, f)
-            })?;
-            left -= n;
-        }
-        Ok(out)
-    }
-
-    /// The device `dev` reads `buf.len()` bytes at `iova`. All pages are translated and
-    /// checked before any byte is read.
-    ///
-    /// # Errors
-    /// The first [`DmaFault`] (also appended to the fault log); `buf` is untouched then.
-    pub fn dma_read(&self, dev: DeviceId, iova: DmaAddr, buf: &mut [u8]) -> Result<(), DmaFault> {
-        let pieces = self.resolve_range(dev, iova, buf.len(), Access::Read)?;
-        let mut at = 0;
-        for (pa, n) in pieces {
-            // Cannot fail: bus_check ran for each piece.
-            let _ = self.inner.mem.read(pa, &mut buf[at..at + n]);
-            at += n;
-        }
-        Ok(())
-    }
-
-    /// The device `dev` writes `data` at `iova`. All pages are translated and checked before
-    /// any byte is written.
-    ///
-    /// # Errors
-    /// The first [`DmaFault`] (also appended to the fault log); memory is untouched then.
-    pub fn dma_write(&self, dev: DeviceId, iova: DmaAddr, data: &[u8]) -> Result<(), DmaFault> {
-        let pieces = self.resolve_range(dev, iova, data.len(), Access::Write)?;
-        let mut at = 0;
-        for (pa, n) in pieces {
-            let _ = self.inner.mem.write(pa, &data[at..at + n]);
-            at += n;
-        }
-        Ok(())
-    }
-
-    /// A handle for device `dev`'s repeated accesses, with the IOMMU structures they go through
-    /// resolved once — what a device's DMA engine with its context loaded does. Every access
-    /// still reads the device's attachment, so attach and detach take effect at once.
-    #[must_use]
-    pub fn port(&self, dev: DeviceId) -> DevicePort<'_> {
-        DevicePort {
-            iommu: self,
-            dev,
-            word: &self.inner.devices[usize::from(dev.0)],
-            entries: self.inner.iotlb.entries(),
-            words: self.inner.mem.words(),
-        }
-    }
-
-    /// The device loads a 64-bit little-endian value at `iova`.
-    ///
-    /// # Errors
-    /// [`DmaFault`], also logged.
-    #[inline(always)]
-    pub fn dma_read_u64(&self, dev: DeviceId, iova: DmaAddr) -> Result<u64, DmaFault> {
-        self.port(dev).read_u64(iova)
-    }
-
-    #[inline(never)]
-    fn dma_read_u64_slow(&self, dev: DeviceId, iova: DmaAddr) -> Result<u64, DmaFault> {
-        if iova.as_u64() & (PAGE_SIZE - 1) > PAGE_SIZE - 8 {
-            let mut b = [0u8; 8];
-            self.dma_read(dev, iova, &mut b)?;
-            return Ok(u64::from_le_bytes(b));
-        }
-        let pa = self.resolve(dev, iova, Access::Read)?;
-        match self.inner.mem.read_u64(pa) {
-            Ok(v) => Ok(v),
-            Err(_) => Err(self.bus_fault(dev, iova, Access::Read, pa)),
-        }
-    }
-
-    /// The device stores a 64-bit little-endian value at `iova`.
-    ///
-    /// # Errors
-    /// [`DmaFault`], also logged.
-    #[inline]
-    pub fn dma_write_u64(&self, dev: DeviceId, iova: DmaAddr, v: u64) -> Result<(), DmaFault> {
-        if iova.as_u64() & (PAGE_SIZE - 1) > PAGE_SIZE - 8 {
-            return self.dma_write(dev, iova, &v.to_le_bytes());
-        }
-        let pa = self.resolve(dev, iova, Access::Write)?;
-        self.bus_check(dev, iova, Access::Write, pa, 8)?;
-        let _ = self.inner.mem.write_u64(pa, v);
-        Ok(())
-    }
-}
-
-/// A device's access handle from [`Iommu::port`]: the same accesses as the `Iommu::dma_*`
-/// methods, with the device's slot, the IOTLB and the arena resolved once.
-#[derive(Clone, Copy)]
-pub struct DevicePort<'a> {
-    iommu: &'a Iommu,
-    dev: DeviceId,
-    word: &'a AtomicU64,
-    entries: &'a iotlb::Entries,
-    words: Words<'a>,
-}
-
-impl core::fmt::Debug for DevicePort<'_> {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("DevicePort").field("device", &self.dev).finish()
-    }
-}
-
-impl DevicePort<'_> {
-    /// The device.
-    #[must_use]
-    pub fn device(&self) -> DeviceId {
-        self.dev
-    }
-
-    /// [`Iommu::dma_read_u64`] through the handle.
-    ///
-    /// # Errors
-    /// [`DmaFault`], also logged.
-    #[inline(always)]
-    pub fn read_u64(&self, iova: DmaAddr) -> Result<u64, DmaFault> {
-        let a = iova.as_u64();
-        if a & (PAGE_SIZE - 1) <= PAGE_SIZE - 8
-            && let Some(pa) = self.hit(a, Prot::READ.bits())
-            && let Some(v) = self.words.load(PhysAddr::new(pa))
-        {
-            return Ok(v);
-        }
-        self.iommu.dma_read_u64_slow(self.dev, iova)
-    }
-
-    /// The IOTLB-hit fast path: the physical address of `a` when the device is attached to a
-    /// translated domain and a cached entry allows `need` (1 read, 2 write); `None` sends the
-    /// caller to the full path, which decides everything else.
-    #[inline(always)]
-    fn hit(&self, a: u64, need: u8) -> Option<u64> {
-        // Relaxed is enough: a detach or an invalidation that happens before this access is
-        // visible to it by coherence, and a hit publishes nothing.
-        let (page, prot) = iotlb::lookup_key(self.entries, self.word.load(Ordering::Relaxed), a)?;
-        (prot & need != 0).then_some(page | (a & (PAGE_SIZE - 1)))
-    }
-
-    /// [`Iommu::dma_write_u64`] through the handle.
-    ///
-    /// # Errors
-    /// [`DmaFault`], also logged.
-    pub fn write_u64(&self, iova: DmaAddr, v: u64) -> Result<(), DmaFault> {
-        self.iommu.dma_write_u64(self.dev, iova, v)
-    }
-
-    /// [`Iommu::dma_read`] through the handle.
-    ///
-    /// # Errors
-    /// [`DmaFault`], also logged; `buf` is untouched then.
-    pub fn read(&self, iova: DmaAddr, buf: &mut [u8]) -> Result<(), DmaFault> {
-        self.iommu.dma_read(self.dev, iova, buf)
-    }
-
-    /// [`Iommu::dma_write`] through the handle.
-    ///
-    /// # Errors
-    /// [`DmaFault`], also logged; memory is untouched then.
-    pub fn write(&self, iova: DmaAddr, data: &[u8]) -> Result<(), DmaFault> {
-        self.iommu.dma_write(self.dev, iova, data)
-    }
 }
 
 impl Drop for Inner {
@@ -1245,83 +527,4 @@ impl Drop for Inner {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A fill without a lock interleaved by hand with each kind of invalidation the domain
-    /// performs after a table update: its walk read the old translation, so it must not commit.
-    /// An arena, an IOMMU over it and one registered (not attached) device.
-    fn setup() -> (Arc<PhysMem>, Iommu, DeviceId) {
-        let mem = Arc::new(PhysMem::new(16 << 20).unwrap());
-        let iommu = Iommu::new(mem.clone());
-        let dev = DeviceId(3);
-        iommu.register_device(dev, true).unwrap();
-        (mem, iommu, dev)
-    }
-
-    #[test]
-    fn an_unlocked_fill_overtaken_by_an_unmap_or_detach_caches_nothing() {
-        let (mem, iommu, dev) = setup();
-        for mode in [Mode::Strict, Mode::Lazy] {
-            for detach in [false, true] {
-                let d = iommu.create_domain(DomainConfig { mode, ..DomainConfig::default() }).unwrap();
-                iommu.attach(dev, &d).unwrap();
-                let page = mem.alloc_frame().unwrap();
-                let iova = d.alloc_iova(PAGE_SIZE).unwrap();
-                d.map(iova, MapSource::Pages(&[page]), Prot::RW).unwrap();
-                let (id, pfn) = (d.id(), iova.as_u64() >> PAGE_SHIFT);
-                let root = PhysAddr::new(iommu.inner.roots[usize::from(id)].load(Ordering::Acquire));
-                let r = iommu.iotlb().reserve(id, pfn).unwrap();
-                let t = PageTable::<X86Iommu>::translate_in(&mem, root, iova).unwrap();
-                assert_eq!(t.pa, page);
-                if detach {
-                    iommu.detach(dev).unwrap();
-                } else {
-                    d.unmap(iova, PAGE_SIZE).unwrap();
-                    d.flush();
-                }
-                assert!(!iommu.iotlb().commit(r, page.as_u64(), t.prot), "{mode:?} detach={detach}");
-                assert_eq!(iommu.iotlb().lookup(id, pfn), None);
-                if detach {
-                    assert!(iommu.dma_read_u64(dev, iova).is_err());
-                    iommu.attach(dev, &d).unwrap();
-                    d.unmap(iova, PAGE_SIZE).unwrap();
-                    d.flush();
-                }
-                assert_eq!(iommu.dma_read_u64(dev, iova).unwrap_err().reason, FaultReason::NotMapped);
-                iommu.detach(dev).unwrap();
-                d.free_iova(iova, PAGE_SIZE).unwrap();
-                iommu.destroy_domain(&d).unwrap();
-                mem.free_frame(page).unwrap();
-            }
-        }
-    }
-
-    #[test]
-    fn a_miss_fills_without_a_lock_and_a_destroyed_domain_has_no_root() {
-        let (mem, iommu, dev) = setup();
-        let d = iommu.create_domain(DomainConfig::default()).unwrap();
-        iommu.attach(dev, &d).unwrap();
-        let page = mem.alloc_frame().unwrap();
-        mem.write_u64(page, 42).unwrap();
-        let iova = d.alloc_iova(PAGE_SIZE).unwrap();
-        d.map(iova, MapSource::Pages(&[page]), Prot::READ).unwrap();
-        // Hold the invalidation lock: a fill that needed it would block; this one does not.
-        let held = d.inv_lock.read();
-        let word = iommu.inner.devices[usize::from(dev.0)].load(Ordering::Acquire);
-        assert_eq!(iommu.fill_unlocked(dev, word, d.id(), iova.as_u64(), Prot::READ), Some(page));
-        assert_eq!(
-            iommu.iotlb().lookup(d.id(), iova.as_u64() >> PAGE_SHIFT),
-            Some((page.as_u64(), Prot::READ))
-        );
-        // Not permitted: no answer and nothing cached for it by this path.
-        assert_eq!(iommu.fill_unlocked(dev, word, d.id(), iova.as_u64(), Prot::WRITE), None);
-        drop(held);
-        assert_eq!(iommu.port(dev).read_u64(iova).unwrap(), 42);
-        let id = d.id();
-        iommu.detach(dev).unwrap();
-        iommu.destroy_domain(&d).unwrap();
-        assert_eq!(iommu.inner.roots[usize::from(id)].load(Ordering::Acquire), 0);
-        assert_eq!(iommu.fill_unlocked(dev, word, id, iova.as_u64(), Prot::READ), None);
-    }
-}
+mod tests;

@@ -16,7 +16,7 @@ pub(crate) mod rng;
 
 use core::ptr::NonNull;
 
-use parking_lot::Mutex;
+use crate::sync::{Mutex, Rank};
 
 use crate::addr::{PAGE_SHIFT, PAGE_SIZE, PageSize, PhysAddr};
 pub use access::Words;
@@ -175,7 +175,7 @@ impl PhysMem {
         let _ = unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
         let base = NonNull::new(ptr.cast::<u8>()).ok_or(MemError::Mmap { size, errno: 0 })?;
         let nframes = u32::try_from(size >> PAGE_SHIFT).map_err(|_| MemError::BadSize { size })?;
-        Ok(PhysMem { base, size, frames: Mutex::new(Buddy::new(nframes)) })
+        Ok(PhysMem { base, size, frames: Mutex::new(Buddy::new(nframes), Rank::Frames) })
     }
 
     /// The arena size in bytes.

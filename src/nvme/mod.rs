@@ -184,40 +184,6 @@ pub struct Prp {
     pub lists: Vec<(PhysAddr, DmaAddr)>,
 }
 
-/// The page-aligned addresses of every page the segments touch, in order.
-struct PageAddrs<'a> {
-    segs: &'a [crate::dma::DmaSeg],
-    i: usize,
-    page: u64,
-    end: u64,
-    size: u64,
-}
-
-impl<'a> PageAddrs<'a> {
-    fn new(segs: &'a [crate::dma::DmaSeg], size: u64) -> Self {
-        let (page, end) =
-            segs.first().map_or((0, 0), |s| (s.addr.as_u64() & !(size - 1), s.addr.as_u64() + s.len));
-        PageAddrs { segs, i: 0, page, end, size }
-    }
-}
-
-impl Iterator for PageAddrs<'_> {
-    type Item = u64;
-
-    #[inline]
-    fn next(&mut self) -> Option<u64> {
-        while self.page >= self.end {
-            self.i += 1;
-            let s = self.segs.get(self.i)?;
-            self.page = s.addr.as_u64() & !(self.size - 1);
-            self.end = s.addr.as_u64() + s.len;
-        }
-        let p = self.page;
-        self.page += self.size;
-        Some(p)
-    }
-}
-
 /// Builds PRP1/PRP2 (and list pages from `pool`) for `data`, with controller page size
 /// `page_size` (4096 in Linux; it must be the pool's) and at most `max_len` bytes (8 MiB in
 /// Linux).
@@ -262,7 +228,7 @@ pub fn build_prp(pool: &mut ListPool, data: &DmaVec, page_size: u64, max_len: u6
         segs.iter().map(|s| (s.addr.as_u64() + s.len - (s.addr.as_u64() & !mask)).div_ceil(page_size)).sum();
     let entries = (pages - 1) as usize;
     if entries == 1 {
-        let prp2 = data.page_addrs(page_size).nth(1).unwrap_or(DmaAddr::ZERO);
+        let prp2 = data.page_addrs(page_size)?.nth(1).unwrap_or(DmaAddr::ZERO);
         return Ok(Prp { prp1, prp2, lists: Vec::new() });
     }
     let per = (page_size / 8) as usize; // 512 for 4 KiB pages
@@ -274,7 +240,7 @@ pub fn build_prp(pool: &mut ListPool, data: &DmaVec, page_size: u64, max_len: u6
     // in its last slot. A list page is seen as its 4 KiB chunks of 512 entries, each filled by a
     // plain loop over the page addresses.
     let chunks = (page_size / PAGE_SIZE) as usize;
-    let mut pages = PageAddrs::new(segs, page_size);
+    let mut pages = data.page_addrs(page_size)?.map(DmaAddr::as_u64);
     pages.next(); // the first page is PRP1's
     let mut left = entries;
     for (k, &(pa, _)) in lists.iter().enumerate() {

@@ -1,0 +1,579 @@
+//! [`Device`]: a device as the DMA API sees it, its one-shot mappings (`map_phys`, `map_sg`)
+//! and their records (Linux's dma-debug checks, always on).
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::bounce::{self, Bounce};
+use super::{Attrs, Direction, DmaError, DmaVec, GRANULE, MapKind, align_up, granule_source};
+use crate::addr::{DmaAddr, PhysAddr};
+use crate::iommu::iova::{IovaError, IovaTag};
+use crate::iommu::{DeviceId, Domain, DomainError, DomainKind, Iommu};
+use crate::mem::{BioVec, PhysMem};
+use crate::pt::MapSource;
+use crate::sync::{Mutex, Rank};
+
+/// What the DMA layer keeps per device, shared by every [`Device`] handle of it.
+#[derive(Debug)]
+pub(super) struct DevState {
+    /// One-shot mappings of an untrusted device that bounce, by IOVA base.
+    bounced: Mutex<HashMap<u64, Vec<Bounce>>>,
+    /// Direct devices: the records of their one-shot mappings, by DMA address.
+    direct: Mutex<HashMap<u64, Vec<Record>>>,
+}
+
+impl Default for DevState {
+    fn default() -> Self {
+        DevState {
+            bounced: Mutex::new(HashMap::new(), Rank::Leaf),
+            direct: Mutex::new(HashMap::new(), Rank::Leaf),
+        }
+    }
+}
+
+/// A one-shot mapping as dma-debug records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Record {
+    pub(super) dev: DeviceId,
+    pub(super) dir: Direction,
+    pub(super) kind: MapKind,
+    /// In-page offset of the handle (the DMA address returned) from the IOVA base.
+    pub(super) pad: u64,
+    /// Exact size mapped.
+    pub(super) size: u64,
+}
+
+const PRESENT: u64 = 1 << 63;
+
+impl Record {
+    /// The record as an IOVA tag: (size, device | direction | kind | pad | present).
+    pub(super) fn tag(self) -> IovaTag {
+        let dir = match self.dir {
+            Direction::ToDevice => 0,
+            Direction::FromDevice => 1,
+            Direction::Bidirectional => 2,
+        };
+        let kind = match self.kind {
+            MapKind::Single => 0,
+            MapKind::Sg => 1,
+            MapKind::TwoStep => 2,
+        };
+        IovaTag(self.size, PRESENT | u64::from(self.dev.0) | dir << 16 | kind << 18 | self.pad << 20)
+    }
+
+    /// The record a tag holds, if it is one of ours.
+    pub(super) fn from_tag(t: IovaTag) -> Option<Record> {
+        if t.1 & PRESENT == 0 {
+            return None;
+        }
+        let dir = match (t.1 >> 16) & 3 {
+            0 => Direction::ToDevice,
+            1 => Direction::FromDevice,
+            _ => Direction::Bidirectional,
+        };
+        let kind = match (t.1 >> 18) & 3 {
+            0 => MapKind::Single,
+            1 => MapKind::Sg,
+            _ => MapKind::TwoStep,
+        };
+        Some(Record { dev: DeviceId(t.1 as u16), dir, kind, pad: (t.1 >> 20) & (GRANULE - 1), size: t.0 })
+    }
+
+    /// Why an unmap `given` of this mapping is refused (dma-debug's order: whose, which call,
+    /// which size, which direction).
+    pub(super) fn mismatch(self, dma: DmaAddr, given: Record) -> DmaError {
+        if self.dev != given.dev {
+            DmaError::OtherDevice { dma, owner: self.dev }
+        } else if self.pad != given.pad {
+            DmaError::NotMapped { dma, size: given.size }
+        } else if self.kind != given.kind {
+            DmaError::KindMismatch { dma, mapped: self.kind, given: given.kind }
+        } else if self.size != given.size {
+            DmaError::SizeMismatch { dma, mapped: self.size, unmapped: given.size }
+        } else {
+            DmaError::DirectionMismatch { dma, mapped: self.dir, given: given.dir }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Path {
+    Translated { iommu: Iommu },
+    Direct { bits: u32 },
+}
+
+/// A device as the DMA API sees it: who it is, whether it is trusted, and how it reaches memory.
+/// Translated handles follow the device's attachment (module docs); clones and other handles of
+/// the same device share its records and bounce state.
+#[derive(Debug, Clone)]
+pub struct Device {
+    id: DeviceId,
+    trusted: bool,
+    path: Path,
+    mem: Arc<PhysMem>,
+    state: Arc<DevState>,
+}
+
+impl Device {
+    /// A device that reaches memory through the IOMMU domain it is attached to (now and at
+    /// every later call).
+    ///
+    /// # Errors
+    /// [`DmaError::NotAttached`] (also for an unregistered device),
+    /// [`DmaError::IdentityDomain`].
+    pub fn translated(iommu: &Iommu, id: DeviceId) -> Result<Self, DmaError> {
+        let info = iommu.device(id).ok_or(DmaError::NotAttached(id))?;
+        let state = iommu.device_data(id, DevState::default).ok_or(DmaError::NotAttached(id))?;
+        let dev = Device {
+            id,
+            trusted: info.trusted,
+            path: Path::Translated { iommu: iommu.clone() },
+            mem: iommu.mem().clone(),
+            state,
+        };
+        dev.current_domain()?;
+        Ok(dev)
+    }
+
+    /// A device without translation: DMA address = physical address, reachable below
+    /// `1 << addr_bits` (e.g. 32 for an old device).
+    ///
+    /// # Errors
+    /// [`DmaError::BadAddressWidth`].
+    pub fn direct(mem: Arc<PhysMem>, id: DeviceId, addr_bits: u32, trusted: bool) -> Result<Self, DmaError> {
+        if !(12..=64).contains(&addr_bits) {
+            return Err(DmaError::BadAddressWidth(addr_bits));
+        }
+        Ok(Device { id, trusted, path: Path::Direct { bits: addr_bits }, mem, state: Arc::default() })
+    }
+
+    /// The device id.
+    #[must_use]
+    pub fn id(&self) -> DeviceId {
+        self.id
+    }
+
+    /// Whether the device is trusted.
+    #[must_use]
+    pub fn is_trusted(&self) -> bool {
+        self.trusted
+    }
+
+    /// The domain it translates through now (`None` for a direct device, or a translated one
+    /// that is not attached to a translated domain).
+    #[must_use]
+    pub fn domain(&self) -> Option<Arc<Domain>> {
+        self.current_domain().ok().flatten()
+    }
+
+    /// The translated domain the device is attached to now; `Ok(None)` for a direct device.
+    pub(super) fn current_domain(&self) -> Result<Option<Arc<Domain>>, DmaError> {
+        let Path::Translated { iommu } = &self.path else { return Ok(None) };
+        let dom_id = iommu.device(self.id).and_then(|i| i.domain).ok_or(DmaError::NotAttached(self.id))?;
+        let domain = iommu.domain(dom_id).ok_or(DmaError::NotAttached(self.id))?;
+        if domain.kind() == DomainKind::Identity {
+            return Err(DmaError::IdentityDomain(self.id));
+        }
+        Ok(Some(domain))
+    }
+
+    /// Whether `[phys, phys + size)` must be bounced: an untrusted device and a partial granule.
+    /// The caller has checked that the range does not wrap.
+    pub(super) fn needs_bounce(&self, phys: PhysAddr, size: u64) -> bool {
+        !self.trusted && (phys.as_u64() % GRANULE != 0 || phys.as_u64().wrapping_add(size) % GRANULE != 0)
+    }
+
+    /// The arena the device's memory lives in.
+    #[must_use]
+    pub fn mem(&self) -> &Arc<PhysMem> {
+        &self.mem
+    }
+
+    fn record(&self, dir: Direction, kind: MapKind, pad: u64, size: u64) -> Record {
+        Record { dev: self.id, dir, kind, pad, size }
+    }
+
+    /// Maps `[phys, phys + size)` for the device and returns the DMA address of its first byte
+    /// (`dma_map_phys`). Translated: a fresh IOVA range, mapped with the direction's permissions.
+    /// Direct: the physical address itself, if the device can reach it.
+    ///
+    /// # Errors
+    /// [`DmaError::ZeroSize`], [`DmaError::Overflow`], [`DmaError::AddressLimit`],
+    /// [`DmaError::NotAttached`], [`DmaError::PeerToPeer`] (MMIO on a translated device),
+    /// [`DmaError::BounceExhausted`] (untrusted device, partial pages, no bounce frame),
+    /// [`DmaError::Iommu`]; nothing stays mapped then.
+    pub fn map_phys(
+        &self,
+        phys: PhysAddr,
+        size: u64,
+        dir: Direction,
+        attrs: Attrs,
+    ) -> Result<DmaAddr, DmaError> {
+        self.map_one(phys, size, dir, attrs, MapKind::Single)
+    }
+
+    fn map_one(
+        &self,
+        phys: PhysAddr,
+        size: u64,
+        dir: Direction,
+        attrs: Attrs,
+        kind: MapKind,
+    ) -> Result<DmaAddr, DmaError> {
+        if size == 0 {
+            return Err(DmaError::ZeroSize);
+        }
+        let end = phys.as_u64().checked_add(size).ok_or(DmaError::Overflow { phys, size })?;
+        let Some(domain) = self.current_domain()? else {
+            let Path::Direct { bits, .. } = &self.path else { unreachable!("direct path") };
+            if *bits < 64 && end > 1u64 << bits {
+                return Err(DmaError::AddressLimit { phys, size, bits: *bits });
+            }
+            let rec = self.record(dir, kind, 0, size);
+            self.state.direct.lock().entry(phys.as_u64()).or_default().push(rec);
+            return Ok(DmaAddr::new(phys.as_u64()));
+        };
+        if attrs.mmio {
+            return Err(DmaError::PeerToPeer(phys));
+        }
+        let pad = phys.as_u64() % GRANULE;
+        let len = align_up(pad + size).ok_or(DmaError::Overflow { phys, size })?;
+        let (src_vecs, bounces) = if self.needs_bounce(phys, size) {
+            bounce::plan(self.mem(), phys, size, dir, attrs, 0)?
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let tag = self.record(dir, kind, pad, size).tag();
+        let iova = match domain.alloc_iova_tagged(len, tag) {
+            Ok(i) => i,
+            Err(e) => {
+                bounce::abandon(self.mem(), bounces);
+                return Err(e.into());
+            }
+        };
+        let src = if bounces.is_empty() {
+            MapSource::Range { pa: PhysAddr::new(phys.as_u64() - pad), len }
+        } else {
+            MapSource::BioVecs(&src_vecs)
+        };
+        if let Err(e) = domain.map(iova, src, dir.prot()) {
+            if let Ok(r) = domain.retire_iova_tagged(iova, len, tag) {
+                let _ = domain.free_retired(r);
+            }
+            bounce::abandon(self.mem(), bounces);
+            return Err(e.into());
+        }
+        if !bounces.is_empty() {
+            self.state.bounced.lock().insert(iova.as_u64(), bounces);
+        }
+        Ok(DmaAddr::new(iova.as_u64() + pad))
+    }
+
+    /// `dma_map_page`: [`Device::map_phys`] of `size` bytes at `offset` into `page`.
+    ///
+    /// # Errors
+    /// As [`Device::map_phys`].
+    pub fn map_page(
+        &self,
+        page: PhysAddr,
+        offset: u64,
+        size: u64,
+        dir: Direction,
+        attrs: Attrs,
+    ) -> Result<DmaAddr, DmaError> {
+        let phys = page.checked_add(offset).ok_or(DmaError::Overflow { phys: page, size })?;
+        self.map_phys(phys, size, dir, attrs)
+    }
+
+    /// Undoes [`Device::map_phys`] / [`Device::map_page`]: the handle, size and direction must
+    /// be the mapping's (see the module docs' misuse checks). Translated: the range is unmapped
+    /// (strict or lazy, as the domain is) and its IOVA freed.
+    ///
+    /// # Errors
+    /// [`DmaError::ZeroSize`], [`DmaError::NotMapped`], [`DmaError::SizeMismatch`],
+    /// [`DmaError::DirectionMismatch`], [`DmaError::KindMismatch`], [`DmaError::OtherDevice`],
+    /// [`DmaError::NotAttached`], [`DmaError::Iommu`]; nothing changes then.
+    pub fn unmap(&self, dma: DmaAddr, size: u64, dir: Direction, attrs: Attrs) -> Result<(), DmaError> {
+        self.unmap_one(dma, size, dir, attrs, MapKind::Single)
+    }
+
+    pub(super) fn unmap_one(
+        &self,
+        dma: DmaAddr,
+        size: u64,
+        dir: Direction,
+        attrs: Attrs,
+        kind: MapKind,
+    ) -> Result<(), DmaError> {
+        if size == 0 {
+            return Err(DmaError::ZeroSize);
+        }
+        let pad = dma.as_u64() % GRANULE;
+        let want = self.record(dir, kind, pad, size);
+        let Some(domain) = self.current_domain()? else {
+            let mut direct = self.state.direct.lock();
+            let Some(recs) = direct.get_mut(&dma.as_u64()) else {
+                return Err(DmaError::NotMapped { dma, size });
+            };
+            let want = Record { pad: 0, ..want };
+            match recs.iter().position(|r| *r == want) {
+                Some(i) => {
+                    recs.swap_remove(i);
+                    if recs.is_empty() {
+                        direct.remove(&dma.as_u64());
+                    }
+                    return Ok(());
+                }
+                None => return Err(recs[0].mismatch(dma, want)),
+            }
+        };
+        let len = align_up(pad + size).ok_or(DmaError::SizeMismatch { dma, mapped: 0, unmapped: size })?;
+        let iova = DmaAddr::new(dma.as_u64() - pad);
+        // Ends the allocation first, checked against its record: a range this device never
+        // mapped, a second unmap, another size, direction or kind is refused here, before
+        // anything changes.
+        let retired = domain
+            .retire_iova_tagged(iova, len, want.tag())
+            .map_err(|e| self.refusal(&domain, dma, iova, want, e))?;
+        let unmapped = domain.unmap(iova, len);
+        // The device has lost access: bring back what it wrote, release the bounces.
+        if let Some(bounces) = self.state.bounced.lock().remove(&iova.as_u64()) {
+            for b in bounces {
+                bounce::finish(self.mem(), b, attrs);
+            }
+        }
+        let _ = domain.free_retired(retired);
+        unmapped.map(|_| ()).map_err(DmaError::Iommu)
+    }
+
+    /// The typed error for a refused retire of `iova`: the record's mismatch when there is one.
+    fn refusal(
+        &self,
+        domain: &Domain,
+        dma: DmaAddr,
+        iova: DmaAddr,
+        want: Record,
+        e: DomainError,
+    ) -> DmaError {
+        let found = match &e {
+            DomainError::Iova(IovaError::TagMismatch { found, .. }) => Some(*found),
+            DomainError::Iova(_) => domain.iova_tag(iova).map(|(t, _)| t),
+            _ => return DmaError::Iommu(e),
+        };
+        match found.and_then(Record::from_tag) {
+            Some(rec) => rec.mismatch(dma, want),
+            None => DmaError::NotMapped { dma, size: want.size },
+        }
+    }
+
+    /// Maps a `bio_vec` array (`dma_map_sg`). Translated: ONE IOVA range for the whole array,
+    /// every segment placed granule by granule at running offsets and entered into the table in
+    /// one call, so that segments which meet on granule boundaries merge into one DMA segment.
+    /// Direct: each segment's physical address, physically adjacent ones merged.
+    ///
+    /// # Errors
+    /// As [`Device::map_phys`], for the first segment that fails; nothing stays mapped.
+    pub fn map_sg(&self, bvecs: &[BioVec], dir: Direction, attrs: Attrs) -> Result<DmaVec, DmaError> {
+        if bvecs.is_empty() {
+            return Err(DmaError::ZeroSize);
+        }
+        // Every segment is checked before anything is mapped: non-empty, not wrapping.
+        for b in bvecs {
+            let size = u64::from(b.len);
+            let phys = b.start().ok_or(DmaError::Overflow { phys: b.phys, size })?;
+            if size == 0 {
+                return Err(DmaError::ZeroSize);
+            }
+            phys.checked_add(size).ok_or(DmaError::Overflow { phys, size })?;
+        }
+        let domain = match self.current_domain()? {
+            None => return self.map_each(bvecs, dir, attrs, MapKind::Sg),
+            Some(_)
+                if bvecs.iter().any(|b| {
+                    self.needs_bounce(PhysAddr::new(b.phys.as_u64() + u64::from(b.offset)), u64::from(b.len))
+                }) =>
+            {
+                // An untrusted device with partial pages: each segment mapped (and bounced) on
+                // its own.
+                return self.map_each(bvecs, dir, attrs, MapKind::Sg);
+            }
+            Some(d) => d,
+        };
+        if attrs.mmio {
+            return Err(DmaError::PeerToPeer(bvecs[0].phys));
+        }
+        let mut expanded = Vec::with_capacity(bvecs.len());
+        let mut total = 0u64;
+        for b in bvecs {
+            let size = u64::from(b.len);
+            let phys = PhysAddr::new(b.phys.as_u64() + u64::from(b.offset));
+            let pad = phys.as_u64() % GRANULE;
+            let len = align_up(pad + size).ok_or(DmaError::Overflow { phys, size })?;
+            let seg_len = u32::try_from(len).map_err(|_| DmaError::Overflow { phys, size })?;
+            expanded.push(BioVec { phys: PhysAddr::new(phys.as_u64() - pad), offset: 0, len: seg_len });
+            total = total.checked_add(len).ok_or(DmaError::Overflow { phys, size })?;
+        }
+        let tag = self.record(dir, MapKind::Sg, 0, total).tag();
+        let iova = domain.alloc_iova_tagged(total, tag)?;
+        if let Err(e) = domain.map(iova, granule_source(&expanded), dir.prot()) {
+            if let Ok(r) = domain.retire_iova_tagged(iova, total, tag) {
+                let _ = domain.free_retired(r);
+            }
+            return Err(e.into());
+        }
+        let mut out = DmaVec { kind: Some(MapKind::Sg), ..DmaVec::default() };
+        let mut at = iova.as_u64();
+        for (b, e) in bvecs.iter().zip(&expanded) {
+            let pad = (b.phys.as_u64() + u64::from(b.offset)) % GRANULE;
+            // Cannot fail: non-empty and inside the IOVA range just mapped.
+            let _ = out.push(DmaAddr::new(at + pad), u64::from(b.len));
+            at += u64::from(e.len);
+        }
+        out.iova = Some((iova, total));
+        Ok(out)
+    }
+
+    /// Maps every segment on its own, merging adjacent results; undoes them all if one fails.
+    pub(super) fn map_each(
+        &self,
+        bvecs: &[BioVec],
+        dir: Direction,
+        attrs: Attrs,
+        kind: MapKind,
+    ) -> Result<DmaVec, DmaError> {
+        let mut out = DmaVec { kind: Some(kind), ..DmaVec::default() };
+        for b in bvecs {
+            let size = u64::from(b.len);
+            let mapped = b
+                .start()
+                .ok_or(DmaError::Overflow { phys: b.phys, size })
+                .and_then(|phys| self.map_one(phys, size, dir, attrs, kind));
+            match mapped.and_then(|d| out.push(d, size).map(|()| d)) {
+                Ok(d) => out.pieces.push((d, size)),
+                Err(e) => {
+                    for &(d, n) in &out.pieces {
+                        let _ = self.unmap_one(d, n, dir, attrs, kind);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Undoes [`Device::map_sg`], with the direction it was mapped with.
+    ///
+    /// # Errors
+    /// [`DmaError::NotMapped`] (a list `map_sg` did not make, or unmapped twice),
+    /// [`DmaError::DirectionMismatch`], [`DmaError::OtherDevice`], [`DmaError::KindMismatch`];
+    /// nothing changes then.
+    pub fn unmap_sg(&self, v: &DmaVec, dir: Direction, attrs: Attrs) -> Result<(), DmaError> {
+        if v.kind != Some(MapKind::Sg) {
+            let dma = v.segs.first().map_or(DmaAddr::ZERO, |s| s.addr);
+            return Err(DmaError::NotMapped { dma, size: v.total_len() });
+        }
+        if let Some((iova, total)) = v.iova {
+            let domain = self.current_domain()?.ok_or(DmaError::NotAttached(self.id))?;
+            let want = self.record(dir, MapKind::Sg, 0, total);
+            let retired = domain
+                .retire_iova_tagged(iova, total, want.tag())
+                .map_err(|e| self.refusal(&domain, iova, iova, want, e))?;
+            let unmapped = domain.unmap(iova, total);
+            let _ = domain.free_retired(retired);
+            return unmapped.map(|_| ()).map_err(DmaError::Iommu);
+        }
+        // Pieces: check them all first, so that a refused unmap changes nothing.
+        for &(d, size) in &v.pieces {
+            self.check_mapped(d, size, dir, MapKind::Sg)?;
+        }
+        for &(d, size) in &v.pieces {
+            self.unmap_one(d, size, dir, attrs, MapKind::Sg)?;
+        }
+        Ok(())
+    }
+
+    /// The record of the mapping whose handle is `dma`, checked against `(size, dir, kind)`.
+    fn check_mapped(
+        &self,
+        dma: DmaAddr,
+        size: u64,
+        dir: Direction,
+        kind: MapKind,
+    ) -> Result<Record, DmaError> {
+        let pad = dma.as_u64() % GRANULE;
+        let want = self.record(dir, kind, pad, size);
+        let rec = match self.current_domain()? {
+            None => {
+                let direct = self.state.direct.lock();
+                let recs = direct.get(&dma.as_u64()).ok_or(DmaError::NotMapped { dma, size })?;
+                let want = Record { pad: 0, ..want };
+                return recs.iter().find(|r| **r == want).copied().ok_or_else(|| recs[0].mismatch(dma, want));
+            }
+            Some(domain) => domain
+                .iova_tag(DmaAddr::new(dma.as_u64() - pad))
+                .and_then(|(t, _)| Record::from_tag(t))
+                .ok_or(DmaError::NotMapped { dma, size })?,
+        };
+        if rec == want { Ok(rec) } else { Err(rec.mismatch(dma, want)) }
+    }
+
+    /// `dma_sync_single_range_for_cpu`: makes `[offset, offset + size)` of the mapping whose
+    /// handle is `dma` (mapped with `mapped_size` bytes) visible to the CPU after the device
+    /// wrote it. For a bounced mapping the device's bytes are copied back; the model's memory is
+    /// otherwise coherent, so only the checks remain.
+    ///
+    /// # Errors
+    /// [`DmaError::SyncOutOfRange`], [`DmaError::DirectionMismatch`], and the record checks of
+    /// [`Device::unmap`]; nothing changes then.
+    pub fn sync_for_cpu(
+        &self,
+        dma: DmaAddr,
+        mapped_size: u64,
+        offset: u64,
+        size: u64,
+        dir: Direction,
+    ) -> Result<(), DmaError> {
+        self.sync(dma, mapped_size, offset, size, dir, true)
+    }
+
+    /// `dma_sync_single_range_for_device`: hands `[offset, offset + size)` of the mapping back
+    /// to the device after the CPU wrote it (a bounced mapping gets the CPU's bytes copied in).
+    ///
+    /// # Errors
+    /// As [`Device::sync_for_cpu`].
+    pub fn sync_for_device(
+        &self,
+        dma: DmaAddr,
+        mapped_size: u64,
+        offset: u64,
+        size: u64,
+        dir: Direction,
+    ) -> Result<(), DmaError> {
+        self.sync(dma, mapped_size, offset, size, dir, false)
+    }
+
+    fn sync(
+        &self,
+        dma: DmaAddr,
+        mapped_size: u64,
+        offset: u64,
+        size: u64,
+        dir: Direction,
+        for_cpu: bool,
+    ) -> Result<(), DmaError> {
+        if size == 0 || mapped_size == 0 {
+            return Err(DmaError::ZeroSize);
+        }
+        let rec = self.check_mapped(dma, mapped_size, dir, MapKind::Single)?;
+        if offset.checked_add(size).is_none_or(|e| e > rec.size) {
+            return Err(DmaError::SyncOutOfRange { dma, offset, size, mapped: rec.size });
+        }
+        let base = dma.as_u64() - rec.pad;
+        if let Some(bounces) = self.state.bounced.lock().get(&base) {
+            let lo = rec.pad + offset;
+            bounce::sync_range(self.mem(), bounces, lo, lo + size, for_cpu);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,339 @@
+//! Device-side access: how a device's reads and writes are translated and checked — the IOTLB
+//! hit path, the lock-free fill on a miss, the locked fill that decides faults — and
+//! [`DevicePort`], a device's access handle.
+#![forbid(unsafe_code)]
+
+use super::fault::{Access, DmaFault, FaultReason};
+use super::{DEV_IDENTITY, DEV_REGISTERED, DeviceId, Domain, DomainId, Iommu, attached_domain, iotlb};
+use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
+use crate::mem::Words;
+use crate::pt::{PageTable, Prot, X86Iommu};
+use crate::sync::atomic::{AtomicU64, Ordering};
+
+impl Iommu {
+    pub(super) fn fault(&self, d: Option<&Domain>, f: DmaFault) -> DmaFault {
+        match d {
+            Some(d) => d.faults.record(f),
+            None => self.inner.faults.record(f),
+        }
+        f
+    }
+
+    /// The IOTLB-hit fast path (see [`DevicePort::hit`]).
+    #[inline(always)]
+    fn iotlb_hit(&self, dev: DeviceId, a: u64, need: u8) -> Option<u64> {
+        self.port(dev).hit(a, need)
+    }
+
+    /// Translates one device access to a page: the physical address of `iova`, checked for
+    /// `access`, through the IOTLB and, on a miss, a table walk that fills it.
+    #[inline]
+    fn resolve(&self, dev: DeviceId, iova: DmaAddr, access: Access) -> Result<PhysAddr, DmaFault> {
+        let need = match access {
+            Access::Read => Prot::READ,
+            Access::Write => Prot::WRITE,
+        };
+        match self.iotlb_hit(dev, iova.as_u64(), need.bits()) {
+            Some(pa) => Ok(PhysAddr::new(pa)),
+            None => self.resolve_cold(dev, iova, access, need),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn resolve_cold(
+        &self,
+        dev: DeviceId,
+        iova: DmaAddr,
+        access: Access,
+        need: Prot,
+    ) -> Result<PhysAddr, DmaFault> {
+        let v = self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire);
+        let fault = |reason| DmaFault { device: dev, iova, access, reason };
+        if v & DEV_REGISTERED == 0 {
+            return Err(self.fault(None, fault(FaultReason::UnknownDevice)));
+        }
+        let id = attached_domain(v);
+        if id == 0 {
+            return Err(self.fault(None, fault(FaultReason::NotAttached)));
+        }
+        if v & DEV_IDENTITY != 0 {
+            return Ok(PhysAddr::new(iova.as_u64()));
+        }
+        if let Some(pa) = self.fill_unlocked(dev, v, id, iova.as_u64(), need) {
+            return Ok(pa);
+        }
+        self.resolve_slow(dev, id, iova, access, need)
+    }
+
+    /// An IOTLB miss without a lock (see the `iotlb` module): reserve the slot, walk from the
+    /// domain's root, commit. `Some` only for a permitted access whose translation committed
+    /// while the device stayed attached as `word` says; anything else (a fault, a lost race, a
+    /// page the IOTLB cannot hold) goes the locked way, which decides it and records faults.
+    #[inline]
+    pub(super) fn fill_unlocked(
+        &self,
+        dev: DeviceId,
+        word: u64,
+        id: DomainId,
+        a: u64,
+        need: Prot,
+    ) -> Option<PhysAddr> {
+        let iotlb = &self.inner.iotlb;
+        let r = iotlb.reserve(id, DmaAddr::new(a))?;
+        let root = self.inner.roots[usize::from(id)].load(Ordering::Acquire);
+        let t = (root != 0)
+            .then(|| {
+                PageTable::<X86Iommu>::translate_in(&self.inner.mem, PhysAddr::new(root), DmaAddr::new(a))
+            })
+            .flatten()
+            .filter(|t| t.prot.contains(need));
+        let Some(t) = t else {
+            iotlb.cancel(r);
+            return None;
+        };
+        let page = t.pa.as_u64() & !(PAGE_SIZE - 1);
+        let valid = iotlb.commit(r, PhysAddr::new(page), t.prot);
+        (valid && self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire) == word).then_some(t.pa)
+    }
+
+    fn resolve_slow(
+        &self,
+        dev: DeviceId,
+        id: DomainId,
+        iova: DmaAddr,
+        access: Access,
+        need: Prot,
+    ) -> Result<PhysAddr, DmaFault> {
+        let fault = |reason| DmaFault { device: dev, iova, access, reason };
+        let domains = self.inner.domains.read();
+        let Some(d) = domains.get(usize::from(id) - 1).and_then(Option::as_deref) else {
+            drop(domains);
+            return Err(self.fault(None, fault(FaultReason::NotAttached)));
+        };
+        let a = iova.as_u64();
+        if a < d.aperture.0 || a >= d.aperture.1 {
+            return Err(self.fault(Some(d), fault(FaultReason::OutsideAperture)));
+        }
+        let Some(table) = &d.table else {
+            return Ok(PhysAddr::new(a));
+        };
+        let walk = d.inv_lock.read();
+        let Some(t) = table.translate(iova) else {
+            drop(walk);
+            return Err(self.fault(Some(d), fault(FaultReason::NotMapped)));
+        };
+        self.inner.iotlb.insert(id, iova, t.pa, t.prot);
+        drop(walk);
+        if !t.prot.contains(need) {
+            return Err(self.fault(Some(d), fault(FaultReason::NotPermitted { prot: t.prot })));
+        }
+        Ok(t.pa)
+    }
+
+    fn bus_check(
+        &self,
+        dev: DeviceId,
+        iova: DmaAddr,
+        access: Access,
+        pa: PhysAddr,
+        len: u64,
+    ) -> Result<(), DmaFault> {
+        match pa.as_u64().checked_add(len) {
+            Some(e) if e <= self.inner.mem.size() => Ok(()),
+            _ => Err(self.bus_fault(dev, iova, access, pa)),
+        }
+    }
+
+    #[cold]
+    fn bus_fault(&self, dev: DeviceId, iova: DmaAddr, access: Access, pa: PhysAddr) -> DmaFault {
+        let id = self.device(dev).and_then(|i| i.domain).and_then(|id| self.domain_by_id(id));
+        let f = DmaFault { device: dev, iova, access, reason: FaultReason::BusError { pa } };
+        self.fault(id.as_deref(), f)
+    }
+
+    /// Translates every page of `[iova, iova + len)` first; returns (pa, chunk length) pieces.
+    fn resolve_range(
+        &self,
+        dev: DeviceId,
+        iova: DmaAddr,
+        len: usize,
+        access: Access,
+    ) -> Result<Vec<(PhysAddr, usize)>, DmaFault> {
+        let mut out = Vec::with_capacity(len / PAGE_SIZE as usize + 2);
+        let mut at = iova.as_u64();
+        let mut left = len as u64;
+        while left > 0 {
+            let n = (PAGE_SIZE - (at & (PAGE_SIZE - 1))).min(left);
+            let va = DmaAddr::new(at);
+            let pa = self.resolve(dev, va, access)?;
+            self.bus_check(dev, va, access, pa, n)?;
+            out.push((pa, n as usize));
+            at = at.checked_add(n).ok_or_else(|| {
+                let f = DmaFault { device: dev, iova: va, access, reason: FaultReason::OutsideAperture };
+                self.fault(None, f)
+            })?;
+            left -= n;
+        }
+        Ok(out)
+    }
+
+    /// The device `dev` reads `buf.len()` bytes at `iova`. All pages are translated and
+    /// checked before any byte is read.
+    ///
+    /// # Errors
+    /// The first [`DmaFault`] (also appended to the fault log); `buf` is untouched then.
+    pub fn dma_read(&self, dev: DeviceId, iova: DmaAddr, buf: &mut [u8]) -> Result<(), DmaFault> {
+        let pieces = self.resolve_range(dev, iova, buf.len(), Access::Read)?;
+        let mut at = 0;
+        for (pa, n) in pieces {
+            // Cannot fail: bus_check ran for each piece.
+            let _ = self.inner.mem.read(pa, &mut buf[at..at + n]);
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// The device `dev` writes `data` at `iova`. All pages are translated and checked before
+    /// any byte is written.
+    ///
+    /// # Errors
+    /// The first [`DmaFault`] (also appended to the fault log); memory is untouched then.
+    pub fn dma_write(&self, dev: DeviceId, iova: DmaAddr, data: &[u8]) -> Result<(), DmaFault> {
+        let pieces = self.resolve_range(dev, iova, data.len(), Access::Write)?;
+        let mut at = 0;
+        for (pa, n) in pieces {
+            let _ = self.inner.mem.write(pa, &data[at..at + n]);
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// A handle for device `dev`'s repeated accesses, with the IOMMU structures they go through
+    /// resolved once — what a device's DMA engine with its context loaded does. Every access
+    /// still reads the device's attachment, so attach and detach take effect at once.
+    #[must_use]
+    pub fn port(&self, dev: DeviceId) -> DevicePort<'_> {
+        DevicePort {
+            iommu: self,
+            dev,
+            word: &self.inner.devices[usize::from(dev.0)],
+            entries: self.inner.iotlb.entries(),
+            words: self.inner.mem.words(),
+        }
+    }
+
+    /// The device loads a 64-bit little-endian value at `iova`.
+    ///
+    /// # Errors
+    /// [`DmaFault`], also logged.
+    #[inline(always)]
+    pub fn dma_read_u64(&self, dev: DeviceId, iova: DmaAddr) -> Result<u64, DmaFault> {
+        self.port(dev).read_u64(iova)
+    }
+
+    #[inline(never)]
+    fn dma_read_u64_slow(&self, dev: DeviceId, iova: DmaAddr) -> Result<u64, DmaFault> {
+        if iova.as_u64() & (PAGE_SIZE - 1) > PAGE_SIZE - 8 {
+            let mut b = [0u8; 8];
+            self.dma_read(dev, iova, &mut b)?;
+            return Ok(u64::from_le_bytes(b));
+        }
+        let pa = self.resolve(dev, iova, Access::Read)?;
+        match self.inner.mem.read_u64(pa) {
+            Ok(v) => Ok(v),
+            Err(_) => Err(self.bus_fault(dev, iova, Access::Read, pa)),
+        }
+    }
+
+    /// The device stores a 64-bit little-endian value at `iova`.
+    ///
+    /// # Errors
+    /// [`DmaFault`], also logged.
+    #[inline]
+    pub fn dma_write_u64(&self, dev: DeviceId, iova: DmaAddr, v: u64) -> Result<(), DmaFault> {
+        if iova.as_u64() & (PAGE_SIZE - 1) > PAGE_SIZE - 8 {
+            return self.dma_write(dev, iova, &v.to_le_bytes());
+        }
+        let pa = self.resolve(dev, iova, Access::Write)?;
+        self.bus_check(dev, iova, Access::Write, pa, 8)?;
+        let _ = self.inner.mem.write_u64(pa, v);
+        Ok(())
+    }
+}
+
+/// A device's access handle from [`Iommu::port`]: the same accesses as the `Iommu::dma_*`
+/// methods, with the device's slot, the IOTLB and the arena resolved once.
+#[derive(Clone, Copy)]
+pub struct DevicePort<'a> {
+    iommu: &'a Iommu,
+    dev: DeviceId,
+    word: &'a AtomicU64,
+    entries: &'a iotlb::Entries,
+    words: Words<'a>,
+}
+
+impl core::fmt::Debug for DevicePort<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DevicePort").field("device", &self.dev).finish()
+    }
+}
+
+impl DevicePort<'_> {
+    /// The device.
+    #[must_use]
+    pub fn device(&self) -> DeviceId {
+        self.dev
+    }
+
+    /// [`Iommu::dma_read_u64`] through the handle.
+    ///
+    /// # Errors
+    /// [`DmaFault`], also logged.
+    #[inline(always)]
+    pub fn read_u64(&self, iova: DmaAddr) -> Result<u64, DmaFault> {
+        let a = iova.as_u64();
+        if a & (PAGE_SIZE - 1) <= PAGE_SIZE - 8
+            && let Some(pa) = self.hit(a, Prot::READ.bits())
+            && let Some(v) = self.words.load(PhysAddr::new(pa))
+        {
+            return Ok(v);
+        }
+        self.iommu.dma_read_u64_slow(self.dev, iova)
+    }
+
+    /// The IOTLB-hit fast path: the physical address of `a` when the device is attached to a
+    /// translated domain and a cached entry allows `need` (1 read, 2 write); `None` sends the
+    /// caller to the full path, which decides everything else.
+    #[inline(always)]
+    fn hit(&self, a: u64, need: u8) -> Option<u64> {
+        // Relaxed is enough: a detach or an invalidation that happens before this access is
+        // visible to it by coherence, and a hit publishes nothing.
+        let (page, prot) = iotlb::lookup_key(self.entries, self.word.load(Ordering::Relaxed), a)?;
+        (prot & need != 0).then_some(page | (a & (PAGE_SIZE - 1)))
+    }
+
+    /// [`Iommu::dma_write_u64`] through the handle.
+    ///
+    /// # Errors
+    /// [`DmaFault`], also logged.
+    pub fn write_u64(&self, iova: DmaAddr, v: u64) -> Result<(), DmaFault> {
+        self.iommu.dma_write_u64(self.dev, iova, v)
+    }
+
+    /// [`Iommu::dma_read`] through the handle.
+    ///
+    /// # Errors
+    /// [`DmaFault`], also logged; `buf` is untouched then.
+    pub fn read(&self, iova: DmaAddr, buf: &mut [u8]) -> Result<(), DmaFault> {
+        self.iommu.dma_read(self.dev, iova, buf)
+    }
+
+    /// [`Iommu::dma_write`] through the handle.
+    ///
+    /// # Errors
+    /// [`DmaFault`], also logged; memory is untouched then.
+    pub fn write(&self, iova: DmaAddr, data: &[u8]) -> Result<(), DmaFault> {
+        self.iommu.dma_write(self.dev, iova, data)
+    }
+}

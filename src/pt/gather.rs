@@ -1,0 +1,116 @@
+//! The invalidation gather: what an unmap removed and what a TLB must forget, and the table
+//! pages that may be freed only once it has.
+#![forbid(unsafe_code)]
+
+use core::marker::PhantomData;
+use std::sync::Arc;
+
+use crate::sync::{Mutex, Rank};
+
+use crate::addr::{Address, PageSize, PhysAddr};
+use crate::mem::PhysMem;
+
+/// Table pages an unmap emptied whose [`Invalidation`] was dropped without being completed:
+/// they stay out of the arena until the table's owner declares a full TLB flush
+/// ([`super::PageTable::release_parked`]) or the table itself is dropped.
+#[derive(Debug)]
+pub(super) struct Parking {
+    pub(super) mem: Arc<PhysMem>,
+    pub(super) pages: Mutex<Vec<PhysAddr>>,
+}
+
+impl Parking {
+    pub(super) fn new(mem: Arc<PhysMem>) -> Arc<Self> {
+        Arc::new(Parking { mem, pages: Mutex::new(Vec::new(), Rank::Leaf) })
+    }
+
+    /// Frees every parked page; returns how many.
+    pub(super) fn release(&self) -> usize {
+        let pages = core::mem::take(&mut *self.pages.lock());
+        // Every frame here was a table page of this table, taken out of the tree under its lock.
+        let _ = self.mem.free_frames(&pages);
+        pages.len()
+    }
+}
+
+/// What an unmap removed and what a TLB must now forget, like Linux's `iommu_iotlb_gather`:
+/// the span of removed leaves, their sizes, and the table pages that became empty.
+///
+/// **The emptied table pages go back to the arena only through [`Invalidation::complete`]**,
+/// which the caller calls after the TLB flush, so that no walker can follow a freed table into
+/// reused memory. An invalidation dropped without `complete()` does not free them behind the
+/// TLB's back: it *parks* them on its table, which holds them until its owner calls
+/// [`super::PageTable::release_parked`] after a full flush (or until the table is dropped).
+/// Nothing leaks and nothing is freed early; [`super::PageTable::parked_tables`] counts them.
+#[must_use = "an unmap's invalidation must be flushed, then completed"]
+#[derive(Debug)]
+pub struct Invalidation<V: Address> {
+    parking: Arc<Parking>,
+    pub(super) start: u64,
+    pub(super) end: u64,
+    pub(super) unmapped: u64,
+    pub(super) sizes: u8,
+    pub(super) freed: Vec<PhysAddr>,
+    _va: PhantomData<V>,
+}
+
+impl<V: Address> Invalidation<V> {
+    pub(super) fn new(parking: Arc<Parking>) -> Self {
+        Invalidation {
+            parking,
+            start: u64::MAX,
+            end: 0,
+            unmapped: 0,
+            sizes: 0,
+            freed: Vec::new(),
+            _va: PhantomData,
+        }
+    }
+
+    pub(super) fn add(&mut self, va: u64, len: u64, unmapped: u64, level: u8) {
+        self.start = self.start.min(va);
+        self.end = self.end.max(va + len);
+        self.unmapped += unmapped;
+        self.sizes |= 1 << level;
+    }
+
+    /// Bytes that were mapped in the range and are no longer.
+    #[must_use]
+    pub fn unmapped_bytes(&self) -> u64 {
+        self.unmapped
+    }
+
+    /// The span to invalidate, `(start, length)`; `None` when nothing was mapped.
+    #[must_use]
+    pub fn range(&self) -> Option<(V, u64)> {
+        (self.start < self.end).then(|| (V::new(self.start), self.end - self.start))
+    }
+
+    /// Leaf sizes that were removed, smallest first (a TLB flushes by these granules).
+    pub fn page_sizes(&self) -> impl Iterator<Item = PageSize> + '_ {
+        PageSize::ALL.into_iter().filter(|s| self.sizes & (1 << s.level()) != 0)
+    }
+
+    /// Table pages that became empty and will be freed on completion.
+    #[must_use]
+    pub fn freed_tables(&self) -> usize {
+        self.freed.len()
+    }
+
+    /// Declares the TLB flushed for [`Invalidation::range`]: the emptied table pages go back to
+    /// the arena now.
+    pub fn complete(mut self) {
+        let pages = core::mem::take(&mut self.freed);
+        // Every frame here was a table page of this table, taken out of the tree under its lock.
+        let _ = self.parking.mem.free_frames(&pages);
+    }
+}
+
+impl<V: Address> Drop for Invalidation<V> {
+    fn drop(&mut self) {
+        if !self.freed.is_empty() {
+            // Not completed: the flush may not have happened. Park, never free.
+            self.parking.pages.lock().append(&mut self.freed);
+        }
+    }
+}

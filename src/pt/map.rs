@@ -1,0 +1,394 @@
+//! Map: validate, plan (one read-only descent), preallocate, commit (one writing descent, new
+//! subtrees filled privately and published last). See the module docs of [`super`].
+#![forbid(unsafe_code)]
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use super::source::Cursor;
+use super::{
+    ENTRIES, Format, MapError, MapOptions, MapSource, MapStats, PageTable, Prot, Pte, index, shift, span,
+    split_cost,
+};
+use crate::addr::{Address, PAGE_SIZE, PhysAddr};
+
+#[derive(Default)]
+struct Plan {
+    tables: u64,
+    reserve: u64,
+}
+
+impl<F: Format> PageTable<F> {
+    /// The first mapped address in `[va, va + len)`, if any (a walk that skips empty subtrees).
+    #[must_use]
+    pub fn first_mapped(&self, va: F::Va, len: u64) -> Option<F::Va> {
+        let v = va.as_u64();
+        if len == 0 || v & (PAGE_SIZE - 1) != 0 || len & (PAGE_SIZE - 1) != 0 || !Self::check_range(v, len) {
+            return None;
+        }
+        let _guard = self.lock.lock();
+        // The planning walk with 4 KiB leaves forced reports the first present entry; its
+        // source cursor only counts bytes here.
+        let mut cur = Cursor::new(MapSource::Range { pa: PhysAddr::new(0), len }, Self::PA_LIMIT);
+        let root = self.table(self.root);
+        self.plan(Self::ROOT_LEVEL, Some(root), v, v + len, &mut cur, 0, &mut Plan::default())
+            .err()
+            .map(F::Va::new)
+    }
+
+    /// Validates a source (page lists and page arrays are checked during the walk instead) and
+    /// returns its length.
+    fn check_source(src: &MapSource<'_>) -> Result<u64, MapError<F::Va>> {
+        const LOW: u64 = PAGE_SIZE - 1;
+        match *src {
+            MapSource::Range { pa, len } => {
+                let bad = (pa.as_u64() | len) & LOW != 0;
+                if len == 0 {
+                    return Err(MapError::ZeroLength);
+                }
+                if bad {
+                    return Err(MapError::UnalignedSource { index: 0, pa, len });
+                }
+                match pa.as_u64().checked_add(len) {
+                    Some(end) if end <= Self::PA_LIMIT => Ok(len),
+                    _ => Err(MapError::PhysTooHigh { index: 0, pa, len }),
+                }
+            }
+            MapSource::Pages(p) => {
+                // Each page is validated as the commit reads it, chunk by chunk, before anything
+                // becomes visible (see `commit`): one pass over the list instead of two.
+                if p.is_empty() {
+                    return Err(MapError::ZeroLength);
+                }
+                let len = (p.len() as u64)
+                    .checked_mul(PAGE_SIZE)
+                    .ok_or(MapError::OutOfRange { va: F::Va::new(0), len: u64::MAX })?;
+                Ok(len)
+            }
+            MapSource::PageVecs(b) => {
+                // Checked element by element as the walk reads them (see `fill_4k`).
+                if b.is_empty() {
+                    return Err(MapError::ZeroLength);
+                }
+                Ok(b.len() as u64 * PAGE_SIZE)
+            }
+            MapSource::BioVecs(b) => {
+                if b.is_empty() {
+                    return Err(MapError::ZeroLength);
+                }
+                // Fast check, one vectorizable pass: every segment page aligned and a page
+                // multiple, none empty, no page near the limit (offsets and lengths are below
+                // 2^32, so a page below PA_LIMIT / 2 cannot reach it). The exact error comes from
+                // the loop below.
+                let (all, top, min, sum) =
+                    b.iter().fold((0u64, 0u64, u32::MAX, 0u64), |(a, t, mn, sm), v| {
+                        (
+                            a | v.phys.as_u64() | u64::from(v.offset) | u64::from(v.len),
+                            t.max(v.phys.as_u64()),
+                            mn.min(v.len),
+                            sm + u64::from(v.len),
+                        )
+                    });
+                if all & LOW == 0 && min > 0 && top < Self::PA_LIMIT / 2 {
+                    return Ok(sum);
+                }
+                let mut total = 0u64;
+                for (index, v) in b.iter().enumerate() {
+                    let len = u64::from(v.len);
+                    let pa = v.start().ok_or(MapError::PhysTooHigh { index, pa: v.phys, len })?;
+                    if len == 0 || (pa.as_u64() | len) & LOW != 0 {
+                        return Err(MapError::UnalignedSource { index, pa, len });
+                    }
+                    if pa.as_u64().checked_add(len).is_none_or(|e| e > Self::PA_LIMIT) {
+                        return Err(MapError::PhysTooHigh { index, pa, len });
+                    }
+                    total += len;
+                }
+                Ok(total)
+            }
+        }
+    }
+
+    /// Maps `src` at `va` with `prot` in one walk.
+    ///
+    /// # Errors
+    /// [`MapError::ZeroLength`], [`MapError::UnalignedVa`], [`MapError::UnalignedSource`],
+    /// [`MapError::PhysTooHigh`], [`MapError::OutOfRange`], [`MapError::InvalidProt`] for bad
+    /// input; [`MapError::AlreadyMapped`] naming the first mapped address in the range;
+    /// [`MapError::OutOfMemory`] when the arena cannot supply the tables. In every case the table
+    /// is unchanged.
+    pub fn map(
+        &self,
+        va: F::Va,
+        src: MapSource<'_>,
+        prot: Prot,
+        opts: MapOptions,
+    ) -> Result<MapStats, MapError<F::Va>> {
+        let len = Self::check_source(&src)?;
+        let cursor = || Cursor::new(src, Self::PA_LIMIT);
+        let v = va.as_u64();
+        if v & (PAGE_SIZE - 1) != 0 {
+            return Err(MapError::UnalignedVa { va });
+        }
+        if !Self::check_range(v, len) {
+            return Err(MapError::OutOfRange { va, len });
+        }
+        if !F::is_present(F::leaf_bits(0, prot)) {
+            return Err(MapError::InvalidProt { prot });
+        }
+        let max_level = opts.max_leaf.level();
+        let mut bits = [0u64; 4];
+        for (level, b) in bits.iter_mut().enumerate() {
+            *b = F::leaf_bits(level as u8, prot);
+        }
+
+        let _guard = self.lock.lock();
+        let root = self.table(self.root);
+        let mut plan = Plan::default();
+        self.plan(Self::ROOT_LEVEL, Some(root), v, v + len, &mut cursor(), max_level, &mut plan)
+            .map_err(|at| MapError::AlreadyMapped { va: F::Va::new(at) })?;
+
+        self.mem.reserve(plan.reserve).map_err(MapError::OutOfMemory)?;
+        let mut pool = match self.mem.alloc_frames(plan.tables as usize) {
+            Ok(p) => p,
+            Err(e) => {
+                self.mem.unreserve(plan.reserve);
+                return Err(MapError::OutOfMemory(e));
+            }
+        };
+        let mut stats = MapStats { bytes: len, tables_created: plan.tables, ..MapStats::default() };
+        let all_new = pool.clone();
+        let mut deferred = Vec::new();
+        let mut ctx =
+            Commit { bits: &bits, max_level, pool: &mut pool, stats: &mut stats, deferred: &mut deferred };
+        let built = self.build(Self::ROOT_LEVEL, self.root, false, v, v + len, &mut cursor(), &mut ctx);
+        if let Err(index) = built {
+            // Nothing was published: every new table is still private. Give it all back.
+            let _ = self.mem.free_frames(&all_new);
+            self.mem.unreserve(plan.reserve);
+            let (pa, len, offset) = match src {
+                MapSource::Pages(p) => (p[index], PAGE_SIZE, 0),
+                MapSource::PageVecs(b) => {
+                    let v = b[index];
+                    (v.start().unwrap_or(v.phys), u64::from(v.len), v.offset)
+                }
+                _ => (PhysAddr::new(0), PAGE_SIZE, 0),
+            };
+            return Err(if pa.as_u64() & (PAGE_SIZE - 1) != 0 || len != PAGE_SIZE || offset != 0 {
+                MapError::UnalignedSource { index, pa, len }
+            } else {
+                MapError::PhysTooHigh { index, pa, len }
+            });
+        }
+        debug_assert!(pool.is_empty());
+        self.publish(&deferred, &bits);
+        self.tables.fetch_add(plan.tables, Ordering::Relaxed);
+        self.reserved.fetch_add(plan.reserve, Ordering::Relaxed);
+        Ok(stats)
+    }
+
+    /// How many whole entries from `v` on, at `level`, can be huge leaves of the current
+    /// contiguous source run (0 when the first cannot). Stays within the current table.
+    #[inline]
+    fn huge_run(level: u8, max_level: u8, v: u64, end: u64, cur: &Cursor<'_>) -> usize {
+        if level == 0 || level > max_level || !F::leaf_allowed(level) {
+            return 0;
+        }
+        let s = span(level);
+        if v & (s - 1) != 0 || end - v < s {
+            return 0;
+        }
+        let (pa, left) = cur.run();
+        if pa & (s - 1) != 0 || left < s {
+            return 0;
+        }
+        let in_table = (ENTRIES - index(v, level)) as u64;
+        ((end - v) / s).min(left / s).min(in_table) as usize
+    }
+
+    /// Read-only descent: counts tables and reserve, finds overlaps (returns the mapped address).
+    #[allow(clippy::too_many_arguments)]
+    fn plan(
+        &self,
+        level: u8,
+        table: Option<&[AtomicU64; ENTRIES]>,
+        va: u64,
+        end: u64,
+        cur: &mut Cursor<'_>,
+        max_level: u8,
+        plan: &mut Plan,
+    ) -> Result<(), u64> {
+        if level == 0 {
+            if let Some(t) = table {
+                let (i0, i1) = (index(va, 0), index(va, 0) + ((end - va) / PAGE_SIZE) as usize);
+                if let Some(k) = t[i0..i1].iter().position(|e| F::is_present(e.load(Ordering::Acquire))) {
+                    return Err(va + k as u64 * PAGE_SIZE);
+                }
+            }
+            cur.advance(end - va);
+            return Ok(());
+        }
+        let s = span(level);
+        let mut v = va;
+        while v < end {
+            // A run of whole entries that become huge leaves: counted in one step.
+            let i = index(v, level);
+            let mut n = Self::huge_run(level, max_level, v, end, cur);
+            if let (Some(t), true) = (table, n > 0) {
+                n = t[i..i + n].iter().take_while(|e| !F::is_present(e.load(Ordering::Acquire))).count();
+            }
+            if n > 0 {
+                plan.reserve += n as u64 * split_cost(level);
+                cur.advance(n as u64 * s);
+                v += n as u64 * s;
+                continue;
+            }
+            let e_end = ((v & !(s - 1)) + s).min(end);
+            // A table where a huge leaf could go is descended into: it holds at least one present
+            // entry (emptied tables are freed), which the descent reports exactly.
+            match table.map_or(Pte::Empty, |t| F::decode(t[i].load(Ordering::Acquire), level)) {
+                Pte::Empty => {
+                    plan.tables += 1;
+                    self.plan(level - 1, None, v, e_end, cur, max_level, plan)?;
+                }
+                Pte::Table(pa) => {
+                    let child = self.table(pa);
+                    self.plan(level - 1, Some(child), v, e_end, cur, max_level, plan)?;
+                }
+                Pte::Leaf { .. } => return Err(v),
+            }
+            v = e_end;
+        }
+        Ok(())
+    }
+
+    /// First writing pass. New tables (`fresh`: just allocated, contents garbage, invisible to
+    /// everyone) are filled directly, validating a page list as it is read. Every write that
+    /// would become visible — leaves into existing tables, and the entry that hangs a new
+    /// subtree from an existing table — is only validated and recorded in `ctx.deferred`, for
+    /// [`Self::publish`] once the whole source has proven valid. Returns the index of the first
+    /// bad page of a page list.
+    #[allow(clippy::too_many_arguments)]
+    fn build<'s>(
+        &self,
+        level: u8,
+        table_pa: PhysAddr,
+        fresh: bool,
+        va: u64,
+        end: u64,
+        cur: &mut Cursor<'s>,
+        ctx: &mut Commit<'_, 's>,
+    ) -> Result<(), usize> {
+        let t = self.table(table_pa);
+        let s = span(level);
+        let i0 = index(va, level);
+        let i1 = i0 + ((end - 1 - (va & !(s - 1))) >> shift(level)) as usize + 1;
+        if fresh {
+            for e in t[..i0].iter().chain(&t[i1..]) {
+                e.store(0, Ordering::Relaxed);
+            }
+        }
+        if level == 0 {
+            ctx.stats.leaves[0] += (i1 - i0) as u64;
+            if fresh {
+                return cur.fill_4k(&t[i0..i1], ctx.bits[0], true);
+            }
+            ctx.deferred.push(Deferred::Leaves { table: table_pa, i0, i1, level, cur: cur.clone() });
+            return cur.check_4k(i1 - i0);
+        }
+        let mut v = va;
+        let mut i = i0;
+        while i < i1 {
+            let mut n = Self::huge_run(level, ctx.max_level, v, end, cur);
+            if n > 0 && !fresh {
+                n = t[i..i + n].iter().take_while(|e| !F::is_present(e.load(Ordering::Acquire))).count();
+            }
+            if n > 0 {
+                // Huge leaves from one contiguous run (ranges and bio_vecs are validated up
+                // front): a tight loop of stores, or one deferred record.
+                ctx.stats.leaves[usize::from(level)] += n as u64;
+                if fresh {
+                    let (pa, _) = cur.run();
+                    write_huge(&t[i..i + n], pa | ctx.bits[usize::from(level)], s);
+                } else {
+                    ctx.deferred.push(Deferred::Leaves {
+                        table: table_pa,
+                        i0: i,
+                        i1: i + n,
+                        level,
+                        cur: cur.clone(),
+                    });
+                }
+                cur.advance(n as u64 * s);
+                v += n as u64 * s;
+                i += n;
+                continue;
+            }
+            let e_end = ((v & !(s - 1)) + s).min(end);
+            let raw = if fresh { 0 } else { t[i].load(Ordering::Acquire) };
+            if let Pte::Table(pa) = F::decode(raw, level) {
+                self.build(level - 1, pa, false, v, e_end, cur, ctx)?;
+            } else {
+                let child = ctx.pool.pop().expect("the plan counted every new table");
+                self.build(level - 1, child, true, v, e_end, cur, ctx)?;
+                if fresh {
+                    t[i].store(F::table_entry(child), Ordering::Relaxed);
+                } else {
+                    ctx.deferred.push(Deferred::Publish { table: table_pa, index: i, child });
+                }
+            }
+            v = e_end;
+            i += 1;
+        }
+        Ok(())
+    }
+
+    /// Second writing pass: the visible writes recorded by [`Self::build`], in address order.
+    /// New subtrees are complete before the release store that publishes them.
+    fn publish(&self, deferred: &[Deferred<'_>], bits: &[u64; 4]) {
+        for d in deferred {
+            match d {
+                Deferred::Leaves { table, i0, i1, level, cur } => {
+                    let t = &self.table(*table)[*i0..*i1];
+                    let mut cur = cur.clone();
+                    if *level == 0 {
+                        // Validated by `build`; cannot fail.
+                        let _ = cur.fill_4k(t, bits[0], false);
+                    } else {
+                        let (pa, _) = cur.run();
+                        write_huge(t, pa | bits[usize::from(*level)], span(*level));
+                    }
+                }
+                Deferred::Publish { table, index, child } => {
+                    self.table(*table)[*index].store(F::table_entry(*child), Ordering::Release);
+                }
+            }
+        }
+        // Leaves written into existing tables become visible with this fence at the latest.
+        core::sync::atomic::fence(Ordering::Release);
+    }
+}
+
+pub(super) struct Commit<'a, 's> {
+    bits: &'a [u64; 4],
+    max_level: u8,
+    pool: &'a mut Vec<PhysAddr>,
+    stats: &'a mut MapStats,
+    deferred: &'a mut Vec<Deferred<'s>>,
+}
+
+/// A write into a table that others can already see, held back until the map is known good.
+pub(super) enum Deferred<'s> {
+    /// Leaves `[i0, i1)` of an existing table at `level`, from the source at `cur`.
+    Leaves { table: PhysAddr, i0: usize, i1: usize, level: u8, cur: Cursor<'s> },
+    /// Hang the new subtree `child` from entry `index` of an existing table.
+    Publish { table: PhysAddr, index: usize, child: PhysAddr },
+}
+
+#[inline]
+fn write_huge(entries: &[AtomicU64], first: u64, step: u64) {
+    let mut at = first;
+    for e in entries {
+        e.store(at, Ordering::Release);
+        at += step;
+    }
+}

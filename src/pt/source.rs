@@ -1,0 +1,232 @@
+//! Where the physical side of a map comes from ([`MapSource`]) and the cursor that walks it,
+//! filling leaf tables in tight loops.
+#![forbid(unsafe_code)]
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::addr::{PAGE_SIZE, PageSize, PhysAddr};
+use crate::mem::BioVec;
+
+/// Where the physical side of a map comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum MapSource<'a> {
+    /// One physically contiguous range.
+    Range {
+        /// First byte (4 KiB aligned).
+        pa: PhysAddr,
+        /// Length (a 4 KiB multiple).
+        len: u64,
+    },
+    /// Scattered 4 KiB pages, mapped in order.
+    Pages(&'a [PhysAddr]),
+    /// A `bio_vec` array, mapped back to back; every segment must start and end on a 4 KiB
+    /// boundary here (the DMA layer deals with partial pages). Long aligned segments get huge
+    /// leaves.
+    BioVecs(&'a [BioVec]),
+    /// A `bio_vec` array whose every element is exactly one whole, aligned 4 KiB page (offset 0,
+    /// length 4 KiB: the usual block request): its length is known without a pass, and each
+    /// element is checked as the walk reads it, so the array is read once. An element that is not
+    /// such a page is [`MapError::UnalignedSource`] (use [`MapSource::BioVecs`] for mixed arrays).
+    PageVecs(&'a [BioVec]),
+}
+
+impl MapSource<'_> {
+    /// Bytes the source describes (O(1) except for [`MapSource::BioVecs`]).
+    #[must_use]
+    pub fn len(&self) -> u64 {
+        match self {
+            MapSource::Range { len, .. } => *len,
+            MapSource::Pages(p) => p.len() as u64 * PAGE_SIZE,
+            MapSource::PageVecs(b) => b.len() as u64 * PAGE_SIZE,
+            MapSource::BioVecs(b) => b.iter().map(|v| u64::from(v.len)).sum(),
+        }
+    }
+
+    /// Whether the source describes no bytes.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Options of a map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapOptions {
+    /// The largest leaf the map may use; [`PageSize::Size4K`] forces 4 KiB leaves.
+    pub max_leaf: PageSize,
+}
+
+impl Default for MapOptions {
+    fn default() -> Self {
+        MapOptions { max_leaf: PageSize::Size1G }
+    }
+}
+
+impl MapOptions {
+    /// Only 4 KiB leaves.
+    pub const FORCE_4K: MapOptions = MapOptions { max_leaf: PageSize::Size4K };
+}
+
+/// Walks the physical side of a map source.
+#[derive(Clone)]
+pub(super) struct Cursor<'a> {
+    src: MapSource<'a>,
+    /// Index of the current segment (pages / bvecs).
+    idx: usize,
+    /// Bytes consumed in the current segment (range / bvecs).
+    off: u64,
+    /// Address bits that make a page-list entry invalid (unaligned, or beyond the format).
+    reject: u64,
+}
+
+impl<'a> Cursor<'a> {
+    pub(super) fn new(src: MapSource<'a>, pa_limit: u64) -> Self {
+        Cursor { src, idx: 0, off: 0, reject: (PAGE_SIZE - 1) | !(pa_limit - 1) }
+    }
+
+    /// The current contiguous physical run: (address, bytes left in it).
+    #[inline]
+    pub(super) fn run(&self) -> (u64, u64) {
+        match self.src {
+            MapSource::Range { pa, len } => (pa.as_u64() + self.off, len - self.off),
+            MapSource::Pages(p) => (p[self.idx].as_u64(), PAGE_SIZE),
+            MapSource::PageVecs(b) => (b[self.idx].phys.as_u64(), PAGE_SIZE),
+            MapSource::BioVecs(b) => {
+                let v = &b[self.idx];
+                let start = v.phys.as_u64() + u64::from(v.offset);
+                (start + self.off, u64::from(v.len) - self.off)
+            }
+        }
+    }
+
+    /// Moves `bytes` forward (within the source).
+    #[inline]
+    pub(super) fn advance(&mut self, mut bytes: u64) {
+        match self.src {
+            MapSource::Range { .. } => self.off += bytes,
+            MapSource::Pages(_) => self.idx += (bytes / PAGE_SIZE) as usize,
+            MapSource::PageVecs(_) => self.idx += (bytes / PAGE_SIZE) as usize,
+            MapSource::BioVecs(b) => {
+                while bytes > 0 {
+                    let left = u64::from(b[self.idx].len) - self.off;
+                    if bytes < left {
+                        self.off += bytes;
+                        return;
+                    }
+                    bytes -= left;
+                    self.idx += 1;
+                    self.off = 0;
+                }
+            }
+        }
+    }
+
+    /// Writes `entries.len()` consecutive 4 KiB leaves from the source. With `check`, a page
+    /// list is validated in the same pass (one read of the source); on a bad page the entries
+    /// hold garbage and the index of the first bad page comes back, so callers only use this
+    /// on tables nobody can see yet.
+    #[inline]
+    pub(super) fn fill_4k(&mut self, entries: &[AtomicU64], bits: u64, check: bool) -> Result<(), usize> {
+        match self.src {
+            MapSource::Pages(p) => {
+                let pages = &p[self.idx..self.idx + entries.len()];
+                let mut all = 0;
+                for (e, pa) in entries.iter().zip(pages) {
+                    all |= pa.as_u64();
+                    e.store(pa.as_u64() | bits, Ordering::Relaxed);
+                }
+                if check && all & self.reject != 0 {
+                    return Err(self.idx + first_bad_page(pages, self.reject));
+                }
+                self.idx += entries.len();
+            }
+            MapSource::PageVecs(b) => {
+                let run = &b[self.idx..self.idx + entries.len()];
+                // Fused with the stores: a conservative check (page aligned and below half the
+                // limit, offset 0, one whole page); anything it flags gets the exact check.
+                let strict = self.reject | (self.reject >> 1);
+                let whole = PAGE_SIZE << 32;
+                let mut bad = 0;
+                for (e, v) in entries.iter().zip(run) {
+                    let p = v.phys.as_u64();
+                    bad |= (p & strict) | ((u64::from(v.offset) | u64::from(v.len) << 32) ^ whole);
+                    e.store(p | bits, Ordering::Relaxed);
+                }
+                if check && bad != 0 {
+                    let at = first_bad_pagevec(run, self.reject);
+                    if at < run.len() {
+                        return Err(self.idx + at);
+                    }
+                }
+                self.idx += entries.len();
+            }
+            MapSource::Range { pa, .. } => {
+                let mut at = (pa.as_u64() + self.off) | bits;
+                for e in entries {
+                    e.store(at, Ordering::Relaxed);
+                    at += PAGE_SIZE;
+                }
+                self.off += entries.len() as u64 * PAGE_SIZE;
+            }
+            MapSource::BioVecs(b) => {
+                let mut done = 0;
+                while done < entries.len() {
+                    // Single-page segments (the common bio_vec array) in a tight loop.
+                    if self.off == 0 {
+                        let run = &b[self.idx..(self.idx + entries.len() - done).min(b.len())];
+                        let n = run.iter().take_while(|v| u64::from(v.len) == PAGE_SIZE).count();
+                        for (e, v) in entries[done..done + n].iter().zip(run) {
+                            e.store((v.phys.as_u64() + u64::from(v.offset)) | bits, Ordering::Relaxed);
+                        }
+                        self.idx += n;
+                        done += n;
+                        if done == entries.len() {
+                            break;
+                        }
+                    }
+                    let (pa, left) = self.run();
+                    let n = ((left / PAGE_SIZE) as usize).min(entries.len() - done);
+                    let mut at = pa | bits;
+                    for e in &entries[done..done + n] {
+                        e.store(at, Ordering::Relaxed);
+                        at += PAGE_SIZE;
+                    }
+                    done += n;
+                    self.advance(n as u64 * PAGE_SIZE);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates the next `n` pages of a page list without writing anything (ranges and bio_vec
+    /// arrays are validated before the walk).
+    pub(super) fn check_4k(&mut self, n: usize) -> Result<(), usize> {
+        if let MapSource::Pages(p) = self.src {
+            let pages = &p[self.idx..self.idx + n];
+            if pages.iter().fold(0, |a, pa| a | pa.as_u64()) & self.reject != 0 {
+                return Err(self.idx + first_bad_page(pages, self.reject));
+            }
+        }
+        if let MapSource::PageVecs(b) = self.src {
+            let run = &b[self.idx..self.idx + n];
+            if first_bad_pagevec(run, self.reject) < run.len() {
+                return Err(self.idx + first_bad_pagevec(run, self.reject));
+            }
+        }
+        self.advance(n as u64 * PAGE_SIZE);
+        Ok(())
+    }
+}
+
+/// Index of the first element that is not one whole page (aligned, offset 0, 4 KiB) within the
+/// limit (`len` if none).
+fn first_bad_pagevec(run: &[BioVec], reject: u64) -> usize {
+    run.iter()
+        .position(|v| v.phys.as_u64() & reject != 0 || v.offset != 0 || u64::from(v.len) != PAGE_SIZE)
+        .unwrap_or(run.len())
+}
+
+fn first_bad_page(pages: &[PhysAddr], reject: u64) -> usize {
+    pages.iter().position(|p| p.as_u64() & reject != 0).unwrap_or(0)
+}
