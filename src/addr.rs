@@ -214,6 +214,118 @@ address_type!(
     "gpuva"
 );
 
+/// Why a `(start, len)` pair is not a [`Span`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SpanError {
+    /// A zero length.
+    #[error("zero-length range at {start:#x}")]
+    Empty {
+        /// The start given.
+        start: u64,
+    },
+    /// `start + len` wraps past 2^64.
+    #[error("[{start:#x}, +{len:#x}) wraps past 2^64")]
+    Overflow {
+        /// The start given.
+        start: u64,
+        /// The length given.
+        len: u64,
+    },
+    /// The range ends past the limit of its space (a table format's input width, an aperture).
+    #[error("[{start:#x}, +{len:#x}) ends past the limit {limit:#x}")]
+    Beyond {
+        /// The start given.
+        start: u64,
+        /// The length given.
+        len: u64,
+        /// The exclusive limit.
+        limit: u64,
+    },
+}
+
+/// A non-empty byte range `[start, start + len)` of address space `A` that does not wrap: the
+/// checked form that every entry point taking an address and a length builds first, so that no
+/// `+` on an address from outside can wrap, in release and debug builds alike.
+///
+/// ```
+/// use vmbind::addr::{DmaAddr, Span, SpanError};
+/// let s = Span::new(DmaAddr::new(0x1000), 0x2000).unwrap();
+/// assert_eq!((s.start(), s.end()), (DmaAddr::new(0x1000), 0x3000));
+/// assert_eq!(Span::new(DmaAddr::new(u64::MAX), 1), Err(SpanError::Overflow { start: u64::MAX, len: 1 }));
+/// assert!(Span::within(DmaAddr::new(0xf000), 0x2000, 0x10000).is_err());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Span<A> {
+    start: A,
+    len: u64,
+}
+
+impl<A: Address> Span<A> {
+    /// `[start, start + len)`.
+    ///
+    /// # Errors
+    /// [`SpanError::Empty`] for `len == 0`, [`SpanError::Overflow`] when the end wraps. An end of
+    /// exactly 2^64 wraps too: the end must be representable.
+    pub fn new(start: A, len: u64) -> Result<Self, SpanError> {
+        let s = start.as_u64();
+        if len == 0 {
+            return Err(SpanError::Empty { start: s });
+        }
+        if s.checked_add(len).is_none() {
+            return Err(SpanError::Overflow { start: s, len });
+        }
+        Ok(Span { start, len })
+    }
+
+    /// [`Span::new`], also ending at or below `limit` (exclusive).
+    ///
+    /// # Errors
+    /// As [`Span::new`], and [`SpanError::Beyond`] when the range ends past `limit`.
+    pub fn within(start: A, len: u64, limit: u64) -> Result<Self, SpanError> {
+        let span = Self::new(start, len)?;
+        if span.end() > limit {
+            return Err(SpanError::Beyond { start: start.as_u64(), len, limit });
+        }
+        Ok(span)
+    }
+
+    /// First address.
+    #[must_use]
+    pub fn start(self) -> A {
+        self.start
+    }
+
+    /// Length in bytes (never 0).
+    #[must_use]
+    pub fn len(self) -> u64 {
+        self.len
+    }
+
+    /// Always `false`: a span is never empty (present for the `len`/`is_empty` convention).
+    #[must_use]
+    pub fn is_empty(self) -> bool {
+        false
+    }
+
+    /// The exclusive end, `start + len` (never wraps).
+    #[must_use]
+    pub fn end(self) -> u64 {
+        self.start.as_u64() + self.len
+    }
+
+    /// The last address in the range.
+    #[must_use]
+    pub fn last(self) -> A {
+        A::new(self.end() - 1)
+    }
+
+    /// Whether `a` lies in the range.
+    #[must_use]
+    pub fn contains(self, a: A) -> bool {
+        (self.start.as_u64()..self.end()).contains(&a.as_u64())
+    }
+}
+
 /// `base + len` as an exclusive end, or `None` when it overflows `u64`.
 #[must_use]
 pub const fn checked_end(base: u64, len: u64) -> Option<u64> {
@@ -233,6 +345,21 @@ mod tests {
         assert_eq!(PhysAddr::new(0x1234).align_up(PAGE_SIZE), Some(PhysAddr::new(0x2000)));
         assert_eq!(PhysAddr::new(0x3000).offset_from(PhysAddr::new(0x1000)), Some(0x2000));
         assert_eq!(PhysAddr::new(0x1000).offset_from(PhysAddr::new(0x3000)), None);
+    }
+
+    #[test]
+    fn spans_refuse_empty_wrapping_and_overlong_ranges() {
+        assert_eq!(Span::new(PhysAddr::new(5), 0), Err(SpanError::Empty { start: 5 }));
+        let top = DmaAddr::new(u64::MAX - 0xfff);
+        assert_eq!(Span::new(top, 0x1000), Err(SpanError::Overflow { start: top.as_u64(), len: 0x1000 }));
+        let s = Span::new(top, 0xfff).unwrap();
+        assert_eq!((s.end(), s.last()), (u64::MAX, DmaAddr::new(u64::MAX - 1)));
+        assert!(s.contains(top) && !s.contains(DmaAddr::new(u64::MAX)));
+        assert_eq!(
+            Span::within(GpuVa::new(1 << 47), (1 << 47) + 1, 1 << 48),
+            Err(SpanError::Beyond { start: 1 << 47, len: (1 << 47) + 1, limit: 1 << 48 })
+        );
+        assert!(Span::within(GpuVa::new(1 << 47), 1 << 47, 1 << 48).is_ok());
     }
 
     #[test]

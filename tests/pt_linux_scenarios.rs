@@ -264,7 +264,7 @@ fn bad_map_input_is_a_typed_error_and_changes_nothing() {
             ),
         ),
         (
-            MapError::OutOfRange { va: DmaAddr::new(!0xfff), len: 2 * PAGE_SIZE },
+            MapError::Overflow { va: DmaAddr::new(!0xfff), len: 2 * PAGE_SIZE },
             pt.map(
                 DmaAddr::new(!0xfff),
                 MapSource::Range { pa: PhysAddr::new(0x1000), len: 2 * PAGE_SIZE },

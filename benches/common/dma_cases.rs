@@ -48,7 +48,7 @@ pub fn dma_cases(r: &mut Report) {
                 let dom = dev.domain().unwrap();
                 for f in frames {
                     let d = dev.map_page(*f, 0, PAGE_SIZE, dir, a).unwrap();
-                    dom.sync(d, PAGE_SIZE);
+                    dom.sync(d, PAGE_SIZE).unwrap();
                     mapped.borrow_mut().push(d);
                 }
             },

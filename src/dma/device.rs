@@ -338,7 +338,8 @@ impl Device {
             .map_err(|e| self.refusal(&domain, dma, iova, want, e))?;
         let unmapped = domain.unmap(iova, len);
         // The device has lost access: bring back what it wrote, release the bounces.
-        if let Some(bounces) = self.state.bounced.lock().remove(&iova.as_u64()) {
+        let bounced = self.state.bounced.lock().remove(&iova.as_u64());
+        if let Some(bounces) = bounced {
             for b in bounces {
                 bounce::finish(self.mem(), b, attrs);
             }

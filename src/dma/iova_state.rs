@@ -311,7 +311,7 @@ impl IovaState {
         if at.checked_add(size).is_none_or(|e| e > self.reserved) {
             return Err(DmaError::BeyondReserved { offset, size, reserved: self.size });
         }
-        domain.sync(DmaAddr::new(self.base.as_u64() + at), size.max(1));
+        domain.sync(DmaAddr::new(self.base.as_u64() + at), size.max(1))?;
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use super::fault::FaultLog;
 use super::iotlb::Iotlb;
 use super::iova::{ForeignToken, IovaAllocator, IovaError, IovaTag, IovaView, RetiredIova};
 use super::{DomainId, Inner};
-use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
+use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr, Span, SpanError};
 use crate::pt::{
     Invalidation, MapError, MapOptions, MapSource, MapStats, PageTable, Prot, TableView, Translated,
     UnmapError, X86Iommu,
@@ -86,6 +86,17 @@ pub enum DomainError {
     /// An identity domain has no table to map into.
     #[error("domain {0} is an identity domain: it has no page table")]
     Identity(DomainId),
+    /// A zero-length request.
+    #[error("zero-length request")]
+    ZeroLength,
+    /// `iova + len` wraps past 2^64.
+    #[error("[{iova}, +{len:#x}) wraps past 2^64")]
+    Overflow {
+        /// Start.
+        iova: DmaAddr,
+        /// Length.
+        len: u64,
+    },
     /// The domain was destroyed: its handle is stale.
     #[error("domain {0} was destroyed")]
     Destroyed(DomainId),
@@ -261,9 +272,9 @@ impl Domain {
     }
 
     fn check_aperture(&self, iova: DmaAddr, len: u64) -> Result<(), DomainError> {
-        let s = iova.as_u64();
-        match s.checked_add(len) {
-            Some(e) if s >= self.aperture.0 && e <= self.aperture.1 => Ok(()),
+        match Span::within(iova, len, self.aperture.1) {
+            Ok(_) if iova.as_u64() >= self.aperture.0 => Ok(()),
+            Err(SpanError::Overflow { .. }) => Err(DomainError::Overflow { iova, len }),
             _ => Err(DomainError::OutsideAperture { domain: self.id, iova, len }),
         }
     }
@@ -337,9 +348,19 @@ impl Domain {
 
     /// Drops the IOTLB's translations of `[iova, iova + len)` in this domain: the one flush of a
     /// batch of maps (`iommu_iotlb_sync`), after which devices see exactly what the table holds.
-    pub fn sync(&self, iova: DmaAddr, len: u64) {
+    ///
+    /// # Errors
+    /// [`DomainError::ZeroLength`], [`DomainError::Overflow`], [`DomainError::OutsideAperture`],
+    /// [`DomainError::Destroyed`]; nothing is flushed then.
+    pub fn sync(&self, iova: DmaAddr, len: u64) -> Result<(), DomainError> {
+        self.live()?;
+        if len == 0 {
+            return Err(DomainError::ZeroLength);
+        }
+        self.check_aperture(iova, len)?;
         let _walks_done = self.inv_lock.write();
         self.iotlb.invalidate_range(self.id, iova, len);
+        Ok(())
     }
 
     fn unmap_with(&self, iova: DmaAddr, len: u64, mode: Mode) -> Result<u64, DomainError> {

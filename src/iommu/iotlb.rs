@@ -95,12 +95,13 @@ fn next_marker() -> u64 {
     use std::cell::Cell;
     const BLOCK: u64 = 1 << 20;
     const MARKERS: u64 = 1 << (DOMAIN_SHIFT - PPN_SHIFT);
-    static BLOCKS: AtomicU64 = AtomicU64::new(0);
+    // A plain counter (not modelled under loom): it only makes markers unique.
+    static BLOCKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     thread_local!(static NEXT: Cell<(u64, u64)> = const { Cell::new((0, 0)) });
     NEXT.with(|c| {
         let (mut next, mut end) = c.get();
         if next == end {
-            next = (BLOCKS.fetch_add(1, Ordering::Relaxed) * BLOCK) % MARKERS;
+            next = (BLOCKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) * BLOCK) % MARKERS;
             end = next + BLOCK;
         }
         c.set((next + 1, end));
@@ -526,4 +527,76 @@ mod tests {
         t.insert(MAX_DOMAIN_ID, va((1 << 36) - 1), PhysAddr::new(PA_LIMIT - 4096), Prot::WRITE);
         assert_eq!(lk(&t, MAX_DOMAIN_ID, (1 << 36) - 1), Some((PA_LIMIT - 4096, Prot::WRITE)));
     }
+}
+
+/// Loom models of the lock-free fill against invalidation (`RUSTFLAGS="--cfg loom" cargo test
+/// --release --lib loom_`): a fill reserves its slot, walks (one table entry, a loom atomic here
+/// standing for the leaf the walk reads), and commits what it read; an unmap clears the entry and
+/// invalidates. In no interleaving may a lookup after the invalidation returns see the old
+/// translation, whichever invalidation runs.
+#[cfg(all(test, loom))]
+mod loom_model {
+    use super::*;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    const IOVA: DmaAddr = DmaAddr::new(5 << PAGE_SHIFT);
+    const OLD: u64 = 0x7000;
+
+    fn fill(t: &Iotlb, leaf: &AtomicU64) {
+        if let Some(r) = t.reserve(1, IOVA) {
+            match leaf.load(Ordering::Acquire) {
+                0 => t.cancel(r),
+                pa => {
+                    let _ = t.commit(r, PhysAddr::new(pa), Prot::RW);
+                }
+            }
+        }
+    }
+
+    fn model(invalidate: fn(&Iotlb)) {
+        loom::model(move || {
+            let t = Arc::new(Iotlb::new());
+            let leaf = Arc::new(AtomicU64::new(OLD));
+            let device = {
+                let (t, leaf) = (t.clone(), leaf.clone());
+                thread::spawn(move || fill(&t, &leaf))
+            };
+            // The unmap: the table update, then the invalidation; afterwards the old
+            // translation must be unusable, even while the fill is still running.
+            leaf.store(0, Ordering::Release);
+            invalidate(&t);
+            assert_eq!(t.lookup(1, IOVA), None, "a stale entry right after the invalidation");
+            device.join().unwrap();
+            assert_eq!(t.lookup(1, IOVA), None, "a stale entry committed after the invalidation");
+        });
+    }
+
+    #[test]
+    fn loom_fill_against_range_invalidation() {
+        model(|t| t.invalidate_range(1, IOVA, PAGE_SIZE_4K));
+    }
+
+    #[test]
+    fn loom_fill_against_domain_invalidation() {
+        model(|t| t.invalidate_domain(1));
+    }
+
+    #[test]
+    fn loom_fill_against_global_invalidation() {
+        model(Iotlb::invalidate_all);
+    }
+
+    #[test]
+    fn loom_a_fill_that_read_the_new_table_may_commit() {
+        // Sanity of the model: with no unmap, the fill's commit is found.
+        loom::model(|| {
+            let t = Iotlb::new();
+            let leaf = AtomicU64::new(OLD);
+            fill(&t, &leaf);
+            assert_eq!(t.lookup(1, IOVA), Some((PhysAddr::new(OLD), Prot::RW)));
+        });
+    }
+
+    const PAGE_SIZE_4K: u64 = 1 << PAGE_SHIFT;
 }

@@ -9,7 +9,7 @@ use super::{
     ENTRIES, Format, MapError, MapOptions, MapSource, MapStats, PageTable, Prot, Pte, index, shift, span,
     split_cost,
 };
-use crate::addr::{Address, PAGE_SIZE, PhysAddr};
+use crate::addr::{Address, PAGE_SIZE, PhysAddr, SpanError};
 
 #[derive(Default)]
 struct Plan {
@@ -22,7 +22,7 @@ impl<F: Format> PageTable<F> {
     #[must_use]
     pub fn first_mapped(&self, va: F::Va, len: u64) -> Option<F::Va> {
         let v = va.as_u64();
-        if len == 0 || v & (PAGE_SIZE - 1) != 0 || len & (PAGE_SIZE - 1) != 0 || !Self::check_range(v, len) {
+        if v & (PAGE_SIZE - 1) != 0 || len & (PAGE_SIZE - 1) != 0 || Self::span(va, len).is_err() {
             return None;
         }
         let _guard = self.lock.lock();
@@ -129,8 +129,10 @@ impl<F: Format> PageTable<F> {
         if v & (PAGE_SIZE - 1) != 0 {
             return Err(MapError::UnalignedVa { va });
         }
-        if !Self::check_range(v, len) {
-            return Err(MapError::OutOfRange { va, len });
+        match Self::span(va, len) {
+            Ok(_) => {}
+            Err(SpanError::Overflow { .. }) => return Err(MapError::Overflow { va, len }),
+            Err(_) => return Err(MapError::OutOfRange { va, len }),
         }
         if !F::is_present(F::leaf_bits(0, prot)) {
             return Err(MapError::InvalidProt { prot });

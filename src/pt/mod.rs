@@ -56,7 +56,7 @@ pub use format::{Format, Prot, Pte, X86Iommu};
 pub use gather::Invalidation;
 pub use source::{MapOptions, MapSource};
 
-use crate::addr::{Address, PAGE_SIZE, PageSize, PhysAddr};
+use crate::addr::{Address, PAGE_SIZE, PageSize, PhysAddr, Span, SpanError};
 use crate::mem::{MemError, PhysMem};
 use gather::Parking;
 
@@ -118,9 +118,17 @@ pub enum MapError<V: Address> {
         /// Its length.
         len: u64,
     },
-    /// The range leaves the table's input address space (or overflows).
+    /// The range ends past the table's input address space.
     #[error("[{va}, +{len:#x}) is outside the address space of this table")]
     OutOfRange {
+        /// Start.
+        va: V,
+        /// Length.
+        len: u64,
+    },
+    /// `va + len` wraps past 2^64.
+    #[error("[{va}, +{len:#x}) wraps past 2^64")]
+    Overflow {
         /// Start.
         va: V,
         /// Length.
@@ -161,9 +169,17 @@ pub enum UnmapError<V: Address> {
         /// The length given.
         len: u64,
     },
-    /// The range leaves the table's input address space (or overflows).
+    /// The range ends past the table's input address space.
     #[error("[{va}, +{len:#x}) is outside the address space of this table")]
     OutOfRange {
+        /// Start.
+        va: V,
+        /// Length.
+        len: u64,
+    },
+    /// `va + len` wraps past 2^64.
+    #[error("[{va}, +{len:#x}) wraps past 2^64")]
+    Overflow {
         /// Start.
         va: V,
         /// Length.
@@ -322,8 +338,10 @@ impl<F: Format> PageTable<F> {
         self.mem.table(pa).expect("table page inside the arena")
     }
 
-    fn check_range(va: u64, len: u64) -> bool {
-        matches!(va.checked_add(len), Some(end) if end <= Self::VA_LIMIT)
+    /// The checked range `[va, va + len)` of this table's input space: [`SpanError::Overflow`]
+    /// when it wraps, [`SpanError::Beyond`] when it passes the format's limit.
+    fn span(va: F::Va, len: u64) -> Result<Span<F::Va>, SpanError> {
+        Span::within(va, len, Self::VA_LIMIT)
     }
 
     /// Translates one address: the physical address, permissions and leaf size, or `None` when

@@ -5,7 +5,7 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::{ENTRIES, Format, Invalidation, PageTable, Pte, UnmapError, index, shift, span, split_cost};
-use crate::addr::{Address, PAGE_SIZE};
+use crate::addr::{Address, PAGE_SIZE, SpanError};
 
 impl<F: Format> PageTable<F> {
     /// Unmaps exactly `[va, va + len)`: present leaves inside go away, huge leaves partly inside
@@ -26,8 +26,10 @@ impl<F: Format> PageTable<F> {
         if len & (PAGE_SIZE - 1) != 0 {
             return Err(UnmapError::UnalignedLength { len });
         }
-        if !Self::check_range(v, len) {
-            return Err(UnmapError::OutOfRange { va, len });
+        match Self::span(va, len) {
+            Ok(_) => {}
+            Err(SpanError::Overflow { .. }) => return Err(UnmapError::Overflow { va, len }),
+            Err(_) => return Err(UnmapError::OutOfRange { va, len }),
         }
         let _guard = self.lock.lock();
         let mut inv = Invalidation::new(self.parking.clone());
