@@ -150,7 +150,8 @@ pub struct Domain {
     pub(super) iotlb: Arc<Iotlb>,
     pub(super) table: Option<PageTable<X86Iommu>>,
     pub(super) iova: Option<IovaAllocator>,
-    /// Table walks that fill the IOTLB hold it shared; invalidations hold it exclusive.
+    /// The locked IOTLB fill (faults, lost races) walks holding it shared; invalidations hold it
+    /// exclusive. Lock-free fills take no lock (see `iotlb`).
     pub(super) inv_lock: RwLock<()>,
     fq: Mutex<FlushQueue>,
     pub(super) faults: FaultLog,
