@@ -4,11 +4,12 @@
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use vmbind::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
+use vmbind::addr::{DmaAddr, PAGE_SIZE, PageSize, PhysAddr};
 use vmbind::dma::{Attrs, Device, Direction, DmaError, DmaVec, IovaState};
 use vmbind::iommu::{DeviceId, Domain, DomainConfig, FaultReason, Iommu, Mode};
 use vmbind::mem::{BioVec, PhysMem};
 use vmbind::nvme;
+use vmbind::pt::Prot;
 
 const DEV: DeviceId = DeviceId(0x0300);
 const A: Attrs = Attrs { skip_cpu_sync: false, mmio: false };
@@ -379,33 +380,62 @@ fn map_sg_places_the_array_in_one_iova_range_and_merges_it() {
 
 #[test]
 fn batched_and_per_bvec_linking_produce_identical_tables() {
-    let (mem, _iommu, dom, dev) = setup();
-    let frames = mem.alloc_scattered(700, 4).unwrap();
+    const PAGES: usize = 700;
+    let (mem, iommu, dom, dev) = setup();
+    let frames = mem.alloc_scattered(PAGES, 4).unwrap();
+    // Every 8-byte word of the buffer is distinct (page number and word number), so a page out
+    // of place or missing reads back different bytes.
+    for (i, f) in frames.iter().enumerate() {
+        let words: Vec<u8> = (0..PAGE_SIZE / 8)
+            .flat_map(|w| (0xb0f0_0000_0000_0000 | (i as u64) << 16 | w).to_le_bytes())
+            .collect();
+        mem.write(*f, &words).unwrap();
+    }
     let bv = BioVec::from_frames(&frames);
-    let len = 700 * PAGE_SIZE;
+    let len = PAGES as u64 * PAGE_SIZE;
+    let expected = mem.read_bvecs(&bv).unwrap();
+    // The domain's leaves with their IOVAs made relative to the state's, so that two states at
+    // different IOVAs compare; and what the device reads at the state's IOVA.
+    let linked = |s: &IovaState| {
+        assert_eq!(s.addr().as_u64() % PAGE_SIZE, 0, "a page-aligned buffer starts on a granule");
+        let leaves: Vec<_> = dom
+            .table()
+            .unwrap()
+            .leaves()
+            .into_iter()
+            .map(|l| (l.va.as_u64() - s.addr().as_u64(), l.pa, l.size, l.prot))
+            .collect();
+        s.sync(&dev, 0, len).unwrap();
+        let mut seen = vec![0u8; len as usize];
+        iommu.dma_read(DEV, s.addr(), &mut seen).unwrap();
+        (leaves, seen)
+    };
+
     let mut a = state(&dev, frames[0], len);
-    a.link_bvecs(&dev, 0, &bv, TO, A).unwrap();
-    let batched: Vec<_> = dom
-        .table()
-        .unwrap()
-        .leaves()
-        .into_iter()
-        .map(|l| (l.va.as_u64() - a.addr().as_u64(), l.pa, l.size, l.prot))
-        .collect();
+    assert_eq!(a.link_bvecs(&dev, 0, &bv, TO, A).unwrap(), len);
+    let (batched, batched_bytes) = linked(&a);
     a.destroy(&dev, len, TO, A).unwrap();
+    assert!(dom.table().unwrap().leaves().is_empty(), "destroy unmapped everything");
+
     let mut b = state(&dev, frames[0], len);
     for (i, f) in frames.iter().enumerate() {
         b.link(&dev, *f, i as u64 * PAGE_SIZE, PAGE_SIZE, TO, A).unwrap();
     }
-    let single: Vec<_> = dom
-        .table()
-        .unwrap()
-        .leaves()
-        .into_iter()
-        .map(|l| (l.va.as_u64() - b.addr().as_u64(), l.pa, l.size, l.prot))
-        .collect();
-    assert_eq!(batched, single);
+    assert_eq!(b.mapped(), len);
+    let (single, single_bytes) = linked(&b);
     b.destroy(&dev, len, TO, A).unwrap();
+
+    // Not two empty tables: one 4 KiB read-only leaf per page linked, in order, at its frame.
+    assert_eq!(batched.len(), PAGES, "batched linking: one leaf per page");
+    assert_eq!(single.len(), PAGES, "per-bvec linking: one leaf per page");
+    for (i, (x, y)) in batched.iter().zip(&single).enumerate() {
+        assert_eq!(*x, (i as u64 * PAGE_SIZE, frames[i], PageSize::Size4K, Prot::READ), "batched leaf {i}");
+        assert_eq!(x, y, "leaf {i}");
+    }
+    // And the device reads the buffer's bytes through both.
+    assert_eq!(batched_bytes.len(), expected.len());
+    assert!(batched_bytes == expected, "the device reads the buffer through the batched link");
+    assert!(single_bytes == expected, "the device reads the buffer through the per-bvec links");
 }
 
 /// A byte buffer cut into bio_vecs within the two-step rules: the first may start anywhere in a

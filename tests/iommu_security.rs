@@ -2,13 +2,13 @@
 //! and bad input that changes nothing.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmbind::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use vmbind::iommu::iova::IovaError;
 use vmbind::iommu::{
-    Access, DeviceId, DmaFault, Domain, DomainConfig, DomainError, DomainKind, FaultReason, Iommu,
-    IommuError, Mode,
+    Access, DeviceId, DmaFault, Domain, DomainConfig, DomainError, DomainKind, FLUSH_QUEUE_MAX, FaultReason,
+    Iommu, IommuError, Mode,
 };
 use vmbind::mem::PhysMem;
 use vmbind::pt::{MapError, MapSource, Prot};
@@ -173,39 +173,91 @@ fn lazy_unmap_keeps_the_iova_out_of_use_until_the_flush_completes() {
 
 #[test]
 fn lazy_mode_flushes_within_its_time_bound_by_itself() {
-    let (mem, iommu, d1, _d2) = setup(Mode::Lazy);
+    // The flusher must empty the queue once its oldest entry is `timeout` old: never before (the
+    // unmap stays queued and its cached translation usable), and well before `10 × timeout`,
+    // which a 10× regression of the bound cannot meet. Three tries absorb a noisy machine.
+    let timeout = Duration::from_millis(20);
+    let bound = 10 * timeout;
+    let cfg = DomainConfig { mode: Mode::Lazy, flush_timeout: timeout, ..DomainConfig::default() };
+    let (mem, iommu, d1, _d2) = setup_with(cfg);
     let pa = page_with(&mem, 0x11);
-    let iova = d1.alloc_iova(PAGE_SIZE).unwrap();
-    d1.map(iova, MapSource::Pages(&[pa]), Prot::RW).unwrap();
-    iommu.dma_read_u64(A, iova).unwrap();
-    d1.unmap(iova, PAGE_SIZE).unwrap();
-    let mut waited = Duration::ZERO;
-    while d1.pending_flush() > 0 && waited < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(5));
-        waited += Duration::from_millis(5);
+    let mut tries = Vec::new();
+    for _ in 0..3 {
+        let iova = d1.alloc_iova(PAGE_SIZE).unwrap();
+        d1.map(iova, MapSource::Pages(&[pa]), Prot::RW).unwrap();
+        assert_eq!(iommu.dma_read_u64(A, iova).unwrap(), 0x1111_1111_1111_1111);
+        let t0 = Instant::now();
+        d1.unmap(iova, PAGE_SIZE).unwrap();
+        let (pending, stale) = (d1.pending_flush(), iommu.dma_read_u64(A, iova));
+        // The queue's clock started after `t0`, so if less than `timeout` has passed since, no
+        // timed flush can have run before these two observations.
+        if t0.elapsed() < timeout {
+            assert_eq!(pending, 1, "the unmap is queued, not flushed at once");
+            assert_eq!(stale, Ok(0x1111_1111_1111_1111), "the lazy window: still cached");
+        }
+        let flushed_after = loop {
+            if d1.pending_flush() == 0 {
+                break t0.elapsed();
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "the flusher never drained the queue");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        // Nothing else flushes this queue (it is far from full, no map overlaps it), so the
+        // timer did, and not before its time.
+        assert!(flushed_after >= timeout, "flushed after {flushed_after:?}, before the {timeout:?} bound");
+        assert_eq!(iommu.dma_read_u64(A, iova).unwrap_err().reason, FaultReason::NotMapped);
+        tries.push(flushed_after);
+        if flushed_after < bound {
+            return;
+        }
     }
-    assert_eq!(d1.pending_flush(), 0, "the flusher thread drains the queue");
-    assert_eq!(iommu.dma_read_u64(A, iova).unwrap_err().reason, FaultReason::NotMapped);
+    panic!("lazy flush with a {timeout:?} timeout took {tries:?}, each over {bound:?}");
 }
 
 #[test]
 fn lazy_mode_flushes_when_the_queue_is_full_and_before_a_remap() {
+    // No timed flush interferes: only the queue bound, a remap and explicit flushes empty it.
     let (mem, iommu, d1, _d2) = setup_with(lazy_no_timer());
     let pa = page_with(&mem, 0x22);
     let pb = page_with(&mem, 0x33);
+    const OLD: u64 = 0x2222_2222_2222_2222;
     let iova = DmaAddr::new(0x10_0000);
     d1.map(iova, MapSource::Pages(&[pa]), Prot::RW).unwrap();
-    iommu.dma_read_u64(A, iova).unwrap();
+    assert_eq!(iommu.dma_read_u64(A, iova).unwrap(), OLD);
     d1.unmap(iova, PAGE_SIZE).unwrap();
-    // Remapping the same IOVA elsewhere must not leave the old translation cached.
+    assert_eq!(d1.pending_flush(), 1);
+    assert_eq!(iommu.dma_read_u64(A, iova).unwrap(), OLD, "the lazy window: still cached");
+    // Remapping the same IOVA elsewhere flushes first: the old translation is not left cached.
     d1.map(iova, MapSource::Pages(&[pb]), Prot::RW).unwrap();
+    assert_eq!(d1.pending_flush(), 0, "a map over a queued range flushes the queue");
     assert_eq!(iommu.dma_read_u64(A, iova).unwrap(), 0x3333_3333_3333_3333);
-    for i in 0..vmbind::iommu::FLUSH_QUEUE_MAX as u64 {
-        let va = DmaAddr::new(0x100_0000 + i * PAGE_SIZE);
-        d1.map(va, MapSource::Pages(&[pa]), Prot::RW).unwrap();
-        d1.unmap(va, PAGE_SIZE).unwrap();
-        assert!(d1.pending_flush() < vmbind::iommu::FLUSH_QUEUE_MAX);
+
+    // Queue FLUSH_QUEUE_MAX - 1 unmaps, each of a page the device has cached: all stay queued and
+    // every old translation stays usable.
+    let max = FLUSH_QUEUE_MAX;
+    let va = |i: usize| DmaAddr::new(0x100_0000 + i as u64 * PAGE_SIZE);
+    for i in 0..max - 1 {
+        d1.map(va(i), MapSource::Pages(&[pa]), Prot::RW).unwrap();
+        assert_eq!(iommu.dma_read_u64(A, va(i)).unwrap(), OLD);
+        d1.unmap(va(i), PAGE_SIZE).unwrap();
+        assert_eq!(d1.pending_flush(), i + 1, "unmap {i} is queued");
     }
+    for i in 0..max - 1 {
+        assert_eq!(iommu.dma_read_u64(A, va(i)).unwrap(), OLD, "stale page {i} before the flush");
+    }
+    // The 255 stale translations and the live one at `iova`.
+    assert_eq!(iommu.iotlb().count(d1.id()), max);
+    // The FLUSH_QUEUE_MAX-th unmap fills the queue, which flushes it before the unmap returns.
+    d1.map(va(max - 1), MapSource::Pages(&[pa]), Prot::RW).unwrap();
+    assert_eq!(iommu.dma_read_u64(A, va(max - 1)).unwrap(), OLD);
+    d1.unmap(va(max - 1), PAGE_SIZE).unwrap();
+    assert_eq!(d1.pending_flush(), 0, "reaching FLUSH_QUEUE_MAX flushed the queue");
+    assert_eq!(iommu.iotlb().count(d1.id()), 0, "a domain-wide invalidation");
+    for i in 0..max {
+        assert_eq!(iommu.dma_read_u64(A, va(i)).unwrap_err().reason, FaultReason::NotMapped, "page {i}");
+    }
+    // The live mapping survives the flush (refilled from the table).
+    assert_eq!(iommu.dma_read_u64(A, iova).unwrap(), 0x3333_3333_3333_3333);
 }
 
 #[test]

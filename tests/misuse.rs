@@ -240,7 +240,10 @@ fn unmaps_with_another_direction_kind_or_device_are_refused_and_change_nothing()
     drop(s);
     let after = snap(&mem, &d);
     // The state's IOVA went back (to a per-CPU cache: `cached` moves, `live` does not).
-    assert_eq!((after.usage, &after.leaves, after.iova.live), (before.usage, &before.leaves, before.iova.live));
+    assert_eq!(
+        (after.usage, &after.leaves, after.iova.live),
+        (before.usage, &before.leaves, before.iova.live)
+    );
     // Syncs: inside the mapping only, in its direction.
     assert_eq!(dev.sync_for_cpu(dma, PAGE_SIZE, 0, PAGE_SIZE, TO), Ok(()));
     assert_eq!(

@@ -74,13 +74,24 @@ impl<V: Address> Invalidation<V> {
         self.sizes |= 1 << level;
     }
 
+    /// Widens the range to `[va, va + len)` without counting anything unmapped: the span of a
+    /// table page this unmap frees.
+    pub(super) fn cover(&mut self, va: u64, len: u64) {
+        self.start = self.start.min(va);
+        self.end = self.end.max(va + len);
+    }
+
     /// Bytes that were mapped in the range and are no longer.
     #[must_use]
     pub fn unmapped_bytes(&self) -> u64 {
         self.unmapped
     }
 
-    /// The span to invalidate, `(start, length)`; `None` when nothing was mapped.
+    /// The span to invalidate, `(start, length)`; `None` when nothing was mapped. It covers every
+    /// removed leaf and, when table pages were freed, the whole span of each of them: a walker
+    /// that followed a table entry before it was cleared may be on its way through the freed
+    /// table for any address the table spans, so a TLB that caches walks (or, here, an IOTLB fill
+    /// in flight) must forget that whole span before the page can be reused.
     #[must_use]
     pub fn range(&self) -> Option<(V, u64)> {
         (self.start < self.end).then(|| (V::new(self.start), self.end - self.start))

@@ -129,6 +129,11 @@ impl<F: Format> PageTable<F> {
                             e.store(0, Ordering::Release);
                         }
                         inv.freed.push(pa);
+                        // A walker that read the entry before it was cleared may still be on its
+                        // way through the freed table, for any address it spans: the TLB flush
+                        // must cover the whole span (a paging-structure-cache flush), not just
+                        // the leaves removed.
+                        inv.cover(e_start, s);
                     }
                 }
             }
