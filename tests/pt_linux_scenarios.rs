@@ -210,14 +210,16 @@ fn unmap_skips_holes_and_reports_what_was_mapped() {
     identity(&pt, 0x20_0000, PAGE_SIZE, Prot::RW).unwrap(); // keeps the directory tables alive
     let inv = pt.unmap(DmaAddr::new(0x10_0000), 0x1_0000).unwrap();
     assert_eq!(inv.unmapped_bytes(), 6 * PAGE_SIZE);
-    // The leaf table emptied and is freed: the range to flush is its whole 2 MiB span (a walker
-    // may be on its way through it for any address it covers), not just the removed leaves.
+    assert_eq!(inv.range(), Some((DmaAddr::new(0x10_0000), 0xa000)));
+    // The leaf table emptied and is freed: before it is reused, its whole 2 MiB span must be
+    // flushed (a walker may be on its way through it for any address it covers).
     assert_eq!(inv.freed_tables(), 1);
-    assert_eq!(inv.range(), Some((DmaAddr::new(0), 0x20_0000)));
+    assert_eq!(inv.flush_range(), Some((DmaAddr::new(0), 0x20_0000)));
     drop(inv);
     let keep = pt.unmap(DmaAddr::new(0x20_0000), PAGE_SIZE).unwrap();
     assert_eq!(keep.freed_tables(), 3, "now the leaf table and both directories empty");
-    assert_eq!(keep.range(), Some((DmaAddr::new(0), 1 << 39)), "the widest freed table's span");
+    assert_eq!(keep.range(), Some((DmaAddr::new(0x20_0000), PAGE_SIZE)));
+    assert_eq!(keep.flush_range(), Some((DmaAddr::new(0), 1 << 39)), "the widest freed table's span");
     keep.complete();
     // Without a freed table the range is just the removed leaves.
     identity(&pt, 0x10_0000, 4 * PAGE_SIZE, Prot::RW).unwrap();
@@ -225,6 +227,7 @@ fn unmap_skips_holes_and_reports_what_was_mapped() {
     let part = pt.unmap(DmaAddr::new(0x10_1000), 0x8000).unwrap();
     assert_eq!((part.unmapped_bytes(), part.freed_tables()), (4 * PAGE_SIZE, 0));
     assert_eq!(part.range(), Some((DmaAddr::new(0x10_1000), 0x8000)));
+    assert_eq!(part.flush_range(), part.range());
     part.complete();
     pt.unmap(DmaAddr::new(0x10_0000), 0x1_0000).unwrap().complete();
     let none = pt.unmap(DmaAddr::new(0x10_0000), 0x1_0000).unwrap();

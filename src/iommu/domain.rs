@@ -374,7 +374,8 @@ impl Domain {
         }
         match mode {
             Mode::Strict => {
-                if let Some((s, l)) = inv.range() {
+                // The freed tables' spans too: a lock-free fill may be walking through one.
+                if let Some((s, l)) = inv.flush_range() {
                     let _walks_done = self.inv_lock.write();
                     self.iotlb.invalidate_range(self.id, s, l);
                 }

@@ -51,6 +51,9 @@ pub struct Invalidation<V: Address> {
     pub(super) unmapped: u64,
     pub(super) sizes: u8,
     pub(super) freed: Vec<PhysAddr>,
+    /// The span of the freed tables (`tstart >= tend` when none).
+    tstart: u64,
+    tend: u64,
     _va: PhantomData<V>,
 }
 
@@ -63,6 +66,8 @@ impl<V: Address> Invalidation<V> {
             unmapped: 0,
             sizes: 0,
             freed: Vec::new(),
+            tstart: u64::MAX,
+            tend: 0,
             _va: PhantomData,
         }
     }
@@ -74,11 +79,10 @@ impl<V: Address> Invalidation<V> {
         self.sizes |= 1 << level;
     }
 
-    /// Widens the range to `[va, va + len)` without counting anything unmapped: the span of a
-    /// table page this unmap frees.
+    /// Records the span `[va, va + len)` of a table page this unmap frees.
     pub(super) fn cover(&mut self, va: u64, len: u64) {
-        self.start = self.start.min(va);
-        self.end = self.end.max(va + len);
+        self.tstart = self.tstart.min(va);
+        self.tend = self.tend.max(va + len);
     }
 
     /// Bytes that were mapped in the range and are no longer.
@@ -87,14 +91,23 @@ impl<V: Address> Invalidation<V> {
         self.unmapped
     }
 
-    /// The span to invalidate, `(start, length)`; `None` when nothing was mapped. It covers every
-    /// removed leaf and, when table pages were freed, the whole span of each of them: a walker
-    /// that followed a table entry before it was cleared may be on its way through the freed
-    /// table for any address the table spans, so a TLB that caches walks (or, here, an IOTLB fill
-    /// in flight) must forget that whole span before the page can be reused.
+    /// The span of the removed leaves, `(start, length)`: what a TLB of translations must
+    /// forget. `None` when nothing was mapped.
     #[must_use]
     pub fn range(&self) -> Option<(V, u64)> {
         (self.start < self.end).then(|| (V::new(self.start), self.end - self.start))
+    }
+
+    /// What must be flushed before the freed table pages may be reused: [`Invalidation::range`]
+    /// widened to the whole span of every table page this unmap freed. A walker that followed a
+    /// table entry before it was cleared may be on its way through a freed table for any address
+    /// the table spans (a paging-structure cache, or an IOTLB fill in flight), so that whole span
+    /// must be invalidated, not only the removed leaves. Equal to `range()` when no table was
+    /// freed.
+    #[must_use]
+    pub fn flush_range(&self) -> Option<(V, u64)> {
+        let (s, e) = (self.start.min(self.tstart), self.end.max(self.tend));
+        (s < e).then(|| (V::new(s), e - s))
     }
 
     /// Leaf sizes that were removed, smallest first (a TLB flushes by these granules).
