@@ -35,17 +35,23 @@ pub(crate) fn plan(
     base_at: u64,
 ) -> Result<(Vec<BioVec>, Vec<Bounce>), DmaError> {
     let start = phys.as_u64();
-    let end = start + size;
+    let end = start.checked_add(size).ok_or(DmaError::Overflow { phys, size })?;
     let g0 = start - start % GRANULE;
     let mut src = Vec::new();
     let mut bounces: Vec<Bounce> = Vec::new();
     let mut g = g0;
     while g < end {
+        let next = g.checked_add(GRANULE);
         let lo = start.max(g);
-        let hi = end.min(g + GRANULE);
+        let hi = next.map_or(end, |n| end.min(n));
         if hi - lo == GRANULE {
             src.push(BioVec { phys: PhysAddr::new(g), offset: 0, len: GRANULE as u32 });
         } else {
+            // A partial granule is copied: it must be arena memory.
+            if hi > mem.size() {
+                abandon(mem, bounces);
+                return Err(DmaError::OutsideArena { phys, size });
+            }
             let frame = match mem.alloc_frame() {
                 Ok(f) => f,
                 Err(_) => {
@@ -57,15 +63,20 @@ pub(crate) fn plan(
             };
             let _ = mem.zero(frame, GRANULE);
             let b = Bounce { orig: PhysAddr::new(lo), len: hi - lo, frame, dir, at: base_at + (g - g0) };
-            if dir != Direction::FromDevice && !attrs.skip_cpu_sync {
-                let mut tmp = vec![0u8; b.len as usize];
-                let _ = mem.read(b.orig, &mut tmp);
-                let _ = mem.write(PhysAddr::new(frame.as_u64() + lo % GRANULE), &tmp);
-            }
+            // The buffer's bytes go into the bounce frame in every direction (as Linux's swiotlb
+            // does since 5.17): a device that writes only part of a FROM_DEVICE buffer must not
+            // clobber the rest with the frame's zeros when it is copied back.
+            let _ = attrs;
+            let mut tmp = vec![0u8; b.len as usize];
+            let _ = mem.read(b.orig, &mut tmp);
+            let _ = mem.write(PhysAddr::new(frame.as_u64() + lo % GRANULE), &tmp);
             src.push(BioVec { phys: frame, offset: 0, len: GRANULE as u32 });
             bounces.push(b);
         }
-        g += GRANULE;
+        match next {
+            Some(n) => g = n,
+            None => break,
+        }
     }
     Ok((src, bounces))
 }

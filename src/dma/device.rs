@@ -202,6 +202,7 @@ impl Device {
     /// [`DmaError::ZeroSize`], [`DmaError::Overflow`], [`DmaError::AddressLimit`],
     /// [`DmaError::NotAttached`], [`DmaError::PeerToPeer`] (MMIO on a translated device),
     /// [`DmaError::BounceExhausted`] (untrusted device, partial pages, no bounce frame),
+    /// [`DmaError::OutsideArena`] (untrusted device, a partial page outside the arena),
     /// [`DmaError::Iommu`]; nothing stays mapped then.
     pub fn map_phys(
         &self,
@@ -328,8 +329,12 @@ impl Device {
                 None => return Err(recs[0].mismatch(dma, want)),
             }
         };
-        let len = align_up(pad + size).ok_or(DmaError::SizeMismatch { dma, mapped: 0, unmapped: size })?;
         let iova = DmaAddr::new(dma.as_u64() - pad);
+        let Some(len) = align_up(pad + size) else {
+            // No mapping can have this size: say what is there, if anything.
+            let found = domain.iova_tag(iova).and_then(|(t, _)| Record::from_tag(t));
+            return Err(found.map_or(DmaError::NotMapped { dma, size }, |r| r.mismatch(dma, want)));
+        };
         // Ends the allocation first, checked against its record: a range this device never
         // mapped, a second unmap, another size, direction or kind is refused here, before
         // anything changes.

@@ -304,14 +304,18 @@ impl IovaState {
     /// One IOTLB flush for `[offset, offset + size)` of the state (`dma_iova_sync`).
     ///
     /// # Errors
-    /// [`DmaError::UseAfterDestroy`], [`DmaError::WrongDevice`], [`DmaError::BeyondReserved`].
+    /// [`DmaError::ZeroSize`], [`DmaError::UseAfterDestroy`], [`DmaError::WrongDevice`],
+    /// [`DmaError::BeyondReserved`].
     pub fn sync(&self, dev: &Device, offset: u64, size: u64) -> Result<(), DmaError> {
         let domain = self.check(dev)?;
+        if size == 0 {
+            return Err(DmaError::ZeroSize);
+        }
         let at = self.pad.saturating_add(offset);
         if at.checked_add(size).is_none_or(|e| e > self.reserved) {
             return Err(DmaError::BeyondReserved { offset, size, reserved: self.size });
         }
-        domain.sync(DmaAddr::new(self.base.as_u64() + at), size.max(1))?;
+        domain.sync(DmaAddr::new(self.base.as_u64() + at), size)?;
         Ok(())
     }
 

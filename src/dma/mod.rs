@@ -244,6 +244,14 @@ pub enum DmaError {
     /// Peer-to-peer MMIO on an IOVA path.
     #[error("peer-to-peer MMIO at {0} can only be mapped directly, by bus address")]
     PeerToPeer(PhysAddr),
+    /// An untrusted device's partial page that is not arena memory cannot be bounced.
+    #[error("[{phys}, +{size:#x}) is not arena memory and cannot be bounced")]
+    OutsideArena {
+        /// Start.
+        phys: PhysAddr,
+        /// Size.
+        size: u64,
+    },
     /// No frame for a bounce buffer.
     #[error("no memory for a bounce buffer")]
     BounceExhausted,
