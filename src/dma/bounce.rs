@@ -34,49 +34,59 @@ pub(crate) fn plan(
     attrs: Attrs,
     base_at: u64,
 ) -> Result<(Vec<BioVec>, Vec<Bounce>), DmaError> {
+    let _ = attrs;
     let start = phys.as_u64();
     let end = start.checked_add(size).ok_or(DmaError::Overflow { phys, size })?;
+    if size == 0 {
+        return Err(DmaError::ZeroSize);
+    }
     let g0 = start - start % GRANULE;
-    let mut src = Vec::new();
+    // At most two partial granules (the first and the last) bounce; the whole granules between
+    // them pass through as a few long runs, so planning costs O(1) whatever the size.
+    let first_end = end.min(g0.saturating_add(GRANULE));
+    let last = (end - 1) & !(GRANULE - 1);
+    let head = (start != g0 || first_end - g0 < GRANULE).then_some((g0, start, first_end));
+    let tail = (last != g0 && end % GRANULE != 0).then_some((last, last, end));
+    for &(_, lo, hi) in head.iter().chain(&tail) {
+        // A partial granule is copied: it must be arena memory.
+        if hi > mem.size() || lo >= hi {
+            return Err(DmaError::OutsideArena { phys, size });
+        }
+    }
     let mut bounces: Vec<Bounce> = Vec::new();
-    let mut g = g0;
-    while g < end {
-        let next = g.checked_add(GRANULE);
-        let lo = start.max(g);
-        let hi = next.map_or(end, |n| end.min(n));
-        if hi - lo == GRANULE {
-            src.push(BioVec { phys: PhysAddr::new(g), offset: 0, len: GRANULE as u32 });
-        } else {
-            // A partial granule is copied: it must be arena memory.
-            if hi > mem.size() {
-                abandon(mem, bounces);
-                return Err(DmaError::OutsideArena { phys, size });
-            }
-            let frame = match mem.alloc_frame() {
-                Ok(f) => f,
-                Err(_) => {
-                    for b in bounces {
-                        let _ = mem.free_frame(b.frame);
-                    }
-                    return Err(DmaError::BounceExhausted);
-                }
-            };
-            let _ = mem.zero(frame, GRANULE);
-            let b = Bounce { orig: PhysAddr::new(lo), len: hi - lo, frame, dir, at: base_at + (g - g0) };
-            // The buffer's bytes go into the bounce frame in every direction (as Linux's swiotlb
-            // does since 5.17): a device that writes only part of a FROM_DEVICE buffer must not
-            // clobber the rest with the frame's zeros when it is copied back.
-            let _ = attrs;
-            let mut tmp = vec![0u8; b.len as usize];
-            let _ = mem.read(b.orig, &mut tmp);
-            let _ = mem.write(PhysAddr::new(frame.as_u64() + lo % GRANULE), &tmp);
-            src.push(BioVec { phys: frame, offset: 0, len: GRANULE as u32 });
-            bounces.push(b);
-        }
-        match next {
-            Some(n) => g = n,
-            None => break,
-        }
+    let bounce = |g: u64, lo: u64, hi: u64, bounces: &mut Vec<Bounce>| -> Result<PhysAddr, DmaError> {
+        let Ok(frame) = mem.alloc_frame() else {
+            abandon(mem, core::mem::take(bounces));
+            return Err(DmaError::BounceExhausted);
+        };
+        let _ = mem.zero(frame, GRANULE);
+        // The buffer's bytes go into the bounce frame in every direction (as Linux's swiotlb does
+        // since 5.17): a device that writes only part of a FROM_DEVICE buffer must not clobber
+        // the rest with the frame's zeros when it is copied back.
+        let mut tmp = vec![0u8; (hi - lo) as usize];
+        let _ = mem.read(PhysAddr::new(lo), &mut tmp);
+        let _ = mem.write(PhysAddr::new(frame.as_u64() + lo % GRANULE), &tmp);
+        bounces.push(Bounce { orig: PhysAddr::new(lo), len: hi - lo, frame, dir, at: base_at + (g - g0) });
+        Ok(frame)
+    };
+    let mut src = Vec::new();
+    let mut mid = g0;
+    if let Some((g, lo, hi)) = head {
+        let frame = bounce(g, lo, hi, &mut bounces)?;
+        src.push(BioVec { phys: frame, offset: 0, len: GRANULE as u32 });
+        mid = first_end;
+    }
+    let mid_end = if tail.is_some() { last } else { end };
+    // Whole granules, in runs a `BioVec` can hold.
+    const RUN: u64 = (u32::MAX as u64) & !(GRANULE - 1);
+    while mid < mid_end {
+        let n = (mid_end - mid).min(RUN);
+        src.push(BioVec { phys: PhysAddr::new(mid), offset: 0, len: n as u32 });
+        mid += n;
+    }
+    if let Some((g, lo, hi)) = tail {
+        let frame = bounce(g, lo, hi, &mut bounces)?;
+        src.push(BioVec { phys: frame, offset: 0, len: GRANULE as u32 });
     }
     Ok((src, bounces))
 }

@@ -330,7 +330,7 @@ impl Device {
             }
         };
         let iova = DmaAddr::new(dma.as_u64() - pad);
-        let Some(len) = align_up(pad + size) else {
+        let Some(len) = pad.checked_add(size).and_then(align_up) else {
             // No mapping can have this size: say what is there, if anything.
             let found = domain.iova_tag(iova).and_then(|(t, _)| Record::from_tag(t));
             return Err(found.map_or(DmaError::NotMapped { dma, size }, |r| r.mismatch(dma, want)));
