@@ -17,7 +17,9 @@
 //! attached to *now*, so after a detach every map fails with [`DmaError::NotAttached`] and after
 //! a re-attach maps go into the new domain. Everything the layer keeps per device — the records
 //! of one-shot mappings, bounce buffers — belongs to the device, not to the handle: every
-//! `Device` of one device id sees the same state.
+//! translated `Device` of one device id sees the same state (it lives with the IOMMU's record of
+//! the device). A direct device has no registry: its clones share its state, and a second
+//! `Device::direct` of the same id is another device as far as the records go.
 //!
 //! # Misuse checks (Linux's dma-debug, always on)
 //!
