@@ -178,6 +178,26 @@ impl Device {
         Ok(Some(domain))
     }
 
+    /// Runs `f` with the translated domain the device is attached to now (`None` for a direct
+    /// device), without taking a reference: under the IOMMU registry's read lock, so the domain
+    /// cannot be destroyed while `f` maps into it.
+    fn with_domain<R>(&self, f: impl FnOnce(Option<&Domain>) -> Result<R, DmaError>) -> Result<R, DmaError> {
+        let Path::Translated { iommu } = &self.path else { return f(None) };
+        iommu.with_attached(self.id, |d| match d {
+            None => Err(DmaError::NotAttached(self.id)),
+            Some(d) if d.kind() == DomainKind::Identity => Err(DmaError::IdentityDomain(self.id)),
+            Some(d) => f(Some(d)),
+        })
+    }
+
+    /// Whether the device is attached to `d` now (no lock, no reference count).
+    pub(super) fn is_attached_to(&self, d: &Domain) -> bool {
+        match &self.path {
+            Path::Translated { iommu } => iommu.is_attached_to(self.id, d),
+            Path::Direct { .. } => false,
+        }
+    }
+
     /// Whether `[phys, phys + size)` must be bounced: an untrusted device and a partial granule.
     /// The caller has checked that the range does not wrap.
     pub(super) fn needs_bounce(&self, phys: PhysAddr, size: u64) -> bool {
@@ -226,7 +246,21 @@ impl Device {
             return Err(DmaError::ZeroSize);
         }
         let end = phys.as_u64().checked_add(size).ok_or(DmaError::Overflow { phys, size })?;
-        let Some(domain) = self.current_domain()? else {
+        self.with_domain(|domain| self.map_in(domain, phys, size, end, dir, attrs, kind))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn map_in(
+        &self,
+        domain: Option<&Domain>,
+        phys: PhysAddr,
+        size: u64,
+        end: u64,
+        dir: Direction,
+        attrs: Attrs,
+        kind: MapKind,
+    ) -> Result<DmaAddr, DmaError> {
+        let Some(domain) = domain else {
             let Path::Direct { bits, .. } = &self.path else { unreachable!("direct path") };
             if *bits < 64 && end > 1u64 << bits {
                 return Err(DmaError::AddressLimit { phys, size, bits: *bits });
@@ -310,9 +344,21 @@ impl Device {
         if size == 0 {
             return Err(DmaError::ZeroSize);
         }
+        self.with_domain(|domain| self.unmap_in(domain, dma, size, dir, attrs, kind))
+    }
+
+    fn unmap_in(
+        &self,
+        domain: Option<&Domain>,
+        dma: DmaAddr,
+        size: u64,
+        dir: Direction,
+        attrs: Attrs,
+        kind: MapKind,
+    ) -> Result<(), DmaError> {
         let pad = dma.as_u64() % GRANULE;
         let want = self.record(dir, kind, pad, size);
-        let Some(domain) = self.current_domain()? else {
+        let Some(domain) = domain else {
             let mut direct = self.state.direct.lock();
             let Some(recs) = direct.get_mut(&dma.as_u64()) else {
                 return Err(DmaError::NotMapped { dma, size });
@@ -340,7 +386,7 @@ impl Device {
         // anything changes.
         let retired = domain
             .retire_iova_tagged(iova, len, want.tag())
-            .map_err(|e| self.refusal(&domain, dma, iova, want, e))?;
+            .map_err(|e| self.refusal(domain, dma, iova, want, e))?;
         let unmapped = domain.unmap(iova, len);
         // The device has lost access: bring back what it wrote, release the bounces.
         let bounced = self.state.bounced.lock().remove(&iova.as_u64());

@@ -115,10 +115,12 @@ impl IovaState {
         if self.done {
             return Err(DmaError::UseAfterDestroy);
         }
-        match dev.current_domain()? {
-            Some(d) if Arc::ptr_eq(&d, &self.domain) => Ok(&self.domain),
-            _ => Err(DmaError::WrongDevice(dev.id())),
+        if dev.is_attached_to(&self.domain) {
+            return Ok(&self.domain);
         }
+        // Refused: not attached (or to an identity domain) says so, otherwise another domain.
+        dev.current_domain()?;
+        Err(DmaError::WrongDevice(dev.id()))
     }
 
     /// Where a link of `size` bytes from `phys` at `offset` goes: (granule-aligned IOVA, aligned

@@ -476,6 +476,26 @@ impl Iommu {
         Ok(id)
     }
 
+    /// Runs `f` with the domain `dev` is attached to now (`None`: unregistered or detached),
+    /// under the registry's read lock: no reference count is taken, and the domain cannot be
+    /// destroyed until `f` returns. `f` must not call back into the registry.
+    pub(crate) fn with_attached<R>(&self, dev: DeviceId, f: impl FnOnce(Option<&Domain>) -> R) -> R {
+        let v = self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire);
+        let id = attached_domain(v);
+        let domains = self.inner.domains.read();
+        let d = (v & DEV_REGISTERED != 0 && id != 0)
+            .then(|| domains.get(usize::from(id) - 1).and_then(Option::as_deref))
+            .flatten();
+        f(d)
+    }
+
+    /// Whether `dev` is attached to `d` now: two loads, no lock. (A live domain owns its id, so
+    /// the device word naming that id names `d`.)
+    pub(crate) fn is_attached_to(&self, dev: DeviceId, d: &Domain) -> bool {
+        let v = self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire);
+        attached_domain(v) == d.id && !d.is_destroyed() && d.owner.as_ptr() == Arc::as_ptr(&self.inner)
+    }
+
     /// The domain with this id, if it exists.
     #[must_use]
     pub fn domain(&self, id: DomainId) -> Option<Arc<Domain>> {
