@@ -17,8 +17,9 @@ use crate::sync::{Mutex, Rank};
 /// What the DMA layer keeps per device, shared by every [`Device`] handle of it.
 #[derive(Debug)]
 pub(super) struct DevState {
-    /// One-shot mappings of an untrusted device that bounce, by IOVA base.
-    bounced: Mutex<HashMap<u64, Vec<Bounce>>>,
+    /// One-shot mappings of an untrusted device that bounce, by (domain serial, IOVA base): a
+    /// device re-attached elsewhere gets the same IOVAs from another allocator.
+    bounced: Mutex<HashMap<(u64, u64), Vec<Bounce>>>,
     /// Direct devices: the records of their one-shot mappings, by DMA address.
     direct: Mutex<HashMap<u64, Vec<Record>>>,
 }
@@ -170,8 +171,8 @@ impl Device {
     /// The translated domain the device is attached to now; `Ok(None)` for a direct device.
     pub(super) fn current_domain(&self) -> Result<Option<Arc<Domain>>, DmaError> {
         let Path::Translated { iommu } = &self.path else { return Ok(None) };
-        let dom_id = iommu.device(self.id).and_then(|i| i.domain).ok_or(DmaError::NotAttached(self.id))?;
-        let domain = iommu.domain(dom_id).ok_or(DmaError::NotAttached(self.id))?;
+        let domain = iommu.with_attached(self.id, |d| d.cloned());
+        let domain = domain.ok_or(DmaError::NotAttached(self.id))?;
         if domain.kind() == DomainKind::Identity {
             return Err(DmaError::IdentityDomain(self.id));
         }
@@ -186,7 +187,7 @@ impl Device {
         iommu.with_attached(self.id, |d| match d {
             None => Err(DmaError::NotAttached(self.id)),
             Some(d) if d.kind() == DomainKind::Identity => Err(DmaError::IdentityDomain(self.id)),
-            Some(d) => f(Some(d)),
+            Some(d) => f(Some(&**d)),
         })
     }
 
@@ -300,7 +301,7 @@ impl Device {
             return Err(e.into());
         }
         if !bounces.is_empty() {
-            self.state.bounced.lock().insert(iova.as_u64(), bounces);
+            self.state.bounced.lock().insert((domain.serial(), iova.as_u64()), bounces);
         }
         Ok(DmaAddr::new(iova.as_u64() + pad))
     }
@@ -387,9 +388,13 @@ impl Device {
         let retired = domain
             .retire_iova_tagged(iova, len, want.tag())
             .map_err(|e| self.refusal(domain, dma, iova, want, e))?;
-        let unmapped = domain.unmap(iova, len);
+        let bounced = self.state.bounced.lock().remove(&(domain.serial(), iova.as_u64()));
+        // A bounced mapping is unmapped strictly whatever the domain's mode (Linux gives
+        // untrusted devices no flush queue): its frames are copied back and freed next, and a
+        // lazy window would leave the device a cached way into frames that are no longer its.
+        let unmapped =
+            if bounced.is_some() { domain.unmap_strict(iova, len) } else { domain.unmap(iova, len) };
         // The device has lost access: bring back what it wrote, release the bounces.
-        let bounced = self.state.bounced.lock().remove(&iova.as_u64());
         if let Some(bounces) = bounced {
             for b in bounces {
                 bounce::finish(self.mem(), b, attrs);
@@ -622,7 +627,8 @@ impl Device {
             return Err(DmaError::SyncOutOfRange { dma, offset, size, mapped: rec.size });
         }
         let base = dma.as_u64() - rec.pad;
-        if let Some(bounces) = self.state.bounced.lock().get(&base) {
+        let serial = self.current_domain()?.map_or(0, |d| d.serial());
+        if let Some(bounces) = self.state.bounced.lock().get(&(serial, base)) {
             let lo = rec.pad + offset;
             bounce::sync_range(self.mem(), bounces, lo, lo + size, for_cpu);
         }

@@ -63,7 +63,7 @@ impl Iommu {
         if let Some(pa) = self.fill_unlocked(dev, v, id, iova.as_u64(), need) {
             return Ok(pa);
         }
-        self.resolve_slow(dev, id, iova, access, need)
+        self.resolve_slow(dev, iova, access, need)
     }
 
     /// An IOTLB miss without a lock (see the `iotlb` module): reserve the slot, walk from the
@@ -100,13 +100,26 @@ impl Iommu {
     fn resolve_slow(
         &self,
         dev: DeviceId,
-        id: DomainId,
         iova: DmaAddr,
         access: Access,
         need: Prot,
     ) -> Result<PhysAddr, DmaFault> {
         let fault = |reason| DmaFault { device: dev, iova, access, reason };
         let domains = self.inner.domains.read();
+        // The attachment is read again under the registry lock: attach and detach hold it shared
+        // and destroy exclusive, so the domain found under the id the word names now is the one
+        // the device is attached to, not a successor that took a destroyed domain's id.
+        let v = self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire);
+        let id = attached_domain(v);
+        if v & DEV_REGISTERED == 0 || id == 0 {
+            drop(domains);
+            let reason =
+                if v & DEV_REGISTERED == 0 { FaultReason::UnknownDevice } else { FaultReason::NotAttached };
+            return Err(self.fault(None, fault(reason)));
+        }
+        if v & DEV_IDENTITY != 0 {
+            return Ok(PhysAddr::new(iova.as_u64()));
+        }
         let Some(d) = domains.get(usize::from(id) - 1).and_then(Option::as_deref) else {
             drop(domains);
             return Err(self.fault(None, fault(FaultReason::NotAttached)));

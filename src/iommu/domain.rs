@@ -119,6 +119,9 @@ pub enum DomainError {
     Iova(#[from] IovaError),
 }
 
+/// Serial numbers of domains.
+static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 #[derive(Default)]
 pub(super) struct FlushQueue {
     invalidations: Vec<Invalidation<DmaAddr>>,
@@ -157,6 +160,8 @@ pub struct Domain {
     pub(super) faults: FaultLog,
     pub(super) devices: AtomicU32,
     pub(super) destroyed: AtomicBool,
+    /// Unique among all domains of the process, never reused (ids are).
+    serial: u64,
 }
 
 impl core::fmt::Debug for Domain {
@@ -196,6 +201,7 @@ impl Domain {
             faults: FaultLog::default(),
             devices: AtomicU32::new(0),
             destroyed: AtomicBool::new(false),
+            serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -244,6 +250,12 @@ impl Domain {
     #[must_use]
     pub fn iova(&self) -> Option<IovaView<'_>> {
         self.iova.as_ref().map(IovaAllocator::view)
+    }
+
+    /// A number no other domain of the process has had or will have (ids are reused): what
+    /// layers above key their per-domain records by.
+    pub(crate) fn serial(&self) -> u64 {
+        self.serial
     }
 
     /// Whether the domain was destroyed ([`super::Iommu::destroy_domain`]): every operation on

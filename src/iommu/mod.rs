@@ -479,12 +479,14 @@ impl Iommu {
     /// Runs `f` with the domain `dev` is attached to now (`None`: unregistered or detached),
     /// under the registry's read lock: no reference count is taken, and the domain cannot be
     /// destroyed until `f` returns. `f` must not call back into the registry.
-    pub(crate) fn with_attached<R>(&self, dev: DeviceId, f: impl FnOnce(Option<&Domain>) -> R) -> R {
+    pub(crate) fn with_attached<R>(&self, dev: DeviceId, f: impl FnOnce(Option<&Arc<Domain>>) -> R) -> R {
+        let domains = self.inner.domains.read();
+        // Read under the lock (see `resolve_slow`): the id names the device's domain, not a
+        // successor that reused a destroyed domain's id.
         let v = self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire);
         let id = attached_domain(v);
-        let domains = self.inner.domains.read();
         let d = (v & DEV_REGISTERED != 0 && id != 0)
-            .then(|| domains.get(usize::from(id) - 1).and_then(Option::as_deref))
+            .then(|| domains.get(usize::from(id) - 1).and_then(Option::as_ref))
             .flatten();
         f(d)
     }
