@@ -137,26 +137,43 @@ macro_rules! address_type {
                 self.0.checked_sub(base.0)
             }
 
-            /// Whether the address is a multiple of `align` (a power of two).
+            /// Whether the address is a multiple of `align` (a power of two in every use here;
+            /// any other value is taken literally, and no address is a multiple of 0).
             #[must_use]
             pub const fn is_aligned(self, align: u64) -> bool {
-                debug_assert!(align.is_power_of_two());
-                self.0 & (align - 1) == 0
+                if align.is_power_of_two() {
+                    self.0 & (align - 1) == 0
+                } else {
+                    align != 0 && self.0 % align == 0
+                }
             }
 
-            /// Rounds down to a multiple of `align` (a power of two).
+            /// Rounds down to a multiple of `align` (a power of two; any other non-zero value is
+            /// taken literally; 0 leaves the address as it is).
             #[must_use]
             pub const fn align_down(self, align: u64) -> Self {
-                debug_assert!(align.is_power_of_two());
-                $name(self.0 & !(align - 1))
+                if align.is_power_of_two() {
+                    $name(self.0 & !(align - 1))
+                } else if align == 0 {
+                    self
+                } else {
+                    $name(self.0 - self.0 % align)
+                }
             }
 
-            /// Rounds up to a multiple of `align` (a power of two), or `None` on overflow.
+            /// Rounds up to a multiple of `align` (a power of two; any other non-zero value is
+            /// taken literally), or `None` on overflow or for `align == 0`.
             #[must_use]
             pub const fn align_up(self, align: u64) -> Option<Self> {
-                debug_assert!(align.is_power_of_two());
-                match self.0.checked_add(align - 1) {
-                    Some(v) => Some($name(v & !(align - 1))),
+                if align == 0 {
+                    return None;
+                }
+                let down = self.align_down(align).0;
+                if down == self.0 {
+                    return Some(self);
+                }
+                match down.checked_add(align) {
+                    Some(v) => Some($name(v)),
                     None => None,
                 }
             }
@@ -345,6 +362,20 @@ mod tests {
         assert_eq!(PhysAddr::new(0x1234).align_up(PAGE_SIZE), Some(PhysAddr::new(0x2000)));
         assert_eq!(PhysAddr::new(0x3000).offset_from(PhysAddr::new(0x1000)), Some(0x2000));
         assert_eq!(PhysAddr::new(0x1000).offset_from(PhysAddr::new(0x3000)), None);
+    }
+
+    #[test]
+    fn alignment_helpers_take_any_alignment_without_panicking() {
+        let a = DmaAddr::new(0x1234);
+        assert!(!a.is_aligned(0) && a.is_aligned(1) && !a.is_aligned(0x1000));
+        assert_eq!(a.align_down(0), a);
+        assert_eq!(a.align_up(0), None);
+        assert_eq!(a.align_down(1000), DmaAddr::new(4000));
+        assert_eq!(a.align_up(1000), Some(DmaAddr::new(5000)));
+        assert!(DmaAddr::new(5000).is_aligned(1000));
+        assert_eq!(DmaAddr::new(u64::MAX).align_up(7), None);
+        assert_eq!(DmaAddr::new(u64::MAX).align_up(1 << 63), None);
+        assert_eq!(DmaAddr::new(1 << 63).align_up(1 << 63), Some(DmaAddr::new(1 << 63)));
     }
 
     #[test]

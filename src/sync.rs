@@ -16,9 +16,9 @@ use std::sync::atomic::AtomicUsize;
 /// Atomics and fences: `core`'s, or loom's under `--cfg loom`.
 pub(crate) mod atomic {
     #[cfg(not(loom))]
-    pub(crate) use core::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+    pub(crate) use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
     #[cfg(loom)]
-    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
 }
 
 /// The rank of a lock: a thread takes locks in increasing rank only.

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use vmbind::addr::{PAGE_SIZE, PageSize, PhysAddr};
-use vmbind::mem::{MAX_ORDER, MemError, MemUsage, PhysMem};
+use vmbind::mem::{MAX_ORDER, MemError, MemUsage, PhysMem, Reservation};
 
 const MIB: u64 = 1 << 20;
 const MIB2: u64 = 2 << 20;
@@ -101,6 +101,8 @@ struct Model {
     live: BTreeMap<u64, u64>,
     live_frames: u64,
     reserved: u64,
+    /// The model's reservation token (it holds `reserved` frames).
+    res: Reservation,
     /// Blocks freed so far (for double frees).
     freed: Vec<(u64, u64)>,
 }
@@ -108,8 +110,10 @@ struct Model {
 impl Model {
     fn new(size: u64) -> Self {
         let mem = PhysMem::new(size).unwrap();
+        let res = mem.reserve(0).unwrap();
         let m = Model {
             mem,
+            res,
             size,
             nframes: size / PAGE_SIZE,
             live: BTreeMap::new(),
@@ -240,7 +244,7 @@ impl Model {
                     }
                 }
             }
-            Alloc::Reserved => match self.mem.alloc_reserved_frame() {
+            Alloc::Reserved => match self.mem.alloc_reserved_frame(&mut self.res) {
                 Ok(pa) => {
                     assert!(self.reserved >= 1, "a reserved frame came out of no reservation");
                     self.reserved -= 1;
@@ -382,7 +386,7 @@ impl Model {
                     n => n,
                 };
                 let before = self.mem.usage();
-                match self.mem.reserve(n) {
+                match self.mem.reserve_more(&mut self.res, n) {
                     Ok(()) => {
                         assert!(n <= avail, "reserved {n} with {avail} available");
                         self.reserved += n;
@@ -397,7 +401,7 @@ impl Model {
             }
             Op::Unreserve(n) => {
                 let n = n.min(self.reserved);
-                self.mem.unreserve(n);
+                assert_eq!(self.mem.unreserve(&mut self.res, n), Ok(n));
                 self.reserved -= n;
                 self.check_usage();
             }
@@ -417,7 +421,7 @@ impl Model {
         for (k, (s, l)) in blocks.into_iter().enumerate() {
             self.free_live(s, l, k as u8);
         }
-        self.mem.unreserve(self.reserved);
+        assert_eq!(self.mem.unreserve(&mut self.res, u64::MAX), Ok(self.reserved));
         self.reserved = 0;
         self.check_usage();
     }
@@ -494,7 +498,8 @@ fn reserved_frames_are_held_back_from_plain_allocations() {
     let initial = mem.usage();
     let free = initial.free_frames;
     // Everything but three frames promised away.
-    mem.reserve(free - 3).unwrap();
+    let mut r = mem.reserve(free - 3).unwrap();
+    assert_eq!(r.frames(), free - 3);
     assert_eq!(mem.reserve(4), Err(MemError::OutOfMemory { requested: 4, available: 3 }));
     // A block of four frames exists, but only three are available.
     assert_eq!(mem.alloc_block(4 * PAGE_SIZE), Err(MemError::OutOfMemory { requested: 4, available: 3 }));
@@ -505,10 +510,10 @@ fn reserved_frames_are_held_back_from_plain_allocations() {
     // The reservation can always be drawn on, down to the last frame.
     let mut reserved = Vec::new();
     for left in (0..free - 3).rev() {
-        reserved.push(mem.alloc_reserved_frame().unwrap());
+        reserved.push(mem.alloc_reserved_frame(&mut r).unwrap());
         assert_eq!(mem.usage().reserved_frames, left);
     }
-    assert_eq!(mem.alloc_reserved_frame(), Err(MemError::OutOfMemory { requested: 1, available: 0 }));
+    assert_eq!(mem.alloc_reserved_frame(&mut r), Err(MemError::OutOfMemory { requested: 1, available: 0 }));
     assert_eq!(mem.usage().free_frames, 0);
     let mut all: Vec<u64> = plain.iter().chain(&reserved).map(|p| p.as_u64()).collect();
     all.sort_unstable();
@@ -517,20 +522,26 @@ fn reserved_frames_are_held_back_from_plain_allocations() {
     // Freeing a reserved frame does not give the reservation back; it is a plain free frame.
     mem.free_frame(reserved.pop().unwrap()).unwrap();
     assert_eq!(mem.usage().reserved_frames, 0);
-    assert_eq!(mem.alloc_reserved_frame(), Err(MemError::OutOfMemory { requested: 1, available: 1 }));
+    assert_eq!(mem.alloc_reserved_frame(&mut r), Err(MemError::OutOfMemory { requested: 1, available: 1 }));
     plain.push(mem.alloc_frame().unwrap());
     mem.free_frames(&plain).unwrap();
     mem.free_frames(&reserved).unwrap();
     assert_eq!(mem.usage(), initial);
 
     // Unreserving hands frames back to plain allocations.
-    mem.reserve(10).unwrap();
-    mem.unreserve(4);
+    let mut r = mem.reserve(10).unwrap();
+    assert_eq!(mem.unreserve(&mut r, 4), Ok(4));
+    // Another arena's token is refused, and changes nothing.
+    let other = PhysMem::new(1 << 20).unwrap();
+    let mut foreign = other.reserve(1).unwrap();
+    assert_eq!(mem.unreserve(&mut foreign, 1), Err(MemError::ForeignReservation));
+    assert_eq!(mem.alloc_reserved_frame(&mut foreign), Err(MemError::ForeignReservation));
+    assert_eq!(foreign.frames(), 1);
     assert_eq!(mem.usage().reserved_frames, 6);
     let hold = mem.alloc_frames((free - 6) as usize).unwrap();
     assert!(mem.alloc_frame().is_err());
-    let six: Vec<PhysAddr> = (0..6).map(|_| mem.alloc_reserved_frame().unwrap()).collect();
-    assert!(mem.alloc_reserved_frame().is_err());
+    let six: Vec<PhysAddr> = (0..6).map(|_| mem.alloc_reserved_frame(&mut r).unwrap()).collect();
+    assert!(mem.alloc_reserved_frame(&mut r).is_err());
     mem.free_frames(&hold).unwrap();
     mem.free_frames(&six).unwrap();
     assert_eq!(mem.usage(), initial);

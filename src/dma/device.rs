@@ -2,101 +2,16 @@
 //! and their records (Linux's dma-debug checks, always on).
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::bounce::{self, Bounce};
+use super::bounce;
+use super::record::{DevState, Record};
 use super::{Attrs, Direction, DmaError, DmaVec, GRANULE, MapKind, align_up, granule_source};
 use crate::addr::{DmaAddr, PhysAddr};
-use crate::iommu::iova::{IovaError, IovaTag};
+use crate::iommu::iova::IovaError;
 use crate::iommu::{DeviceId, Domain, DomainError, DomainKind, Iommu};
 use crate::mem::{BioVec, PhysMem};
 use crate::pt::MapSource;
-use crate::sync::{Mutex, Rank};
-
-/// What the DMA layer keeps per device, shared by every [`Device`] handle of it.
-#[derive(Debug)]
-pub(super) struct DevState {
-    /// One-shot mappings of an untrusted device that bounce, by (domain serial, IOVA base): a
-    /// device re-attached elsewhere gets the same IOVAs from another allocator.
-    bounced: Mutex<HashMap<(u64, u64), Vec<Bounce>>>,
-    /// Direct devices: the records of their one-shot mappings, by DMA address.
-    direct: Mutex<HashMap<u64, Vec<Record>>>,
-}
-
-impl Default for DevState {
-    fn default() -> Self {
-        DevState {
-            bounced: Mutex::new(HashMap::new(), Rank::Leaf),
-            direct: Mutex::new(HashMap::new(), Rank::Leaf),
-        }
-    }
-}
-
-/// A one-shot mapping as dma-debug records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Record {
-    pub(super) dev: DeviceId,
-    pub(super) dir: Direction,
-    pub(super) kind: MapKind,
-    /// In-page offset of the handle (the DMA address returned) from the IOVA base.
-    pub(super) pad: u64,
-    /// Exact size mapped.
-    pub(super) size: u64,
-}
-
-const PRESENT: u64 = 1 << 63;
-
-impl Record {
-    /// The record as an IOVA tag: (size, device | direction | kind | pad | present).
-    pub(super) fn tag(self) -> IovaTag {
-        let dir = match self.dir {
-            Direction::ToDevice => 0,
-            Direction::FromDevice => 1,
-            Direction::Bidirectional => 2,
-        };
-        let kind = match self.kind {
-            MapKind::Single => 0,
-            MapKind::Sg => 1,
-            MapKind::TwoStep => 2,
-        };
-        IovaTag(self.size, PRESENT | u64::from(self.dev.0) | dir << 16 | kind << 18 | self.pad << 20)
-    }
-
-    /// The record a tag holds, if it is one of ours.
-    pub(super) fn from_tag(t: IovaTag) -> Option<Record> {
-        if t.1 & PRESENT == 0 {
-            return None;
-        }
-        let dir = match (t.1 >> 16) & 3 {
-            0 => Direction::ToDevice,
-            1 => Direction::FromDevice,
-            _ => Direction::Bidirectional,
-        };
-        let kind = match (t.1 >> 18) & 3 {
-            0 => MapKind::Single,
-            1 => MapKind::Sg,
-            _ => MapKind::TwoStep,
-        };
-        Some(Record { dev: DeviceId(t.1 as u16), dir, kind, pad: (t.1 >> 20) & (GRANULE - 1), size: t.0 })
-    }
-
-    /// Why an unmap `given` of this mapping is refused (dma-debug's order: whose, which call,
-    /// which size, which direction).
-    pub(super) fn mismatch(self, dma: DmaAddr, given: Record) -> DmaError {
-        if self.dev != given.dev {
-            DmaError::OtherDevice { dma, owner: self.dev }
-        } else if self.pad != given.pad {
-            DmaError::NotMapped { dma, size: given.size }
-        } else if self.kind != given.kind {
-            DmaError::KindMismatch { dma, mapped: self.kind, given: given.kind }
-        } else if self.size != given.size {
-            DmaError::SizeMismatch { dma, mapped: self.size, unmapped: given.size }
-        } else {
-            DmaError::DirectionMismatch { dma, mapped: self.dir, given: given.dir }
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 enum Path {
@@ -109,11 +24,11 @@ enum Path {
 /// the same device share its records and bounce state.
 #[derive(Debug, Clone)]
 pub struct Device {
-    id: DeviceId,
-    trusted: bool,
+    pub(super) id: DeviceId,
+    pub(super) trusted: bool,
     path: Path,
-    mem: Arc<PhysMem>,
-    state: Arc<DevState>,
+    pub(super) mem: Arc<PhysMem>,
+    pub(super) state: Arc<DevState>,
 }
 
 impl Device {
@@ -211,7 +126,7 @@ impl Device {
         &self.mem
     }
 
-    fn record(&self, dir: Direction, kind: MapKind, pad: u64, size: u64) -> Record {
+    pub(super) fn record(&self, dir: Direction, kind: MapKind, pad: u64, size: u64) -> Record {
         Record { dev: self.id, dir, kind, pad, size }
     }
 
@@ -405,7 +320,7 @@ impl Device {
     }
 
     /// The typed error for a refused retire of `iova`: the record's mismatch when there is one.
-    fn refusal(
+    pub(super) fn refusal(
         &self,
         domain: &Domain,
         dma: DmaAddr,
@@ -546,91 +461,6 @@ impl Device {
         }
         for &(d, size) in &v.pieces {
             self.unmap_one(d, size, dir, attrs, MapKind::Sg)?;
-        }
-        Ok(())
-    }
-
-    /// The record of the mapping whose handle is `dma`, checked against `(size, dir, kind)`.
-    fn check_mapped(
-        &self,
-        dma: DmaAddr,
-        size: u64,
-        dir: Direction,
-        kind: MapKind,
-    ) -> Result<Record, DmaError> {
-        let pad = dma.as_u64() % GRANULE;
-        let want = self.record(dir, kind, pad, size);
-        let rec = match self.current_domain()? {
-            None => {
-                let direct = self.state.direct.lock();
-                let recs = direct.get(&dma.as_u64()).ok_or(DmaError::NotMapped { dma, size })?;
-                let want = Record { pad: 0, ..want };
-                return recs.iter().find(|r| **r == want).copied().ok_or_else(|| recs[0].mismatch(dma, want));
-            }
-            Some(domain) => domain
-                .iova_tag(DmaAddr::new(dma.as_u64() - pad))
-                .and_then(|(t, _)| Record::from_tag(t))
-                .ok_or(DmaError::NotMapped { dma, size })?,
-        };
-        if rec == want { Ok(rec) } else { Err(rec.mismatch(dma, want)) }
-    }
-
-    /// `dma_sync_single_range_for_cpu`: makes `[offset, offset + size)` of the mapping whose
-    /// handle is `dma` (mapped with `mapped_size` bytes) visible to the CPU after the device
-    /// wrote it. For a bounced mapping the device's bytes are copied back; the model's memory is
-    /// otherwise coherent, so only the checks remain.
-    ///
-    /// # Errors
-    /// [`DmaError::SyncOutOfRange`], [`DmaError::DirectionMismatch`], and the record checks of
-    /// [`Device::unmap`]; nothing changes then.
-    pub fn sync_for_cpu(
-        &self,
-        dma: DmaAddr,
-        mapped_size: u64,
-        offset: u64,
-        size: u64,
-        dir: Direction,
-    ) -> Result<(), DmaError> {
-        self.sync(dma, mapped_size, offset, size, dir, true)
-    }
-
-    /// `dma_sync_single_range_for_device`: hands `[offset, offset + size)` of the mapping back
-    /// to the device after the CPU wrote it (a bounced mapping gets the CPU's bytes copied in).
-    ///
-    /// # Errors
-    /// As [`Device::sync_for_cpu`].
-    pub fn sync_for_device(
-        &self,
-        dma: DmaAddr,
-        mapped_size: u64,
-        offset: u64,
-        size: u64,
-        dir: Direction,
-    ) -> Result<(), DmaError> {
-        self.sync(dma, mapped_size, offset, size, dir, false)
-    }
-
-    fn sync(
-        &self,
-        dma: DmaAddr,
-        mapped_size: u64,
-        offset: u64,
-        size: u64,
-        dir: Direction,
-        for_cpu: bool,
-    ) -> Result<(), DmaError> {
-        if size == 0 || mapped_size == 0 {
-            return Err(DmaError::ZeroSize);
-        }
-        let rec = self.check_mapped(dma, mapped_size, dir, MapKind::Single)?;
-        if offset.checked_add(size).is_none_or(|e| e > rec.size) {
-            return Err(DmaError::SyncOutOfRange { dma, offset, size, mapped: rec.size });
-        }
-        let base = dma.as_u64() - rec.pad;
-        let serial = self.current_domain()?.map_or(0, |d| d.serial());
-        if let Some(bounces) = self.state.bounced.lock().get(&(serial, base)) {
-            let lo = rec.pad + offset;
-            bounce::sync_range(self.mem(), bounces, lo, lo + size, for_cpu);
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::bounce;
-use super::device::Record;
+use super::record::Record;
 use super::{Attrs, Device, Direction, DmaError, GRANULE, MapKind, align_up, granule_source};
 use crate::addr::{DmaAddr, PhysAddr};
 use crate::iommu::iova::IovaTag;

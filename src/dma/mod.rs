@@ -88,6 +88,7 @@ mod bounce;
 mod device;
 mod dmavec;
 mod iova_state;
+mod record;
 
 pub use blk::BlkRqMapping;
 pub use device::Device;

@@ -2,9 +2,8 @@
 //! mode, and the strict and lazy invalidation that keep its IOTLB entries true.
 #![forbid(unsafe_code)]
 
-use crate::sync::atomic::{AtomicBool, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU32;
 use std::time::{Duration, Instant};
 
 use crate::sync::{Mutex, Rank, RwLock};
@@ -50,7 +49,9 @@ pub struct DomainConfig {
     /// Width of the aperture: IOVAs stay below `1 << aperture_bits` (at most 48).
     pub aperture_bits: u32,
     /// Lazy mode: how old the oldest queued entry may get before the background flush
-    /// ([`FLUSH_TIMEOUT`] by default). The window of lazy mode is at most this long.
+    /// ([`FLUSH_TIMEOUT`] by default). The background thread looks every 5 ms, so the window
+    /// of lazy mode is at most this long plus 5 ms (or 256 queued unmaps, whichever comes
+    /// first).
     pub flush_timeout: Duration,
 }
 

@@ -45,9 +45,12 @@
 //! invalidation; the queue is flushed (one domain-wide invalidation) when it holds 256 entries,
 //! when its oldest entry is 10 ms old (a background thread checks), on [`Domain::flush`], and
 //! before a map that overlaps a queued range. Until then a device may still reach the old pages
-//! through a cached translation: that bounded window (≤ 10 ms or 256 unmaps) is the price of
+//! through a cached translation: that bounded window (the flush timeout, 10 ms by default, plus the 5 ms the flusher sleeps
+//! between looks; or 256 unmaps) is the price of
 //! lazy mode. Within it, freed IOVAs are not handed out again and freed table pages not reused,
-//! so the window never exposes memory the domain did not map.
+//! so the window never exposes memory the domain did not map. Mappings that bounce (an
+//! untrusted device's partial pages) are always unmapped strictly: their bounce frames are
+//! freed at once.
 //!
 //! # Locking
 //!

@@ -71,17 +71,27 @@ impl PhysMem {
     /// Gathers the bytes a bio_vec array describes.
     ///
     /// # Errors
-    /// [`MemError::OutOfBounds`] when a segment leaves the arena.
+    /// [`MemError::OutOfBounds`] when a segment leaves the arena, [`MemError::HostAlloc`] when
+    /// the host cannot hold that many bytes; nothing is read then.
     pub fn read_bvecs(&self, bvecs: &[BioVec]) -> Result<Vec<u8>, MemError> {
-        let total: u64 = bvecs.iter().map(|b| u64::from(b.len)).sum();
-        let mut out = vec![0u8; total as usize];
+        // Every segment is checked before anything is allocated, and the buffer is reserved
+        // fallibly: a hostile array (many long segments over the same bytes) is an error, not an
+        // aborted process.
+        let mut total = 0u64;
+        for b in bvecs {
+            let len = u64::from(b.len);
+            let oob = MemError::OutOfBounds { pa: b.phys, len, size: self.size };
+            let start = b.start().ok_or(oob.clone())?;
+            self.check(start, len)?;
+            total = total.checked_add(len).ok_or(oob)?;
+        }
+        let bytes = usize::try_from(total).map_err(|_| MemError::HostAlloc { bytes: total })?;
+        let mut out = Vec::new();
+        out.try_reserve_exact(bytes).map_err(|_| MemError::HostAlloc { bytes: total })?;
+        out.resize(bytes, 0);
         let mut at = 0usize;
         for b in bvecs {
-            let start = b.start().ok_or(MemError::OutOfBounds {
-                pa: b.phys,
-                len: u64::from(b.len),
-                size: self.size,
-            })?;
+            let start = PhysAddr::new(b.phys.as_u64() + u64::from(b.offset));
             self.read(start, &mut out[at..at + b.len as usize])?;
             at += b.len as usize;
         }

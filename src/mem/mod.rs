@@ -79,6 +79,15 @@ pub enum MemError {
     /// A zero-length request.
     #[error("zero-length request")]
     ZeroLength,
+    /// A [`Reservation`] of another arena.
+    #[error("the reservation belongs to another arena")]
+    ForeignReservation,
+    /// The host could not allocate a buffer of this many bytes.
+    #[error("cannot allocate a host buffer of {bytes:#x} bytes")]
+    HostAlloc {
+        /// Bytes asked for.
+        bytes: u64,
+    },
     /// Reading a file failed.
     #[error("reading {path}: {message}")]
     Io {
@@ -123,6 +132,7 @@ pub struct PhysMem {
     base: NonNull<u8>,
     size: u64,
     frames: Mutex<Buddy>,
+    serial: u64,
 }
 
 // SAFETY: the arena is plain memory owned by this value for its whole life; every access to it
@@ -175,7 +185,8 @@ impl PhysMem {
         let _ = unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
         let base = NonNull::new(ptr.cast::<u8>()).ok_or(MemError::Mmap { size, errno: 0 })?;
         let nframes = u32::try_from(size >> PAGE_SHIFT).map_err(|_| MemError::BadSize { size })?;
-        Ok(PhysMem { base, size, frames: Mutex::new(Buddy::new(nframes), Rank::Frames) })
+        let serial = ARENA_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(PhysMem { base, size, frames: Mutex::new(Buddy::new(nframes), Rank::Frames), serial })
     }
 
     /// The arena size in bytes.
@@ -325,29 +336,89 @@ impl PhysMem {
         self.frames.lock().free(f, order).map_err(|_| MemError::NotAllocated { pa, size: size.bytes() })
     }
 
-    /// Promises `n` free frames to the caller: plain allocations can no longer take them, and
-    /// [`PhysMem::alloc_reserved_frame`] can always get them. Page tables use this so that
-    /// splitting a huge leaf during an unmap never fails for lack of memory.
+    /// Promises `n` free frames to the caller, as a [`Reservation`] token: plain allocations
+    /// can no longer take them, and [`PhysMem::alloc_reserved_frame`] can always draw on the
+    /// token. Page tables hold one so that splitting a huge leaf during an unmap never fails for
+    /// lack of memory. Only the token's holder can draw on it or give it back, so no other user
+    /// of the arena can take a table's split reserve away.
     ///
     /// # Errors
     /// [`MemError::OutOfMemory`] when fewer than `n` unreserved frames are free.
-    pub fn reserve(&self, n: u64) -> Result<(), MemError> {
-        let mut b = self.frames.lock();
-        b.reserve(n).map_err(|_| Self::oom(&b, n))
+    pub fn reserve(&self, n: u64) -> Result<Reservation, MemError> {
+        let mut r = Reservation { arena: self.serial, frames: 0 };
+        self.reserve_more(&mut r, n)?;
+        Ok(r)
     }
 
-    /// Returns `n` frames of reservation taken with [`PhysMem::reserve`].
-    pub fn unreserve(&self, n: u64) {
-        self.frames.lock().unreserve(n);
-    }
-
-    /// Allocates one frame out of a reservation made with [`PhysMem::reserve`].
+    /// Adds `n` frames to a reservation of this arena.
     ///
     /// # Errors
-    /// [`MemError::OutOfMemory`] only when nothing is reserved (a caller bug).
-    pub fn alloc_reserved_frame(&self) -> Result<PhysAddr, MemError> {
+    /// [`MemError::ForeignReservation`] for another arena's token, [`MemError::OutOfMemory`]
+    /// when fewer than `n` unreserved frames are free; the token is unchanged then.
+    pub fn reserve_more(&self, r: &mut Reservation, n: u64) -> Result<(), MemError> {
+        self.own(r)?;
         let mut b = self.frames.lock();
-        b.alloc(0, true).map(to_pa).map_err(|_| Self::oom(&b, 1))
+        b.reserve(n).map_err(|_| Self::oom(&b, n))?;
+        r.frames += n;
+        Ok(())
+    }
+
+    /// Gives `n` frames of a reservation back (all it holds, if it holds fewer) and returns how
+    /// many went back.
+    ///
+    /// # Errors
+    /// [`MemError::ForeignReservation`] for another arena's token.
+    pub fn unreserve(&self, r: &mut Reservation, n: u64) -> Result<u64, MemError> {
+        self.own(r)?;
+        let n = n.min(r.frames);
+        self.frames.lock().unreserve(n);
+        r.frames -= n;
+        Ok(n)
+    }
+
+    /// Allocates one frame out of a reservation (which then holds one frame fewer).
+    ///
+    /// # Errors
+    /// [`MemError::ForeignReservation`] for another arena's token, [`MemError::OutOfMemory`]
+    /// when the token holds no frame.
+    pub fn alloc_reserved_frame(&self, r: &mut Reservation) -> Result<PhysAddr, MemError> {
+        self.own(r)?;
+        let mut b = self.frames.lock();
+        if r.frames == 0 {
+            return Err(Self::oom(&b, 1));
+        }
+        let pa = b.alloc(0, true).map(to_pa).map_err(|_| Self::oom(&b, 1))?;
+        r.frames -= 1;
+        Ok(pa)
+    }
+
+    fn own(&self, r: &Reservation) -> Result<(), MemError> {
+        if r.arena != self.serial {
+            return Err(MemError::ForeignReservation);
+        }
+        Ok(())
+    }
+}
+
+/// Serial numbers of arenas, so that a reservation names the arena it was taken from.
+static ARENA_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Frames promised to one holder by [`PhysMem::reserve`]. Drawn on with
+/// [`PhysMem::alloc_reserved_frame`], grown with [`PhysMem::reserve_more`], given back with
+/// [`PhysMem::unreserve`]. A token dropped with frames still in it keeps them reserved (they are
+/// lost to plain allocation until the arena goes): give them back first.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a reservation holds frames back until it is given back with PhysMem::unreserve"]
+pub struct Reservation {
+    arena: u64,
+    frames: u64,
+}
+
+impl Reservation {
+    /// Frames the token holds.
+    #[must_use]
+    pub fn frames(&self) -> u64 {
+        self.frames
     }
 }
 

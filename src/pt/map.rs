@@ -143,17 +143,17 @@ impl<F: Format> PageTable<F> {
             *b = F::leaf_bits(level as u8, prot);
         }
 
-        let _guard = self.lock.lock();
+        let mut reserve = self.lock.lock();
         let root = self.table(self.root);
         let mut plan = Plan::default();
         self.plan(Self::ROOT_LEVEL, Some(root), v, v + len, &mut cursor(), max_level, &mut plan)
             .map_err(|at| MapError::AlreadyMapped { va: F::Va::new(at) })?;
 
-        self.mem.reserve(plan.reserve).map_err(MapError::OutOfMemory)?;
+        self.mem.reserve_more(&mut reserve, plan.reserve).map_err(MapError::OutOfMemory)?;
         let mut pool = match self.mem.alloc_frames(plan.tables as usize) {
             Ok(p) => p,
             Err(e) => {
-                self.mem.unreserve(plan.reserve);
+                let _ = self.mem.unreserve(&mut reserve, plan.reserve);
                 return Err(MapError::OutOfMemory(e));
             }
         };
@@ -166,7 +166,7 @@ impl<F: Format> PageTable<F> {
         if let Err(index) = built {
             // Nothing was published: every new table is still private. Give it all back.
             let _ = self.mem.free_frames(&all_new);
-            self.mem.unreserve(plan.reserve);
+            let _ = self.mem.unreserve(&mut reserve, plan.reserve);
             let (pa, len, offset) = match src {
                 MapSource::Pages(p) => (p[index], PAGE_SIZE, 0),
                 MapSource::PageVecs(b) => {

@@ -57,7 +57,7 @@ pub use gather::Invalidation;
 pub use source::{MapOptions, MapSource};
 
 use crate::addr::{Address, PAGE_SIZE, PageSize, PhysAddr, Span, SpanError};
-use crate::mem::{MemError, PhysMem};
+use crate::mem::{MemError, PhysMem, Reservation};
 use gather::Parking;
 
 const ENTRIES: usize = 512;
@@ -246,7 +246,8 @@ pub struct Leaf<V> {
 pub struct PageTable<F: Format> {
     mem: Arc<PhysMem>,
     root: PhysAddr,
-    lock: Mutex<()>,
+    /// The mutation lock, holding the table's split reserve.
+    lock: Mutex<Reservation>,
     tables: AtomicU64,
     reserved: AtomicU64,
     /// Emptied table pages of invalidations dropped without `complete()`.
@@ -275,12 +276,16 @@ impl<F: Format> PageTable<F> {
     /// [`MemError::OutOfMemory`] when the arena has no frame for the root.
     pub fn new(mem: Arc<PhysMem>) -> Result<Self, MemError> {
         let root = mem.alloc_frame()?;
-        mem.zero(root, PAGE_SIZE)?;
+        if let Err(e) = mem.zero(root, PAGE_SIZE) {
+            let _ = mem.free_frame(root);
+            return Err(e);
+        }
+        let reservation = mem.reserve(0)?;
         Ok(PageTable {
             parking: Parking::new(mem.clone()),
             mem,
             root,
-            lock: Mutex::new((), Rank::Table),
+            lock: Mutex::new(reservation, Rank::Table),
             tables: AtomicU64::new(1),
             reserved: AtomicU64::new(0),
             _format: PhantomData,
@@ -484,7 +489,8 @@ impl<F: Format> Drop for PageTable<F> {
         let mut pages = Vec::new();
         self.free_subtree(Self::ROOT_LEVEL, self.root, &mut pages);
         let _ = self.mem.free_frames(&pages);
-        self.mem.unreserve(self.reserved.load(Ordering::Relaxed));
+        let r = self.lock.get_mut();
+        let _ = self.mem.unreserve(r, u64::MAX);
         // No walker can reach the table any more: parked pages go too.
         self.parking.release();
     }

@@ -6,6 +6,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::{ENTRIES, Format, Invalidation, PageTable, Pte, UnmapError, index, shift, span, split_cost};
 use crate::addr::{Address, PAGE_SIZE, SpanError};
+use crate::mem::Reservation;
 
 impl<F: Format> PageTable<F> {
     /// Unmaps exactly `[va, va + len)`: present leaves inside go away, huge leaves partly inside
@@ -31,13 +32,23 @@ impl<F: Format> PageTable<F> {
             Err(SpanError::Overflow { .. }) => return Err(UnmapError::Overflow { va, len }),
             Err(_) => return Err(UnmapError::OutOfRange { va, len }),
         }
-        let _guard = self.lock.lock();
+        let mut reserve = self.lock.lock();
         let mut inv = Invalidation::new(self.parking.clone());
         let mut unreserve = 0;
         let mut created = 0;
         let root = self.table(self.root);
-        self.unmap_level(Self::ROOT_LEVEL, root, false, v, v + len, &mut inv, &mut unreserve, &mut created);
-        self.mem.unreserve(unreserve);
+        self.unmap_level(
+            Self::ROOT_LEVEL,
+            root,
+            false,
+            v,
+            v + len,
+            &mut inv,
+            &mut reserve,
+            &mut unreserve,
+            &mut created,
+        );
+        let _ = self.mem.unreserve(&mut reserve, unreserve);
         self.reserved.fetch_sub(unreserve, Ordering::Relaxed);
         self.tables.fetch_add(created, Ordering::Relaxed);
         self.tables.fetch_sub(inv.freed.len() as u64, Ordering::Relaxed);
@@ -54,6 +65,7 @@ impl<F: Format> PageTable<F> {
         va: u64,
         end: u64,
         inv: &mut Invalidation<F::Va>,
+        reserve: &mut Reservation,
         unreserve: &mut u64,
         created: &mut u64,
     ) {
@@ -105,8 +117,10 @@ impl<F: Format> PageTable<F> {
                 Pte::Leaf { pa, prot } => {
                     // Split: the frame comes out of this leaf's reserve, and its 512 children keep
                     // the rest of it (split_cost(level) = 1 + 512 * split_cost(level - 1)).
-                    let child_pa =
-                        self.mem.alloc_reserved_frame().expect("every huge leaf holds a split reserve");
+                    let child_pa = self
+                        .mem
+                        .alloc_reserved_frame(reserve)
+                        .expect("every huge leaf holds a split reserve");
                     self.reserved.fetch_sub(1, Ordering::Relaxed);
                     *created += 1;
                     let child = self.table(child_pa);
@@ -118,12 +132,12 @@ impl<F: Format> PageTable<F> {
                         at += cs;
                     }
                     e.store(F::table_entry(child_pa), Ordering::Release);
-                    self.unmap_level(level - 1, child, false, v, e_end, inv, unreserve, created);
+                    self.unmap_level(level - 1, child, false, v, e_end, inv, reserve, unreserve, created);
                 }
                 Pte::Table(pa) => {
                     let child = self.table(pa);
                     let gone = doomed || full;
-                    self.unmap_level(level - 1, child, gone, v, e_end, inv, unreserve, created);
+                    self.unmap_level(level - 1, child, gone, v, e_end, inv, reserve, unreserve, created);
                     if gone || child.iter().all(|c| !F::is_present(c.load(Ordering::Relaxed))) {
                         if !doomed {
                             e.store(0, Ordering::Release);

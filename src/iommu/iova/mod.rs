@@ -51,6 +51,8 @@ pub const DEPOT_MAX: usize = 32;
 pub const DEPOT_MAX: usize = 1;
 /// Orders 0..CACHED_ORDERS (1 to 32 pages) are served by the per-CPU caches.
 pub const CACHED_ORDERS: usize = 6;
+/// Most per-CPU cache slots an allocator keeps (more are pointless and cost memory).
+pub const MAX_SLOTS: usize = 1024;
 /// Largest alignment given to big allocations, in pages (2 MiB).
 const MAX_ALIGN_PAGES: u64 = 512;
 
@@ -174,8 +176,8 @@ impl IovaAllocator {
         Self::with_slots(start, end, (2 * cpus).next_power_of_two().max(4))
     }
 
-    /// As [`IovaAllocator::new`] with an explicit number of per-CPU cache slots (rounded up to a
-    /// power of two).
+    /// As [`IovaAllocator::new`] with an explicit number of per-CPU cache slots (clamped to
+    /// 1..=[`MAX_SLOTS`], then rounded up to a power of two).
     ///
     /// # Errors
     /// As [`IovaAllocator::new`].
@@ -204,7 +206,7 @@ impl IovaAllocator {
             tree: Mutex::new(tree, Rank::IovaTree),
             serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             // A power of two, so that picking a slot is a mask, not a division.
-            slots: (0..slots.max(1).next_power_of_two()).map(|_| slot()).collect(),
+            slots: (0..slots.clamp(1, MAX_SLOTS).next_power_of_two()).map(|_| slot()).collect(),
             depot: (0..CACHED_ORDERS).map(|_| CachePadded(Mutex::new(Vec::new(), Rank::IovaDepot))).collect(),
         })
     }
