@@ -69,6 +69,7 @@ fn defect_1_ranges_that_wrap_past_2_64_are_refused() {
             Err(DmaError::Overflow { phys: top, size: 0x2000 }),
             "map_phys"
         );
+        assert_eq!(snap(&mem, &d), before_good, "map_phys changed nothing");
         assert_eq!(before.leaves, snap(&mem, &d).leaves);
     }
     // A DmaVec cannot hold a wrapping (or empty) segment, so no PRP or SGL can be built from one.

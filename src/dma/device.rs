@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::bounce;
 use super::record::{DevState, Record};
-use super::{Attrs, Direction, DmaError, DmaVec, GRANULE, MapKind, align_up, granule_source};
+use super::{Attrs, Direction, DmaError, DmaVec, GRANULE, MapKind, align_up, granule_source, phys_span};
 use crate::addr::{DmaAddr, PhysAddr};
 use crate::iommu::iova::IovaError;
 use crate::iommu::{DeviceId, Domain, DomainError, DomainKind, Iommu};
@@ -158,10 +158,7 @@ impl Device {
         attrs: Attrs,
         kind: MapKind,
     ) -> Result<DmaAddr, DmaError> {
-        if size == 0 {
-            return Err(DmaError::ZeroSize);
-        }
-        let end = phys.as_u64().checked_add(size).ok_or(DmaError::Overflow { phys, size })?;
+        let end = phys_span(phys, size)?.end();
         self.with_domain(|domain| self.map_in(domain, phys, size, end, dir, attrs, kind))
     }
 
@@ -354,10 +351,7 @@ impl Device {
         for b in bvecs {
             let size = u64::from(b.len);
             let phys = b.start().ok_or(DmaError::Overflow { phys: b.phys, size })?;
-            if size == 0 {
-                return Err(DmaError::ZeroSize);
-            }
-            phys.checked_add(size).ok_or(DmaError::Overflow { phys, size })?;
+            phys_span(phys, size)?;
         }
         let domain = match self.current_domain()? {
             None => return self.map_each(bvecs, dir, attrs, MapKind::Sg),

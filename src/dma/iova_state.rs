@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::bounce;
 use super::record::Record;
-use super::{Attrs, Device, Direction, DmaError, GRANULE, MapKind, align_up, granule_source};
+use super::{Attrs, Device, Direction, DmaError, GRANULE, MapKind, align_up, granule_source, phys_span};
 use crate::addr::{DmaAddr, PhysAddr};
 use crate::iommu::iova::IovaTag;
 use crate::iommu::{Domain, DomainError};
@@ -64,6 +64,8 @@ impl IovaState {
         if size == 0 {
             return Err(DmaError::ZeroSize);
         }
+        // (Only `phys`'s in-page offset is used: the range need not be mapped, but its size must
+        // fit with the offset, checked below.)
         let Some(domain) = dev.current_domain()? else {
             return Ok(None);
         };
@@ -145,7 +147,7 @@ impl IovaState {
             Some(end) if end <= self.pad + self.size => {}
             _ => return Err(DmaError::BeyondReserved { offset, size, reserved: self.size }),
         }
-        phys.as_u64().checked_add(size).ok_or(DmaError::Overflow { phys, size })?;
+        phys_span(phys, size)?;
         // Where the link really lands once its in-page offset is applied (Linux maps it at
         // `addr + offset - phys_pad`): that must be a granule boundary of the reservation, so a
         // first link whose in-page offset is not the reservation's is refused.

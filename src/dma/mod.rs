@@ -95,7 +95,7 @@ pub use device::Device;
 pub use dmavec::{DmaSeg, DmaVec, PageAddrs};
 pub use iova_state::IovaState;
 
-use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
+use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr, Span, SpanError};
 use crate::iommu::{DeviceId, DomainError};
 use crate::mem::BioVec;
 use crate::pt::{MapSource, Prot};
@@ -111,6 +111,15 @@ fn granule_source(expanded: &[BioVec]) -> MapSource<'_> {
     } else {
         MapSource::BioVecs(expanded)
     }
+}
+
+/// The checked physical range of a request ([`crate::addr::Span`]): [`DmaError::ZeroSize`] for
+/// zero bytes, [`DmaError::Overflow`] when it wraps.
+fn phys_span(phys: PhysAddr, size: u64) -> Result<Span<PhysAddr>, DmaError> {
+    Span::new(phys, size).map_err(|e| match e {
+        SpanError::Empty { .. } => DmaError::ZeroSize,
+        _ => DmaError::Overflow { phys, size },
+    })
 }
 
 #[inline]

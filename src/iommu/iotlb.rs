@@ -170,6 +170,23 @@ fn lookup_in(entries: &Entries, domain: u16, pfn: u64) -> Option<(u64, u8)> {
 }
 
 /// A direct-mapped, domain-tagged translation cache of [`IOTLB_ENTRIES`] entries.
+///
+/// Outside the crate it can be looked at, never changed: fills, reservations, commits and
+/// invalidations are crate-private (the IOMMU pairs them with its table updates).
+///
+/// ```compile_fail
+/// # use std::sync::Arc;
+/// # use vmbind::{addr::DmaAddr, iommu::Iommu, mem::PhysMem};
+/// let iommu = Iommu::new(Arc::new(PhysMem::new(1 << 20).unwrap()));
+/// let r = iommu.iotlb().reserve(1, DmaAddr::new(0x1000)); // a lock-free fill's reservation
+/// ```
+///
+/// ```compile_fail
+/// # use std::sync::Arc;
+/// # use vmbind::{addr::DmaAddr, iommu::Iommu, mem::PhysMem};
+/// let iommu = Iommu::new(Arc::new(PhysMem::new(1 << 20).unwrap()));
+/// iommu.iotlb().invalidate_range(1, DmaAddr::new(0x1000), 4096); // use Iommu::flush_iotlb
+/// ```
 #[derive(Debug)]
 pub struct Iotlb {
     /// Fixed size, so that a masked index needs no bounds check on the hit path.
