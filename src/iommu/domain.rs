@@ -143,7 +143,7 @@ impl FlushQueue {
     }
 }
 
-/// An I/O address space. Created by [`Iommu::create_domain`].
+/// An I/O address space. Created by [`super::Iommu::create_domain`].
 pub struct Domain {
     pub(super) id: DomainId,
     pub(super) kind: DomainKind,
@@ -424,7 +424,7 @@ impl Domain {
         }
     }
 
-    /// Allocates IOVA space in the aperture (top-down, per-CPU cached; see [`iova`]).
+    /// Allocates IOVA space in the aperture (top-down, per-CPU cached; see [`super::iova`]).
     ///
     /// # Errors
     /// [`DomainError::Identity`], or the allocator's [`IovaError`].

@@ -27,7 +27,7 @@ pub struct Prp {
 ///
 /// # Errors
 /// [`NvmeError::BadPageSize`] (checked first), [`NvmeError::Empty`], [`NvmeError::Dma`] with
-/// [`DmaError::EmptySegment`] or [`DmaError::SegmentOverflow`] for a segment that is empty or
+/// [`crate::dma::DmaError::EmptySegment`] or [`crate::dma::DmaError::SegmentOverflow`] for a segment that is empty or
 /// wraps, [`NvmeError::TooLarge`] (also when the lengths overflow `u64`), [`NvmeError::Unaligned`],
 /// [`NvmeError::NotPrpExpressible`], [`NvmeError::PoolExhausted`] (nothing is taken then).
 pub fn build_prp(pool: &mut ListPool, data: &DmaVec, page_size: u64, max_len: u64) -> Result<Prp, NvmeError> {
@@ -135,12 +135,12 @@ fn fill_prp_lists(
 /// cross a page. A chain pointer (the last slot of a full list page) must be page aligned like
 /// every other list entry, so each list page yields at least `page_size / 8 - 1` data entries and
 /// list pointers that loop still end once `len` bytes are read. Allocates `len` bytes, at most
-/// [`MAX_DECODE_LEN`].
+/// [`super::MAX_DECODE_LEN`].
 ///
 /// # Errors
 /// In this order: [`NvmeError::BadPageSize`] (`page_size` not a power of two from
-/// [`MIN_PAGE_SIZE`] to [`MAX_PAGE_SIZE`]), [`NvmeError::Empty`] (`len == 0`),
-/// [`NvmeError::TooLarge`] (`len` over [`MAX_DECODE_LEN`]), [`NvmeError::Unaligned`] (PRP1 not
+/// [`super::MIN_PAGE_SIZE`] to [`super::MAX_PAGE_SIZE`]), [`NvmeError::Empty`] (`len == 0`),
+/// [`NvmeError::TooLarge`] (`len` over [`super::MAX_DECODE_LEN`]), [`NvmeError::Unaligned`] (PRP1 not
 /// dword aligned), then, as the pointers are followed, [`NvmeError::PrpOffsetInvalid`] and
 /// [`NvmeError::Fault`] (an unmapped or unreadable address, or one past 2^64).
 pub fn read_prp(

@@ -65,8 +65,8 @@ pub struct Sgl {
 /// [`MAX_SGL_TABLES`], so that [`read_sgl`] follows all of it).
 ///
 /// # Errors
-/// [`NvmeError::Empty`], [`NvmeError::Dma`] with [`DmaError::EmptySegment`] or
-/// [`DmaError::SegmentOverflow`] for a segment that is empty or wraps, [`NvmeError::TooLarge`]
+/// [`NvmeError::Empty`], [`NvmeError::Dma`] with [`crate::dma::DmaError::EmptySegment`] or
+/// [`crate::dma::DmaError::SegmentOverflow`] for a segment that is empty or wraps, [`NvmeError::TooLarge`]
 /// (a segment over 4 GiB, or the request over `max_len` or past `u64::MAX`),
 /// [`NvmeError::TooManySegments`] (over [`SGL_TABLE_ENTRIES`] without chaining, over
 /// [`MAX_SGL_SEGMENTS`] with it), [`NvmeError::PoolExhausted`] (nothing is taken then).
@@ -149,13 +149,13 @@ fn fill_sgl_tables(
 }
 
 /// The controller's side: reads the `len` bytes an SGL describes, through the IOMMU as `dev`.
-/// Allocates `len` bytes (at most [`MAX_DECODE_LEN`]) and one table buffer of
+/// Allocates `len` bytes (at most [`super::MAX_DECODE_LEN`]) and one table buffer of
 /// [`MAX_SGL_TABLE_LEN`] bytes, and follows at most [`MAX_SGL_TABLES`] tables, whatever the
 /// descriptors in memory say.
 ///
 /// # Errors
 /// [`NvmeError::Empty`] (`len == 0`) and [`NvmeError::TooLarge`] (`len` over
-/// [`MAX_DECODE_LEN`]) before anything is read; then, as the descriptors are followed,
+/// [`super::MAX_DECODE_LEN`]) before anything is read; then, as the descriptors are followed,
 /// [`NvmeError::BadDescriptor`] (a bit bucket, an unknown type, or a segment pointer that is not
 /// the last descriptor of a segment table), [`NvmeError::BadSegmentLength`] (a table length that
 /// is 0, not a multiple of 16 or over [`MAX_SGL_TABLE_LEN`]), [`NvmeError::SglChainTooLong`],

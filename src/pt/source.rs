@@ -26,7 +26,7 @@ pub enum MapSource<'a> {
     /// A `bio_vec` array whose every element is exactly one whole, aligned 4 KiB page (offset 0,
     /// length 4 KiB: the usual block request): its length is known without a pass, and each
     /// element is checked as the walk reads it, so the array is read once. An element that is not
-    /// such a page is [`MapError::UnalignedSource`] (use [`MapSource::BioVecs`] for mixed arrays).
+    /// such a page is [`super::MapError::UnalignedSource`] (use [`MapSource::BioVecs`] for mixed arrays).
     PageVecs(&'a [BioVec]),
 }
 
