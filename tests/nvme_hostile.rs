@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use vmbind::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use vmbind::dma::{Attrs, Device, Direction, DmaError, DmaVec, IovaState};
 use vmbind::iommu::{DeviceId, DomainConfig, Iommu};
-use vmbind::mem::{BioVec, PhysMem};
+use vmbind::mem::PhysMem;
 use vmbind::nvme::{
     self, ListPool, MAX_DECODE_LEN, MAX_SGL_SEGMENTS, MAX_SGL_TABLE_LEN, MAX_SGL_TABLES, MAX_TRANSFER,
     NvmeError, SglOptions, sgl_type,
@@ -23,6 +23,9 @@ const A: Attrs = Attrs { skip_cpu_sync: false, mmio: false };
 const TO: Direction = Direction::ToDevice;
 /// Pages of the scratch region the hostile lists and tables live in.
 const SCRATCH_PAGES: u64 = 8;
+
+#[path = "common/nvme.rs"]
+mod common_nvme;
 
 struct Rig {
     mem: Arc<PhysMem>,
@@ -70,28 +73,8 @@ impl Rig {
     }
 }
 
-/// `len` bytes of pattern data in scattered pages, mapped as one DMA segment through the
-/// two-step API, starting `head` bytes into the first page.
 fn request(r: &Rig, head: u64, len: u64, seed: u64) -> (DmaVec, Vec<u8>, IovaState) {
-    let pages = (head + len).div_ceil(PAGE_SIZE) as usize;
-    let frames = r.mem.alloc_scattered(pages, seed).unwrap();
-    let mut bv = BioVec::from_frames(&frames);
-    bv[0].offset = head as u32;
-    bv[0].len = (PAGE_SIZE - head).min(len) as u32;
-    let last = bv.len() - 1;
-    if last > 0 {
-        bv[last].len = (head + len - last as u64 * PAGE_SIZE) as u32;
-    }
-    let data: Vec<u8> = (0..len).map(|i| (i * 13 + seed) as u8).collect();
-    let mut at = 0usize;
-    for b in &bv {
-        r.mem.write(b.start().unwrap(), &data[at..at + b.len as usize]).unwrap();
-        at += b.len as usize;
-    }
-    let mut s = IovaState::try_alloc(&r.dev, bv[0].start().unwrap(), len).unwrap().unwrap();
-    s.link_bvecs(&r.dev, 0, &bv, TO, A).unwrap();
-    s.sync(&r.dev, 0, len).unwrap();
-    (DmaVec::from_segment(s.addr(), len).unwrap(), data, s)
+    common_nvme::request(&r.mem, &r.dev, head, len, seed, 13)
 }
 
 fn valid_page_size(p: u64) -> bool {

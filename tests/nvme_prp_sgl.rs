@@ -5,14 +5,15 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use vmbind::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
-use vmbind::dma::{Attrs, Device, Direction, DmaVec, IovaState};
+use vmbind::dma::{Device, DmaVec, IovaState};
 use vmbind::iommu::{DeviceId, DomainConfig, Iommu};
-use vmbind::mem::{BioVec, PhysMem};
+use vmbind::mem::PhysMem;
 use vmbind::nvme::{self, ListPool, MAX_TRANSFER, NvmeError, SglOptions, sgl_type};
 
 const DEV: DeviceId = DeviceId(0x0400);
-const A: Attrs = Attrs { skip_cpu_sync: false, mmio: false };
-const TO: Direction = Direction::ToDevice;
+
+#[path = "common/nvme.rs"]
+mod common_nvme;
 
 struct Rig {
     mem: Arc<PhysMem>,
@@ -32,28 +33,8 @@ fn rig() -> Rig {
     Rig { mem, iommu, dev, pool }
 }
 
-/// `pages` scattered pages of pattern data mapped as one DMA segment through the two-step API,
-/// starting `head` bytes into the first page and `len` bytes long.
 fn request(r: &Rig, head: u64, len: u64, seed: u64) -> (DmaVec, Vec<u8>, IovaState) {
-    let pages = (head + len).div_ceil(PAGE_SIZE) as usize;
-    let frames = r.mem.alloc_scattered(pages, seed).unwrap();
-    let mut bv = BioVec::from_frames(&frames);
-    bv[0].offset = head as u32;
-    bv[0].len = (PAGE_SIZE - head).min(len) as u32;
-    let last = bv.len() - 1;
-    if last > 0 {
-        bv[last].len = (head + len - last as u64 * PAGE_SIZE) as u32;
-    }
-    let data: Vec<u8> = (0..len).map(|i| (i * 7 + seed) as u8).collect();
-    let mut at = 0usize;
-    for b in &bv {
-        r.mem.write(b.start().unwrap(), &data[at..at + b.len as usize]).unwrap();
-        at += b.len as usize;
-    }
-    let mut s = IovaState::try_alloc(&r.dev, bv[0].start().unwrap(), len).unwrap().unwrap();
-    s.link_bvecs(&r.dev, 0, &bv, TO, A).unwrap();
-    s.sync(&r.dev, 0, len).unwrap();
-    (DmaVec::from_segment(s.addr(), len).unwrap(), data, s)
+    common_nvme::request(&r.mem, &r.dev, head, len, seed, 7)
 }
 
 fn entries_in(r: &Rig, list: PhysAddr) -> Vec<u64> {

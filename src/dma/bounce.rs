@@ -31,10 +31,8 @@ pub(crate) fn plan(
     phys: PhysAddr,
     size: u64,
     dir: Direction,
-    attrs: Attrs,
     base_at: u64,
 ) -> Result<(Vec<BioVec>, Vec<Bounce>), DmaError> {
-    let _ = attrs;
     let start = phys.as_u64();
     let end = start.checked_add(size).ok_or(DmaError::Overflow { phys, size })?;
     if size == 0 {

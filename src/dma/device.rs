@@ -97,7 +97,10 @@ impl Device {
     /// Runs `f` with the translated domain the device is attached to now (`None` for a direct
     /// device), without taking a reference: under the IOMMU registry's read lock, so the domain
     /// cannot be destroyed while `f` maps into it.
-    fn with_domain<R>(&self, f: impl FnOnce(Option<&Domain>) -> Result<R, DmaError>) -> Result<R, DmaError> {
+    pub(super) fn with_domain<R>(
+        &self,
+        f: impl FnOnce(Option<&Domain>) -> Result<R, DmaError>,
+    ) -> Result<R, DmaError> {
         let Path::Translated { iommu } = &self.path else { return f(None) };
         iommu.with_attached(self.id, |d| match d {
             None => Err(DmaError::NotAttached(self.id)),
@@ -188,7 +191,7 @@ impl Device {
         let pad = phys.as_u64() % GRANULE;
         let len = align_up(pad + size).ok_or(DmaError::Overflow { phys, size })?;
         let (src_vecs, bounces) = if self.needs_bounce(phys, size) {
-            bounce::plan(self.mem(), phys, size, dir, attrs, 0)?
+            bounce::plan(self.mem(), phys, size, dir, 0)?
         } else {
             (Vec::new(), Vec::new())
         };
@@ -272,21 +275,7 @@ impl Device {
         let pad = dma.as_u64() % GRANULE;
         let want = self.record(dir, kind, pad, size);
         let Some(domain) = domain else {
-            let mut direct = self.state.direct.lock();
-            let Some(recs) = direct.get_mut(&dma.as_u64()) else {
-                return Err(DmaError::NotMapped { dma, size });
-            };
-            let want = Record { pad: 0, ..want };
-            match recs.iter().position(|r| *r == want) {
-                Some(i) => {
-                    recs.swap_remove(i);
-                    if recs.is_empty() {
-                        direct.remove(&dma.as_u64());
-                    }
-                    return Ok(());
-                }
-                None => return Err(recs[0].mismatch(dma, want)),
-            }
+            return self.state.direct_record(dma, want, true).map(|_| ());
         };
         let iova = DmaAddr::new(dma.as_u64() - pad);
         let Some(len) = pad.checked_add(size).and_then(align_up) else {
@@ -439,23 +428,25 @@ impl Device {
             let dma = v.segs.first().map_or(DmaAddr::ZERO, |s| s.addr);
             return Err(DmaError::NotMapped { dma, size: v.total_len() });
         }
-        if let Some((iova, total)) = v.iova {
-            let domain = self.current_domain()?.ok_or(DmaError::NotAttached(self.id))?;
-            let want = self.record(dir, MapKind::Sg, 0, total);
-            let retired = domain
-                .retire_iova_tagged(iova, total, want.tag())
-                .map_err(|e| self.refusal(&domain, iova, iova, want, e))?;
-            let unmapped = domain.unmap(iova, total);
-            let _ = domain.free_retired(retired);
-            return unmapped.map(|_| ()).map_err(DmaError::Iommu);
-        }
-        // Pieces: check them all first, so that a refused unmap changes nothing.
-        for &(d, size) in &v.pieces {
-            self.check_mapped(d, size, dir, MapKind::Sg)?;
-        }
-        for &(d, size) in &v.pieces {
-            self.unmap_one(d, size, dir, attrs, MapKind::Sg)?;
-        }
-        Ok(())
+        self.with_domain(|domain| {
+            if let Some((iova, total)) = v.iova {
+                let domain = domain.ok_or(DmaError::NotAttached(self.id))?;
+                let want = self.record(dir, MapKind::Sg, 0, total);
+                let retired = domain
+                    .retire_iova_tagged(iova, total, want.tag())
+                    .map_err(|e| self.refusal(domain, iova, iova, want, e))?;
+                let unmapped = domain.unmap(iova, total);
+                let _ = domain.free_retired(retired);
+                return unmapped.map(|_| ()).map_err(DmaError::Iommu);
+            }
+            // Pieces: check them all first, so that a refused unmap changes nothing.
+            for &(d, size) in &v.pieces {
+                self.check_mapped(domain, d, size, dir, MapKind::Sg)?;
+            }
+            for &(d, size) in &v.pieces {
+                self.unmap_in(domain, d, size, dir, attrs, MapKind::Sg)?;
+            }
+            Ok(())
+        })
     }
 }

@@ -195,7 +195,7 @@ impl IovaState {
         let (iova, pa, len) = self.place(phys, offset, size)?;
         if dev.needs_bounce(phys, size) {
             let at = iova.as_u64() - self.base.as_u64();
-            let (src, bounces) = bounce::plan(dev.mem(), phys, size, dir, attrs, at)?;
+            let (src, bounces) = bounce::plan(dev.mem(), phys, size, dir, at)?;
             if let Err(e) = domain.map(iova, MapSource::BioVecs(&src), dir.prot()) {
                 bounce::abandon(dev.mem(), bounces);
                 return Err(self.map_err(e));

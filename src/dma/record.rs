@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use super::bounce::{self, Bounce};
 use super::{Device, Direction, DmaError, GRANULE, MapKind};
 use crate::addr::DmaAddr;
-use crate::iommu::DeviceId;
 use crate::iommu::iova::IovaTag;
+use crate::iommu::{DeviceId, Domain};
 use crate::sync::{Mutex, Rank};
 
 /// What the DMA layer keeps per device, shared by every [`Device`] handle of it.
@@ -96,10 +96,33 @@ impl Record {
     }
 }
 
+impl DevState {
+    /// A direct device's mapping at `dma` equal to `want` (removed with `take`), or why not.
+    pub(super) fn direct_record(&self, dma: DmaAddr, want: Record, take: bool) -> Result<Record, DmaError> {
+        let want = Record { pad: 0, ..want };
+        let mut direct = self.direct.lock();
+        let Some(recs) = direct.get_mut(&dma.as_u64()) else {
+            return Err(DmaError::NotMapped { dma, size: want.size });
+        };
+        let Some(i) = recs.iter().position(|r| *r == want) else {
+            return Err(recs[0].mismatch(dma, want));
+        };
+        if take {
+            recs.swap_remove(i);
+            if recs.is_empty() {
+                direct.remove(&dma.as_u64());
+            }
+        }
+        Ok(want)
+    }
+}
+
 impl Device {
-    /// The record of the mapping whose handle is `dma`, checked against `(size, dir, kind)`.
+    /// The record of the mapping whose handle is `dma` in `domain` (`None`: a direct device),
+    /// checked against `(size, dir, kind)`.
     pub(super) fn check_mapped(
         &self,
+        domain: Option<&Domain>,
         dma: DmaAddr,
         size: u64,
         dir: Direction,
@@ -107,13 +130,8 @@ impl Device {
     ) -> Result<Record, DmaError> {
         let pad = dma.as_u64() % GRANULE;
         let want = self.record(dir, kind, pad, size);
-        let rec = match self.current_domain()? {
-            None => {
-                let direct = self.state.direct.lock();
-                let recs = direct.get(&dma.as_u64()).ok_or(DmaError::NotMapped { dma, size })?;
-                let want = Record { pad: 0, ..want };
-                return recs.iter().find(|r| **r == want).copied().ok_or_else(|| recs[0].mismatch(dma, want));
-            }
+        let rec = match domain {
+            None => return self.state.direct_record(dma, want, false),
             Some(domain) => domain
                 .iova_tag(DmaAddr::new(dma.as_u64() - pad))
                 .and_then(|(t, _)| Record::from_tag(t))
@@ -169,16 +187,19 @@ impl Device {
         if size == 0 || mapped_size == 0 {
             return Err(DmaError::ZeroSize);
         }
-        let rec = self.check_mapped(dma, mapped_size, dir, MapKind::Single)?;
-        if offset.checked_add(size).is_none_or(|e| e > rec.size) {
-            return Err(DmaError::SyncOutOfRange { dma, offset, size, mapped: rec.size });
-        }
-        let base = dma.as_u64() - rec.pad;
-        let serial = self.current_domain()?.map_or(0, |d| d.serial());
-        if let Some(bounces) = self.state.bounced.lock().get(&(serial, base)) {
-            let lo = rec.pad + offset;
-            bounce::sync_range(self.mem(), bounces, lo, lo + size, for_cpu);
-        }
-        Ok(())
+        self.with_domain(|domain| {
+            let rec = self.check_mapped(domain, dma, mapped_size, dir, MapKind::Single)?;
+            if offset.checked_add(size).is_none_or(|e| e > rec.size) {
+                return Err(DmaError::SyncOutOfRange { dma, offset, size, mapped: rec.size });
+            }
+            // Only a translated device bounces.
+            let Some(domain) = domain else { return Ok(()) };
+            let key = (domain.serial(), dma.as_u64() - rec.pad);
+            if let Some(bounces) = self.state.bounced.lock().get(&key) {
+                let lo = rec.pad + offset;
+                bounce::sync_range(self.mem(), bounces, lo, lo + size, for_cpu);
+            }
+            Ok(())
+        })
     }
 }

@@ -49,21 +49,35 @@ impl Iommu {
         need: Prot,
     ) -> Result<PhysAddr, DmaFault> {
         let v = self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire);
-        let fault = |reason| DmaFault { device: dev, iova, access, reason };
-        if v & DEV_REGISTERED == 0 {
-            return Err(self.fault(None, fault(FaultReason::UnknownDevice)));
-        }
-        let id = attached_domain(v);
-        if id == 0 {
-            return Err(self.fault(None, fault(FaultReason::NotAttached)));
-        }
-        if v & DEV_IDENTITY != 0 {
+        let Some(id) = self.attachment(v, dev, iova, access)? else {
             return Ok(PhysAddr::new(iova.as_u64()));
-        }
+        };
         if let Some(pa) = self.fill_unlocked(dev, v, id, iova.as_u64(), need) {
             return Ok(pa);
         }
         self.resolve_slow(dev, iova, access, need)
+    }
+
+    /// What device word `v` says for an access: the translated domain to walk, `None` for an
+    /// identity domain (IOVA = physical address), or the fault (logged) for an unknown or
+    /// detached device.
+    fn attachment(
+        &self,
+        v: u64,
+        dev: DeviceId,
+        iova: DmaAddr,
+        access: Access,
+    ) -> Result<Option<DomainId>, DmaFault> {
+        let reason = if v & DEV_REGISTERED == 0 {
+            FaultReason::UnknownDevice
+        } else if attached_domain(v) == 0 {
+            FaultReason::NotAttached
+        } else if v & DEV_IDENTITY != 0 {
+            return Ok(None);
+        } else {
+            return Ok(Some(attached_domain(v)));
+        };
+        Err(self.fault(None, DmaFault { device: dev, iova, access, reason }))
     }
 
     /// An IOTLB miss without a lock (see the `iotlb` module): reserve the slot, walk from the
@@ -110,16 +124,9 @@ impl Iommu {
         // and destroy exclusive, so the domain found under the id the word names now is the one
         // the device is attached to, not a successor that took a destroyed domain's id.
         let v = self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire);
-        let id = attached_domain(v);
-        if v & DEV_REGISTERED == 0 || id == 0 {
-            drop(domains);
-            let reason =
-                if v & DEV_REGISTERED == 0 { FaultReason::UnknownDevice } else { FaultReason::NotAttached };
-            return Err(self.fault(None, fault(reason)));
-        }
-        if v & DEV_IDENTITY != 0 {
+        let Some(id) = self.attachment(v, dev, iova, access)? else {
             return Ok(PhysAddr::new(iova.as_u64()));
-        }
+        };
         let Some(d) = domains.get(usize::from(id) - 1).and_then(Option::as_deref) else {
             drop(domains);
             return Err(self.fault(None, fault(FaultReason::NotAttached)));
