@@ -2,9 +2,10 @@
 //! bio_vec, the two-step API with one `link_bvecs` call, and PRP list building.
 
 use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 
-use vmbind::addr::{DmaAddr, PAGE_SIZE};
+use vmbind::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use vmbind::dma::{Attrs, Device, Direction, DmaVec, IovaState};
 use vmbind::iommu::{DeviceId, DomainConfig, Iommu};
 use vmbind::mem::{BioVec, PhysMem};
@@ -33,11 +34,14 @@ pub fn dma_cases(r: &mut Report) {
     let (a, dir) = (Attrs::default(), Direction::ToDevice);
     let (dev, bvecs, frames) = (&dev, &bvecs, &frames);
 
+    // The three ways to map the same 262144 pages, interleaved in one comparison so that their
+    // ratios come from samples taken side by side.
+    let mapped: RefCell<Vec<DmaAddr>> = RefCell::new(Vec::with_capacity(PAGES));
+    let mapped = &mapped;
+    let mut impls: Vec<(&str, &'static str, Box<dyn FnMut() -> f64 + '_>)> = Vec::new();
     let case = "dma/map_page_loop";
     if r.wants(case) {
         // Each page: its own IOVA, its own map, its own flush (dma_map_page per page).
-        let mapped: RefCell<Vec<DmaAddr>> = RefCell::new(Vec::with_capacity(PAGES));
-        let mapped = &mapped;
         let vm = timed(
             || {
                 for d in mapped.borrow_mut().drain(..) {
@@ -53,42 +57,32 @@ pub fn dma_cases(r: &mut Report) {
                 }
             },
         );
-        let n = r.samples(300.0);
-        r.compare(case, PER_PAGE, PAGES as f64, n, vec![("vmbind", vm)]);
+        impls.push((case, "vmbind", vm));
     }
 
-    // Each sample: a fresh IovaState (the previous one destroyed, untimed), linked by `link`
-    // and synced once.
-    let two_step = |r: &mut Report, case: &str, est_ms: f64, link: &dyn Fn(&mut IovaState)| {
-        if !r.wants(case) {
-            return;
-        }
-        let last: RefCell<Option<IovaState>> = RefCell::new(None);
-        let last = &last;
-        let vm = timed(
-            || {
-                if let Some(mut s) = last.borrow_mut().take() {
-                    s.destroy(dev, len, dir, a).unwrap();
-                }
-                IovaState::try_alloc(dev, frames[0], len).unwrap().unwrap()
-            },
-            |mut s: IovaState| {
-                link(&mut s);
-                s.sync(dev, 0, len).unwrap();
-                *last.borrow_mut() = Some(s);
-            },
-        );
-        let n = r.samples(est_ms);
-        r.compare(case, PER_PAGE, PAGES as f64, n, vec![("vmbind", vm)]);
-    };
-    two_step(r, "dma/two_step_per_bvec", 100.0, &|s: &mut IovaState| {
-        for (i, f) in frames.iter().enumerate() {
-            s.link(dev, *f, i as u64 * PAGE_SIZE, PAGE_SIZE, dir, a).unwrap();
-        }
-    });
-    two_step(r, "dma/two_step_array", 2.0, &|s: &mut IovaState| {
-        s.link_bvecs(dev, 0, bvecs, dir, a).unwrap();
-    });
+    let case = "dma/two_step_per_bvec";
+    if r.wants(case) {
+        let link = Box::new(|s: &mut IovaState| {
+            for (i, f) in frames.iter().enumerate() {
+                s.link(dev, *f, i as u64 * PAGE_SIZE, PAGE_SIZE, dir, a).unwrap();
+            }
+        });
+        impls.push((case, "vmbind", two_step(dev, frames[0], len, link)));
+    }
+    let case = "dma/two_step_array";
+    if r.wants(case) {
+        let link = Box::new(|s: &mut IovaState| {
+            s.link_bvecs(dev, 0, bvecs, dir, a).unwrap();
+        });
+        impls.push((case, "vmbind", two_step(dev, frames[0], len, link)));
+    }
+    if !impls.is_empty() {
+        let n = r.samples(300.0);
+        r.compare_cases(PER_PAGE, PAGES as f64, n, impls);
+    }
+    for d in mapped.borrow_mut().drain(..) {
+        dev.unmap(d, PAGE_SIZE, dir, a).unwrap();
+    }
 
     let case = "nvme/prp_build";
     if r.wants(case) {
@@ -113,4 +107,30 @@ pub fn dma_cases(r: &mut Report) {
         let n = r.samples(0.2);
         r.compare(case, PER_PAGE, 32.0 * 2048.0, n, vec![("vmbind", vm)]);
     }
+}
+
+/// One two-step sample: a fresh IovaState for `len` bytes (the previous sample's destroyed,
+/// untimed), linked by `link` and synced once.
+fn two_step<'a>(
+    dev: &'a Device,
+    first: PhysAddr,
+    len: u64,
+    link: Box<dyn Fn(&mut IovaState) + 'a>,
+) -> Box<dyn FnMut() -> f64 + 'a> {
+    let (a, dir) = (Attrs::default(), Direction::ToDevice);
+    let slot: Rc<RefCell<Option<IovaState>>> = Rc::new(RefCell::new(None));
+    let keep = slot.clone();
+    timed(
+        move || {
+            if let Some(mut s) = slot.borrow_mut().take() {
+                s.destroy(dev, len, dir, a).unwrap();
+            }
+            IovaState::try_alloc(dev, first, len).unwrap().unwrap()
+        },
+        move |mut s: IovaState| {
+            link(&mut s);
+            s.sync(dev, 0, len).unwrap();
+            *keep.borrow_mut() = Some(s);
+        },
+    )
 }
