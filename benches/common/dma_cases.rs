@@ -11,7 +11,7 @@ use vmbind::iommu::{DeviceId, DomainConfig, Iommu};
 use vmbind::mem::{BioVec, PhysMem};
 use vmbind::nvme::{self, ListPool, MAX_TRANSFER};
 
-use crate::harness::{Report, timed};
+use crate::harness::{CaseImp, Report, timed};
 
 const PAGES: usize = 262_144;
 const PER_PAGE: &str = "ns/4KiB page";
@@ -38,7 +38,7 @@ pub fn dma_cases(r: &mut Report) {
     // ratios come from samples taken side by side.
     let mapped: RefCell<Vec<DmaAddr>> = RefCell::new(Vec::with_capacity(PAGES));
     let mapped = &mapped;
-    let mut impls: Vec<(&str, &'static str, Box<dyn FnMut() -> f64 + '_>)> = Vec::new();
+    let mut impls: Vec<CaseImp<'_, '_>> = Vec::new();
     let case = "dma/map_page_loop";
     if r.wants(case) {
         // Each page: its own IOVA, its own map, its own flush (dma_map_page per page).

@@ -6,7 +6,13 @@
 use std::time::Instant;
 
 /// One implementation of a case: its name and a closure timing one run.
-pub type Imp<'a> = (&'static str, Box<dyn FnMut() -> f64 + 'a>);
+pub type Imp<'a> = (&'static str, Run<'a>);
+
+/// A closure timing one run of an implementation, in nanoseconds.
+pub type Run<'a> = Box<dyn FnMut() -> f64 + 'a>;
+
+/// An implementation of one of several cases compared together: `(case, impl, run)`.
+pub type CaseImp<'c, 'a> = (&'c str, &'static str, Run<'a>);
 
 /// Divides a timed closure's nanoseconds by its own unit count (for peers that run fewer
 /// iterations per sample than vmbind because each costs far more).
@@ -115,7 +121,7 @@ impl Report {
         unit: &str,
         units: f64,
         samples: usize,
-        mut impls: Vec<(&str, &'static str, Box<dyn FnMut() -> f64 + '_>)>,
+        mut impls: Vec<CaseImp<'_, '_>>,
     ) {
         let mut times = vec![Vec::with_capacity(samples); impls.len()];
         for _ in 0..samples {
