@@ -8,10 +8,15 @@
 //! lock-order inversion is found by any test that reaches it, not by the deadlock it could
 //! cause. Release builds carry no check. The ranks are listed, with who takes what, in the
 //! `# Locking` section of the `iommu` module docs.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 #[cfg(not(loom))]
 use std::sync::atomic::AtomicUsize;
+
+// The one `unsafe impl` of the crate's locks: the spinlock's `lock_api::RawMutex` contract.
+#[cfg(not(loom))]
+#[allow(unsafe_code)]
+mod spin;
 
 /// Atomics and fences: `core`'s, or loom's under `--cfg loom`.
 pub(crate) mod atomic {
@@ -162,6 +167,70 @@ impl<T> Mutex<T> {
         #[cfg(loom)]
         let guard = self.inner.lock().unwrap();
         MutexGuard { guard, _held: held }
+    }
+
+    /// The value, through exclusive access (no lock taken).
+    pub(crate) fn get_mut(&mut self) -> &mut T {
+        #[cfg(not(loom))]
+        return self.inner.get_mut();
+        #[cfg(loom)]
+        return self.inner.get_mut().unwrap();
+    }
+}
+
+/// A ranked spinlock (see the `spin` module) for locks held only for short walks (the page-table
+/// mutation lock); loom's mutex under loom.
+#[derive(Debug)]
+pub(crate) struct SpinMutex<T> {
+    #[cfg(not(loom))]
+    inner: lock_api::Mutex<spin::RawSpin, T>,
+    #[cfg(loom)]
+    inner: loom::sync::Mutex<T>,
+    rank: Rank,
+}
+
+#[cfg(not(loom))]
+type RawSpinGuard<'a, T> = lock_api::MutexGuard<'a, spin::RawSpin, T>;
+#[cfg(loom)]
+type RawSpinGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+
+/// The guard of a [`SpinMutex`].
+pub(crate) struct SpinGuard<'a, T> {
+    guard: RawSpinGuard<'a, T>,
+    _held: Held,
+}
+
+impl<T> core::ops::Deref for SpinGuard<'_, T> {
+    type Target = T;
+    #[inline(always)]
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+
+impl<T> core::ops::DerefMut for SpinGuard<'_, T> {
+    #[inline(always)]
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.guard
+    }
+}
+
+impl<T> SpinMutex<T> {
+    pub(crate) fn new(v: T, rank: Rank) -> Self {
+        #[cfg(not(loom))]
+        return SpinMutex { inner: lock_api::Mutex::new(v), rank };
+        #[cfg(loom)]
+        return SpinMutex { inner: loom::sync::Mutex::new(v), rank };
+    }
+
+    #[inline]
+    pub(crate) fn lock(&self) -> SpinGuard<'_, T> {
+        let held = Held::new(self.rank);
+        #[cfg(not(loom))]
+        let guard = self.inner.lock();
+        #[cfg(loom)]
+        let guard = self.inner.lock().unwrap();
+        SpinGuard { guard, _held: held }
     }
 
     /// The value, through exclusive access (no lock taken).

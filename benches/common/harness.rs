@@ -116,13 +116,7 @@ impl Report {
 
     /// [`Report::compare`] of entries that belong to different cases (`(case, impl, run)`), so
     /// that cross-case ratios come from interleaved samples too.
-    pub fn compare_cases(
-        &mut self,
-        unit: &str,
-        units: f64,
-        samples: usize,
-        mut impls: Vec<CaseImp<'_, '_>>,
-    ) {
+    pub fn compare_cases(&mut self, unit: &str, units: f64, samples: usize, mut impls: Vec<CaseImp<'_, '_>>) {
         let mut times = vec![Vec::with_capacity(samples); impls.len()];
         for _ in 0..samples {
             for (k, (_, _, f)) in impls.iter_mut().enumerate() {

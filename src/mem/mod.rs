@@ -12,6 +12,7 @@
 mod access;
 mod bvec;
 mod frames;
+mod meta;
 pub(crate) mod rng;
 
 use core::ptr::NonNull;
@@ -132,6 +133,7 @@ pub struct PhysMem {
     base: NonNull<u8>,
     size: u64,
     frames: Mutex<Buddy>,
+    meta: meta::FrameMeta,
     serial: u64,
 }
 
@@ -185,8 +187,17 @@ impl PhysMem {
         let _ = unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
         let base = NonNull::new(ptr.cast::<u8>()).ok_or(MemError::Mmap { size, errno: 0 })?;
         let nframes = u32::try_from(size >> PAGE_SHIFT).map_err(|_| MemError::BadSize { size })?;
+        let meta = match meta::FrameMeta::new(nframes as usize, size) {
+            Ok(m) => m,
+            Err(e) => {
+                // SAFETY: the mapping made above, not yet shared with anything.
+                unsafe { libc::munmap(ptr, len) };
+                return Err(e);
+            }
+        };
         let serial = ARENA_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(PhysMem { base, size, frames: Mutex::new(Buddy::new(nframes), Rank::Frames), serial })
+        let frames = Mutex::new(Buddy::new(nframes), Rank::Frames);
+        Ok(PhysMem { base, size, frames, meta, serial })
     }
 
     /// The arena size in bytes.
@@ -419,6 +430,19 @@ impl Reservation {
     #[must_use]
     pub fn frames(&self) -> u64 {
         self.frames
+    }
+}
+
+impl PhysMem {
+    /// The metadata word of the frame at `pa` (see the `meta` module): the frame's owner's to
+    /// use, zero until it writes it. `None` for an unaligned address or one past the arena.
+    #[inline]
+    pub(crate) fn frame_word(&self, pa: PhysAddr) -> Option<&core::sync::atomic::AtomicU16> {
+        let a = pa.as_u64();
+        if a & (PAGE_SIZE - 1) != 0 {
+            return None;
+        }
+        self.meta.get(a >> PAGE_SHIFT)
     }
 }
 

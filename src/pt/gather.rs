@@ -45,7 +45,9 @@ impl Parking {
 #[must_use = "an unmap's invalidation must be flushed, then completed"]
 #[derive(Debug)]
 pub struct Invalidation<V: Address> {
-    parking: Arc<Parking>,
+    /// Where the freed tables go if the invalidation is dropped: set with the first freed table,
+    /// so that an unmap that frees none costs no reference count.
+    parking: Option<Arc<Parking>>,
     pub(super) start: u64,
     pub(super) end: u64,
     pub(super) unmapped: u64,
@@ -58,13 +60,31 @@ pub struct Invalidation<V: Address> {
 }
 
 impl<V: Address> Invalidation<V> {
-    pub(super) fn new(parking: Arc<Parking>) -> Self {
+    pub(super) fn new() -> Self {
         Invalidation {
-            parking,
+            parking: None,
             start: u64::MAX,
             end: 0,
             unmapped: 0,
             sizes: 0,
+            freed: Vec::new(),
+            tstart: u64::MAX,
+            tend: 0,
+            _va: PhantomData,
+        }
+    }
+
+    /// The invalidation of 4 KiB leaves removed over `[va, va + len)` (`unmapped` bytes of
+    /// them; `len == 0` for none) with no table freed: what the one-table unmap returns.
+    #[inline]
+    pub(super) fn of_leaves(va: u64, len: u64, unmapped: u64) -> Self {
+        let none = len == 0;
+        Invalidation {
+            parking: None,
+            start: if none { u64::MAX } else { va },
+            end: if none { 0 } else { va + len },
+            unmapped,
+            sizes: u8::from(!none),
             freed: Vec::new(),
             tstart: u64::MAX,
             tend: 0,
@@ -79,8 +99,13 @@ impl<V: Address> Invalidation<V> {
         self.sizes |= 1 << level;
     }
 
-    /// Records the span `[va, va + len)` of a table page this unmap frees.
-    pub(super) fn cover(&mut self, va: u64, len: u64) {
+    /// Hands the emptied table page `pa`, spanning `[va, va + len)`, to the invalidation (of a
+    /// table whose parked pages go to `parking`).
+    pub(super) fn free_table(&mut self, pa: PhysAddr, va: u64, len: u64, parking: &Arc<Parking>) {
+        if self.parking.is_none() {
+            self.parking = Some(parking.clone());
+        }
+        self.freed.push(pa);
         self.tstart = self.tstart.min(va);
         self.tend = self.tend.max(va + len);
     }
@@ -125,16 +150,21 @@ impl<V: Address> Invalidation<V> {
     /// the arena now.
     pub fn complete(mut self) {
         let pages = core::mem::take(&mut self.freed);
-        // Every frame here was a table page of this table, taken out of the tree under its lock.
-        let _ = self.parking.mem.free_frames(&pages);
+        if let Some(p) = &self.parking {
+            // Every frame here was a table page of this table, taken out of the tree under its
+            // lock.
+            let _ = p.mem.free_frames(&pages);
+        }
     }
 }
 
 impl<V: Address> Drop for Invalidation<V> {
     fn drop(&mut self) {
-        if !self.freed.is_empty() {
+        if let Some(p) = &self.parking
+            && !self.freed.is_empty()
+        {
             // Not completed: the flush may not have happened. Park, never free.
-            self.parking.pages.lock().append(&mut self.freed);
+            p.pages.lock().append(&mut self.freed);
         }
     }
 }

@@ -10,6 +10,7 @@ use super::{
     split_cost,
 };
 use crate::addr::{Address, PAGE_SIZE, PhysAddr, SpanError};
+use crate::mem::Reservation;
 
 #[derive(Default)]
 struct Plan {
@@ -124,7 +125,6 @@ impl<F: Format> PageTable<F> {
         opts: MapOptions,
     ) -> Result<MapStats, MapError<F::Va>> {
         let len = Self::check_source(&src)?;
-        let cursor = || Cursor::new(src, Self::PA_LIMIT);
         let v = va.as_u64();
         if v & (PAGE_SIZE - 1) != 0 {
             return Err(MapError::UnalignedVa { va });
@@ -134,27 +134,53 @@ impl<F: Format> PageTable<F> {
             Err(SpanError::Overflow { .. }) => return Err(MapError::Overflow { va, len }),
             Err(_) => return Err(MapError::OutOfRange { va, len }),
         }
-        if !F::is_present(F::leaf_bits(0, prot)) {
+        let bits0 = F::leaf_bits(0, prot);
+        if !F::is_present(bits0) {
             return Err(MapError::InvalidProt { prot });
         }
+        let mut reserve = self.lock.lock();
+        if self.in_one_leaf_table(v, len)
+            && let Some(leaf) = self.leaf_table(v)
+        {
+            return self.map_in_leaf(leaf, v, len, src, bits0);
+        }
+        self.map_walk(&mut reserve, v, len, src, prot, opts)
+    }
+
+    /// The general map: plan, preallocate, build, publish (the module docs of [`super`]).
+    #[inline(never)]
+    fn map_walk(
+        &self,
+        reserve: &mut Reservation,
+        v: u64,
+        len: u64,
+        src: MapSource<'_>,
+        prot: Prot,
+        opts: MapOptions,
+    ) -> Result<MapStats, MapError<F::Va>> {
+        let cursor = || Cursor::new(src, Self::PA_LIMIT);
         let max_level = opts.max_leaf.level();
         let mut bits = [0u64; 4];
         for (level, b) in bits.iter_mut().enumerate() {
             *b = F::leaf_bits(level as u8, prot);
         }
-
-        let mut reserve = self.lock.lock();
         let root = self.table(self.root);
         let mut plan = Plan::default();
         self.plan(Self::ROOT_LEVEL, Some(root), v, v + len, &mut cursor(), max_level, &mut plan)
             .map_err(|at| MapError::AlreadyMapped { va: F::Va::new(at) })?;
 
-        self.mem.reserve_more(&mut reserve, plan.reserve).map_err(MapError::OutOfMemory)?;
-        let mut pool = match self.mem.alloc_frames(plan.tables as usize) {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = self.mem.unreserve(&mut reserve, plan.reserve);
-                return Err(MapError::OutOfMemory(e));
+        if plan.reserve > 0 {
+            self.mem.reserve_more(reserve, plan.reserve).map_err(MapError::OutOfMemory)?;
+        }
+        let mut pool = if plan.tables == 0 {
+            Vec::new()
+        } else {
+            match self.mem.alloc_frames(plan.tables as usize) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = self.mem.unreserve(reserve, plan.reserve);
+                    return Err(MapError::OutOfMemory(e));
+                }
             }
         };
         let mut stats = MapStats { bytes: len, tables_created: plan.tables, ..MapStats::default() };
@@ -166,26 +192,77 @@ impl<F: Format> PageTable<F> {
         if let Err(index) = built {
             // Nothing was published: every new table is still private. Give it all back.
             let _ = self.mem.free_frames(&all_new);
-            let _ = self.mem.unreserve(&mut reserve, plan.reserve);
-            let (pa, len, offset) = match src {
-                MapSource::Pages(p) => (p[index], PAGE_SIZE, 0),
-                MapSource::PageVecs(b) => {
-                    let v = b[index];
-                    (v.start().unwrap_or(v.phys), u64::from(v.len), v.offset)
-                }
-                _ => (PhysAddr::new(0), PAGE_SIZE, 0),
-            };
-            return Err(if pa.as_u64() & (PAGE_SIZE - 1) != 0 || len != PAGE_SIZE || offset != 0 {
-                MapError::UnalignedSource { index, pa, len }
-            } else {
-                MapError::PhysTooHigh { index, pa, len }
-            });
+            let _ = self.mem.unreserve(reserve, plan.reserve);
+            return Err(Self::source_error(src, index));
         }
         debug_assert!(pool.is_empty());
         self.publish(&deferred, &bits);
-        self.tables.fetch_add(plan.tables, Ordering::Relaxed);
-        self.reserved.fetch_add(plan.reserve, Ordering::Relaxed);
+        if plan.tables > 0 {
+            self.tables.fetch_add(plan.tables, Ordering::Relaxed);
+        }
+        if plan.reserve > 0 {
+            self.reserved.fetch_add(plan.reserve, Ordering::Relaxed);
+        }
         Ok(stats)
+    }
+
+    /// The fast path of [`Self::map`] for a range inside the existing leaf table `leaf` (the
+    /// common single-page or 64 KiB map): one descent (done by the caller), a check that the
+    /// slots are empty and the source valid, the stores. No table is created and nothing is
+    /// reserved, so it touches neither the arena's allocator nor the table's counters. The
+    /// result, and the error on bad input, are the general path's.
+    #[inline]
+    fn map_in_leaf(
+        &self,
+        leaf: PhysAddr,
+        v: u64,
+        len: u64,
+        src: MapSource<'_>,
+        bits: u64,
+    ) -> Result<MapStats, MapError<F::Va>> {
+        let n = (len / PAGE_SIZE) as usize;
+        let i0 = index(v, 0);
+        let entries = &self.table(leaf)[i0..i0 + n];
+        if let Some(k) = entries.iter().position(|e| F::is_present(e.load(Ordering::Relaxed))) {
+            return Err(MapError::AlreadyMapped { va: F::Va::new(v + k as u64 * PAGE_SIZE) });
+        }
+        match src {
+            // Validated whole by `check_source`.
+            MapSource::Range { pa, .. } => {
+                let mut at = pa.as_u64() | bits;
+                for e in entries {
+                    e.store(at, Ordering::Relaxed);
+                    at += PAGE_SIZE;
+                }
+            }
+            _ => {
+                let mut cur = Cursor::new(src, Self::PA_LIMIT);
+                // Bio_vec arrays were validated whole; page lists are checked here, before any
+                // store becomes visible.
+                cur.clone().check_4k(n).map_err(|index| Self::source_error(src, index))?;
+                let _ = cur.fill_4k(entries, bits, false);
+            }
+        }
+        core::sync::atomic::fence(Ordering::Release);
+        self.count_add(leaf, n as u16);
+        Ok(MapStats { bytes: len, leaves: [n as u64, 0, 0], tables_created: 0 })
+    }
+
+    /// The error for the bad element `index` of a page list or page-vector array.
+    fn source_error(src: MapSource<'_>, index: usize) -> MapError<F::Va> {
+        let (pa, len, offset) = match src {
+            MapSource::Pages(p) => (p[index], PAGE_SIZE, 0),
+            MapSource::PageVecs(b) => {
+                let v = b[index];
+                (v.start().unwrap_or(v.phys), u64::from(v.len), v.offset)
+            }
+            _ => (PhysAddr::new(0), PAGE_SIZE, 0),
+        };
+        if pa.as_u64() & (PAGE_SIZE - 1) != 0 || len != PAGE_SIZE || offset != 0 {
+            MapError::UnalignedSource { index, pa, len }
+        } else {
+            MapError::PhysTooHigh { index, pa, len }
+        }
     }
 
     /// How many whole entries from `v` on, at `level`, can be huge leaves of the current
@@ -288,6 +365,8 @@ impl<F: Format> PageTable<F> {
             for e in t[..i0].iter().chain(&t[i1..]) {
                 e.store(0, Ordering::Relaxed);
             }
+            // Every slot of [i0, i1) gets a leaf or a subtree below.
+            self.count(table_pa).store((i1 - i0) as u16, Ordering::Relaxed);
         }
         if level == 0 {
             ctx.stats.leaves[0] += (i1 - i0) as u64;
@@ -350,6 +429,7 @@ impl<F: Format> PageTable<F> {
         for d in deferred {
             match d {
                 Deferred::Leaves { table, i0, i1, level, cur } => {
+                    self.count_add(*table, (i1 - i0) as u16);
                     let t = &self.table(*table)[*i0..*i1];
                     let mut cur = cur.clone();
                     if *level == 0 {
@@ -361,6 +441,7 @@ impl<F: Format> PageTable<F> {
                     }
                 }
                 Deferred::Publish { table, index, child } => {
+                    self.count_add(*table, 1);
                     self.table(*table)[*index].store(F::table_entry(*child), Ordering::Release);
                 }
             }

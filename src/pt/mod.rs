@@ -47,10 +47,10 @@ mod source;
 mod unmap;
 
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::sync::{Mutex, Rank};
+use crate::sync::{Rank, SpinMutex};
 
 pub use format::{Format, Prot, Pte, X86Iommu};
 pub use gather::Invalidation;
@@ -247,9 +247,11 @@ pub struct PageTable<F: Format> {
     mem: Arc<PhysMem>,
     root: PhysAddr,
     /// The mutation lock, holding the table's split reserve.
-    lock: Mutex<Reservation>,
+    lock: SpinMutex<Reservation>,
     tables: AtomicU64,
     reserved: AtomicU64,
+    /// Whether map and unmap may take their one-leaf-table fast paths.
+    fast: AtomicBool,
     /// Emptied table pages of invalidations dropped without `complete()`.
     parking: Arc<Parking>,
     _format: PhantomData<F>,
@@ -281,13 +283,16 @@ impl<F: Format> PageTable<F> {
             return Err(e);
         }
         let reservation = mem.reserve(0)?;
+        // The frame word may hold a count of the frame's previous life.
+        mem.frame_word(root).expect("frame inside the arena").store(0, Ordering::Relaxed);
         Ok(PageTable {
             parking: Parking::new(mem.clone()),
             mem,
             root,
-            lock: Mutex::new(reservation, Rank::Table),
+            lock: SpinMutex::new(reservation, Rank::Table),
             tables: AtomicU64::new(1),
             reserved: AtomicU64::new(0),
+            fast: AtomicBool::new(true),
             _format: PhantomData,
         })
     }
@@ -334,6 +339,58 @@ impl<F: Format> PageTable<F> {
     #[must_use]
     pub fn split_reserve(&self) -> u64 {
         self.reserved.load(Ordering::Relaxed)
+    }
+
+    /// The present-entry count of the table page at `pa` (its frame word, see `mem`): set when
+    /// the table is created, changed with every entry written or cleared, all under the mutation
+    /// lock, so "did this table empty?" is one load.
+    #[inline]
+    fn count(&self, pa: PhysAddr) -> &AtomicU16 {
+        self.mem.frame_word(pa).expect("table page inside the arena")
+    }
+
+    /// Adds `delta` (two's complement for a decrease) to the present-entry count of `pa`;
+    /// returns the new count. Under the mutation lock: a load and a store, no read-modify-write.
+    #[inline]
+    fn count_add(&self, pa: PhysAddr, delta: u16) -> u16 {
+        let c = self.count(pa);
+        let n = c.load(Ordering::Relaxed).wrapping_add(delta);
+        debug_assert!(usize::from(n) <= ENTRIES, "present-entry count out of step");
+        c.store(n, Ordering::Relaxed);
+        n
+    }
+
+    /// The leaf (level 0) table that holds the entry of `v`, when the whole path down to it
+    /// exists and holds no huge leaf. Under the mutation lock.
+    #[inline]
+    fn leaf_table(&self, v: u64) -> Option<PhysAddr> {
+        let mut pa = self.root;
+        let mut level = Self::ROOT_LEVEL;
+        while level > 0 {
+            match F::decode(self.table(pa)[index(v, level)].load(Ordering::Relaxed), level) {
+                Pte::Table(child) => pa = child,
+                _ => return None,
+            }
+            level -= 1;
+        }
+        Some(pa)
+    }
+
+    /// Whether `[v, v + len)` lies inside one leaf table's span and cannot take a huge leaf:
+    /// what the one-table fast paths of map and unmap serve (when they are on).
+    #[inline]
+    fn in_one_leaf_table(&self, v: u64, len: u64) -> bool {
+        len < span(1) && v >> shift(1) == (v + len - 1) >> shift(1) && self.fast.load(Ordering::Relaxed)
+    }
+
+    /// Turns the one-leaf-table fast paths of [`PageTable::map`] and [`PageTable::unmap`] off
+    /// (or on again; they are on by default). A map or unmap whose range lies inside one existing
+    /// leaf table (a page, a 64 KiB bind) normally takes a short path: one descent, check,
+    /// store, no allocation. Its results, errors and resulting table are exactly those of the
+    /// general plan-and-commit walk; this switch exists so that tests can prove that on the same
+    /// operation sequences, and benchmarks can measure what the fast path saves.
+    pub fn set_fast_paths(&self, on: bool) {
+        self.fast.store(on, Ordering::Relaxed);
     }
 
     #[inline]

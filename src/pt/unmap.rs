@@ -5,6 +5,7 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::{ENTRIES, Format, Invalidation, PageTable, Pte, UnmapError, index, shift, span, split_cost};
+use crate::addr::PhysAddr;
 use crate::addr::{Address, PAGE_SIZE, SpanError};
 use crate::mem::Reservation;
 
@@ -33,26 +34,72 @@ impl<F: Format> PageTable<F> {
             Err(_) => return Err(UnmapError::OutOfRange { va, len }),
         }
         let mut reserve = self.lock.lock();
-        let mut inv = Invalidation::new(self.parking.clone());
+        if self.in_one_leaf_table(v, len)
+            && let Some(leaf) = self.leaf_table(v)
+            && let Some((lo, span, unmapped)) = self.unmap_in_leaf(leaf, v, len)
+        {
+            return Ok(Invalidation::of_leaves(lo, span, unmapped));
+        }
+        Ok(self.unmap_walk(&mut reserve, v, len))
+    }
+
+    /// The general unmap: one walk over the range, splitting and freeing as it goes.
+    #[inline(never)]
+    fn unmap_walk(&self, reserve: &mut Reservation, v: u64, len: u64) -> Invalidation<F::Va> {
+        let mut inv = Invalidation::new();
         let mut unreserve = 0;
         let mut created = 0;
-        let root = self.table(self.root);
         self.unmap_level(
             Self::ROOT_LEVEL,
-            root,
+            self.root,
             false,
             v,
             v + len,
             &mut inv,
-            &mut reserve,
+            reserve,
             &mut unreserve,
             &mut created,
         );
-        let _ = self.mem.unreserve(&mut reserve, unreserve);
-        self.reserved.fetch_sub(unreserve, Ordering::Relaxed);
-        self.tables.fetch_add(created, Ordering::Relaxed);
-        self.tables.fetch_sub(inv.freed.len() as u64, Ordering::Relaxed);
-        Ok(inv)
+        if unreserve > 0 {
+            let _ = self.mem.unreserve(reserve, unreserve);
+            self.reserved.fetch_sub(unreserve, Ordering::Relaxed);
+        }
+        let freed = inv.freed.len() as u64;
+        if created != freed {
+            self.tables.fetch_add(created.wrapping_sub(freed), Ordering::Relaxed);
+        }
+        inv
+    }
+
+    /// The fast path of [`Self::unmap`] for a range inside the leaf table `leaf` that leaves the
+    /// table non-empty: clear the present entries, count them off, done (no split, no table
+    /// freed, nothing reserved or unreserved). Returns the span of the removed leaves and the
+    /// bytes unmapped (`(0, 0, 0)` for a hole). `None`, with nothing changed, when the table
+    /// would empty: the general path frees it and its emptied ancestors.
+    #[inline]
+    fn unmap_in_leaf(&self, leaf: PhysAddr, v: u64, len: u64) -> Option<(u64, u64, u64)> {
+        let i0 = index(v, 0);
+        let entries = &self.table(leaf)[i0..i0 + (len / PAGE_SIZE) as usize];
+        let present_at = |e: &AtomicU64| F::is_present(e.load(Ordering::Relaxed));
+        let present = entries.iter().filter(|e| present_at(e)).count();
+        let count = self.count(leaf).load(Ordering::Relaxed);
+        if present >= usize::from(count) {
+            return None;
+        }
+        if present == 0 {
+            return Some((0, 0, 0));
+        }
+        let (mut first, mut last) = (usize::MAX, 0);
+        for (k, e) in entries.iter().enumerate() {
+            if present_at(e) {
+                first = first.min(k);
+                last = k;
+                e.store(0, Ordering::Release);
+            }
+        }
+        self.count(leaf).store(count - present as u16, Ordering::Relaxed);
+        let lo = v + first as u64 * PAGE_SIZE;
+        Some((lo, (last - first + 1) as u64 * PAGE_SIZE, present as u64 * PAGE_SIZE))
     }
 
     /// `doomed`: the whole table is being freed by the caller, so entries need no clearing.
@@ -60,7 +107,7 @@ impl<F: Format> PageTable<F> {
     fn unmap_level(
         &self,
         level: u8,
-        t: &[AtomicU64; ENTRIES],
+        table_pa: PhysAddr,
         doomed: bool,
         va: u64,
         end: u64,
@@ -69,6 +116,7 @@ impl<F: Format> PageTable<F> {
         unreserve: &mut u64,
         created: &mut u64,
     ) {
+        let t = self.table(table_pa);
         let s = span(level);
         let i0 = index(va, level);
         let i1 = i0 + ((end - 1 - (va & !(s - 1))) >> shift(level)) as usize + 1;
@@ -93,6 +141,9 @@ impl<F: Format> PageTable<F> {
                         e.store(0, Ordering::Release);
                     }
                 }
+                if present > 0 {
+                    self.count_add(table_pa, (present as u16).wrapping_neg());
+                }
             }
             if present > 0 {
                 let lo = va + first as u64 * PAGE_SIZE;
@@ -110,6 +161,7 @@ impl<F: Format> PageTable<F> {
                 Pte::Leaf { .. } if full => {
                     if !doomed {
                         e.store(0, Ordering::Release);
+                        self.count_add(table_pa, u16::MAX);
                     }
                     inv.add(v, s, s, level);
                     *unreserve += split_cost(level);
@@ -131,23 +183,23 @@ impl<F: Format> PageTable<F> {
                         c.store(at | bits, Ordering::Relaxed);
                         at += cs;
                     }
+                    self.count(child_pa).store(ENTRIES as u16, Ordering::Relaxed);
                     e.store(F::table_entry(child_pa), Ordering::Release);
-                    self.unmap_level(level - 1, child, false, v, e_end, inv, reserve, unreserve, created);
+                    self.unmap_level(level - 1, child_pa, false, v, e_end, inv, reserve, unreserve, created);
                 }
                 Pte::Table(pa) => {
-                    let child = self.table(pa);
                     let gone = doomed || full;
-                    self.unmap_level(level - 1, child, gone, v, e_end, inv, reserve, unreserve, created);
-                    if gone || child.iter().all(|c| !F::is_present(c.load(Ordering::Relaxed))) {
+                    self.unmap_level(level - 1, pa, gone, v, e_end, inv, reserve, unreserve, created);
+                    if gone || self.count(pa).load(Ordering::Relaxed) == 0 {
                         if !doomed {
                             e.store(0, Ordering::Release);
+                            self.count_add(table_pa, u16::MAX);
                         }
-                        inv.freed.push(pa);
                         // A walker that read the entry before it was cleared may still be on its
                         // way through the freed table, for any address it spans: the TLB flush
                         // must cover the whole span (a paging-structure-cache flush), not just
                         // the leaves removed.
-                        inv.cover(e_start, s);
+                        inv.free_table(pa, e_start, s, &self.parking);
                     }
                 }
             }
