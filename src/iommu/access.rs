@@ -8,7 +8,7 @@ use super::{DEV_IDENTITY, DEV_REGISTERED, DeviceId, Domain, DomainId, Iommu, att
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::mem::Words;
 use crate::pt::{PageTable, Prot, X86Iommu};
-use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::atomic::{AtomicU64, Ordering, fence};
 
 impl Iommu {
     pub(super) fn fault(&self, d: Option<&Domain>, f: DmaFault) -> DmaFault {
@@ -252,6 +252,27 @@ impl Iommu {
         self.port(dev).read_u64(iova)
     }
 
+    /// [`DevicePort::read_u64`] after its IOTLB probe missed (or hit without read permission),
+    /// with the device word that probe loaded: decode the attachment, fill without a lock, read;
+    /// anything the lock-free fill cannot settle goes the locked way. The probe is not repeated.
+    #[inline(never)]
+    fn read_u64_miss(&self, dev: DeviceId, word: u64, iova: DmaAddr) -> Result<u64, DmaFault> {
+        // Makes the probe's relaxed load of the device word an acquire load: what the attach
+        // that wrote it published (the domain's root) is visible below.
+        fence(Ordering::Acquire);
+        let pa = match self.attachment(word, dev, iova, Access::Read)? {
+            None => iova.as_u64(),
+            Some(id) => match self.fill_unlocked(dev, word, id, iova.as_u64(), Prot::READ) {
+                Some(pa) => pa.as_u64(),
+                None => self.resolve_slow(dev, iova, Access::Read, Prot::READ)?.as_u64(),
+            },
+        };
+        match self.inner.mem.read_u64(PhysAddr::new(pa)) {
+            Ok(v) => Ok(v),
+            Err(_) => Err(self.bus_fault(dev, iova, Access::Read, PhysAddr::new(pa))),
+        }
+    }
+
     #[inline(never)]
     fn dma_read_u64_slow(&self, dev: DeviceId, iova: DmaAddr) -> Result<u64, DmaFault> {
         if iova.as_u64() & (PAGE_SIZE - 1) > PAGE_SIZE - 8 {
@@ -313,13 +334,20 @@ impl DevicePort<'_> {
     #[inline(always)]
     pub fn read_u64(&self, iova: DmaAddr) -> Result<u64, DmaFault> {
         let a = iova.as_u64();
-        if a & (PAGE_SIZE - 1) <= PAGE_SIZE - 8
-            && let Some(pa) = self.hit(a, Prot::READ.bits())
-            && let Some(v) = self.words.load(PhysAddr::new(pa))
+        if a & (PAGE_SIZE - 1) > PAGE_SIZE - 8 {
+            return self.iommu.dma_read_u64_slow(self.dev, iova);
+        }
+        // Relaxed is enough for the hit: a detach or an invalidation that happens before this
+        // access is visible to it by coherence, and a hit publishes nothing. The miss path
+        // upgrades this very load with an acquire fence instead of loading the word again.
+        let word = self.word.load(Ordering::Relaxed);
+        if let Some((page, prot)) = iotlb::lookup_key(self.entries, word, a)
+            && prot & Prot::READ.bits() != 0
+            && let Some(v) = self.words.load(PhysAddr::new(page | (a & (PAGE_SIZE - 1))))
         {
             return Ok(v);
         }
-        self.iommu.dma_read_u64_slow(self.dev, iova)
+        self.iommu.read_u64_miss(self.dev, word, iova)
     }
 
     /// The IOTLB-hit fast path: the physical address of `a` when the device is attached to a
