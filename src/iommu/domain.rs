@@ -363,6 +363,14 @@ impl Domain {
     /// Drops the IOTLB's translations of `[iova, iova + len)` in this domain: the one flush of a
     /// batch of maps (`iommu_iotlb_sync`), after which devices see exactly what the table holds.
     ///
+    /// The IOTLB never caches a non-present entry (a walk that finds nothing faults and fills
+    /// nothing), a map never replaces a present entry (it fails with `AlreadyMapped`), and a
+    /// strict domain invalidates every unmapped range before the unmap returns. So in a strict
+    /// domain the IOTLB can never hold an entry the table does not, and this call only
+    /// validates its arguments: the one-shot DMA path (`map_phys` and friends) relies on that and
+    /// pays no flush per mapping. In a lazy domain it drops the range's entries, which matters for
+    /// a range whose unmap is still queued.
+    ///
     /// # Errors
     /// [`DomainError::ZeroLength`], [`DomainError::Overflow`], [`DomainError::OutsideAperture`],
     /// [`DomainError::Destroyed`]; nothing is flushed then.
@@ -372,6 +380,9 @@ impl Domain {
             return Err(DomainError::ZeroLength);
         }
         self.check_aperture(iova, len)?;
+        if self.mode == Mode::Strict {
+            return Ok(());
+        }
         let _walks_done = self.inv_lock.write();
         self.iotlb.invalidate_range(self.id, iova, len);
         Ok(())

@@ -34,6 +34,40 @@ impl Magazine {
     }
 }
 
+/// The full magazines of one order shared by all CPU slots.
+#[derive(Debug, Default)]
+pub(super) struct Depot {
+    /// Boxed, so that magazines move between a CPU slot and the depot by pointer.
+    #[allow(clippy::vec_box)]
+    pub(super) mags: Vec<Box<Magazine>>,
+    /// When the depot last gave a magazine back (or first grew past its floor).
+    last_trim: Option<std::time::Instant>,
+}
+
+impl Depot {
+    /// After a push: the magazine to give back to the tree, if the depot has held more than
+    /// `floor` magazines for a whole [`super::DEPOT_TRIM`] since the last one went back.
+    pub(super) fn trim(&mut self, floor: usize) -> Option<Box<Magazine>> {
+        if self.mags.len() <= floor {
+            self.last_trim = None;
+            return None;
+        }
+        let now = std::time::Instant::now();
+        match self.last_trim {
+            Some(t) if now.duration_since(t) >= super::DEPOT_TRIM => {
+                self.last_trim = Some(now);
+                // The oldest magazine: its IOVAs have waited longest.
+                Some(self.mags.remove(0))
+            }
+            Some(_) => None,
+            None => {
+                self.last_trim = Some(now);
+                None
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct CpuCache {
     pub(super) loaded: Box<Magazine>,

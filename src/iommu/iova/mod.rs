@@ -10,9 +10,13 @@
 //!   O(log n) whatever the number of live ranges and the fragmentation (Linux walks its rbtree
 //!   linearly in the worst case).
 //! - **Per-CPU caches** for orders 0–5 (4 KiB–128 KiB): each CPU slot has a `loaded` and a `prev`
-//!   magazine of [`MAG_SIZE`] IOVAs; full magazines go to a per-order depot of at most
-//!   [`DEPOT_MAX`]; a depot that is full sends the magazine's IOVAs back to the tree. A miss falls
-//!   back to the tree; on exhaustion all caches are flushed and the allocation retried once.
+//!   magazine of [`MAG_SIZE`] IOVAs; full magazines go to a per-order depot. As in Linux since
+//!   6.9 the depot is sized by the workload, not by a constant: it takes every full magazine (up
+//!   to [`DEPOT_MAX`], a bound on its memory), and shrinks back by one magazine per
+//!   [`DEPOT_TRIM`] while it holds more than one per CPU slot (Linux: one per 100 ms, above the
+//!   number of online CPUs), so a burst of frees is served back from the cache instead of
+//!   going through the tree twice. A miss falls back to the tree; on exhaustion all caches are
+//!   flushed and the allocation retried once.
 //! - **Checked frees**: every live allocation is recorded in the slot of the CPU that made it
 //!   (under the lock the fast path takes anyway), so a double free, a free of a never-allocated
 //!   IOVA, or a free with the wrong size is a typed error, also on the cached path.
@@ -28,7 +32,7 @@ mod tree;
 
 pub use token::{ForeignToken, IovaStats, IovaView, RetiredIova};
 
-use cache::{CpuCache, Live, LiveMap, Magazine, Slot, shape};
+use cache::{CpuCache, Depot, Live, LiveMap, Magazine, Slot, shape};
 use tree::Tree;
 
 use crate::addr::{DmaAddr, PAGE_SHIFT, PAGE_SIZE};
@@ -43,12 +47,17 @@ pub const MAG_SIZE: usize = 127;
 /// IOVAs per magazine (tiny under loom, so models reach the depot).
 #[cfg(loom)]
 pub const MAG_SIZE: usize = 2;
-/// Full magazines kept per order in the shared depot.
+/// Most full magazines the shared depot keeps per order (a bound on its memory: 4096 magazines
+/// of 1 KiB, 520192 IOVAs); beyond it a magazine's IOVAs go back to the tree.
 #[cfg(not(loom))]
-pub const DEPOT_MAX: usize = 32;
-/// Full magazines kept per order in the shared depot.
+pub const DEPOT_MAX: usize = 4096;
+/// Most full magazines the shared depot keeps per order (one under loom, so that models reach
+/// the overflow to the tree).
 #[cfg(loom)]
 pub const DEPOT_MAX: usize = 1;
+/// How often a depot above its floor (one magazine per CPU slot) gives one magazine back to the
+/// tree.
+pub const DEPOT_TRIM: std::time::Duration = std::time::Duration::from_millis(100);
 /// Orders 0..CACHED_ORDERS (1 to 32 pages) are served by the per-CPU caches.
 pub const CACHED_ORDERS: usize = 6;
 /// Most per-CPU cache slots an allocator keeps (more are pointless and cost memory).
@@ -157,9 +166,7 @@ pub struct IovaAllocator {
     end_pfn: u64,
     tree: Mutex<Tree>,
     slots: Box<[CachePadded<Mutex<Slot>>]>,
-    /// Boxed magazines move between a CPU slot and the depot by pointer, not by 1 KiB copy.
-    #[allow(clippy::vec_box)]
-    depot: Vec<CachePadded<Mutex<Vec<Box<Magazine>>>>>,
+    depot: Vec<CachePadded<Mutex<Depot>>>,
     /// Unique among the allocators of the process: the owner mark of its retired ranges.
     serial: u64,
 }
@@ -207,7 +214,9 @@ impl IovaAllocator {
             serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             // A power of two, so that picking a slot is a mask, not a division.
             slots: (0..slots.clamp(1, MAX_SLOTS).next_power_of_two()).map(|_| slot()).collect(),
-            depot: (0..CACHED_ORDERS).map(|_| CachePadded(Mutex::new(Vec::new(), Rank::IovaDepot))).collect(),
+            depot: (0..CACHED_ORDERS)
+                .map(|_| CachePadded(Mutex::new(Depot::default(), Rank::IovaDepot)))
+                .collect(),
         })
     }
 
@@ -314,7 +323,7 @@ impl IovaAllocator {
             // Entries, but none below the limit: a miss (as Linux does), the tree serves it.
             return None;
         }
-        c.loaded = self.depot[order].lock().pop()?;
+        c.loaded = self.depot[order].lock().mags.pop()?;
         c.loaded.pop(need, limit)
     }
 
@@ -495,17 +504,17 @@ impl IovaAllocator {
         }
         // Both full: the loaded magazine goes to the depot, or back to the tree.
         let full = core::mem::replace(&mut c.loaded, Magazine::empty());
-        let overflow = {
+        let back = {
             let mut d = self.depot[order].lock();
-            if d.len() < DEPOT_MAX {
-                d.push(full);
-                None
+            if d.mags.len() < DEPOT_MAX {
+                d.mags.push(full);
+                d.trim(self.slots.len())
             } else {
                 Some(full)
             }
         };
         c.loaded.push(pfn);
-        if let Some(m) = overflow {
+        if let Some(m) = back {
             let mut t = self.tree.lock();
             for &p in &m.pfns[..m.len] {
                 t.free(p, 1 << order);
@@ -526,7 +535,7 @@ impl IovaAllocator {
             }
         }
         for (o, d) in self.depot.iter().enumerate() {
-            for m in d.lock().drain(..) {
+            for m in d.lock().mags.drain(..) {
                 back.extend(m.pfns[..m.len].iter().map(|&p| (p, 1u64 << o)));
             }
         }
@@ -582,7 +591,7 @@ impl IovaAllocator {
             cached += s.caches.iter().map(|c| c.loaded.len + c.prev.len).sum::<usize>();
         }
         for d in &self.depot {
-            cached += d.lock().iter().map(|m| m.len).sum::<usize>();
+            cached += d.lock().mags.iter().map(|m| m.len).sum::<usize>();
         }
         let t = self.tree.lock();
         IovaStats { live, tree_free_pages: t.free_pages, tree_ranges: t.n.len() - t.spare.len(), cached }

@@ -23,11 +23,20 @@ pub(super) struct Tree {
     pub(super) root: u32,
     pub(super) rng: u64,
     pub(super) free_pages: u64,
+    /// Scratch: the root-to-node path of an in-place update (kept to avoid an allocation).
+    path: Vec<u32>,
 }
 
 impl Tree {
     pub(super) fn new() -> Self {
-        Tree { n: Vec::new(), spare: Vec::new(), root: NIL, rng: 0x2545_f491_4f6c_dd1d, free_pages: 0 }
+        Tree {
+            n: Vec::new(),
+            spare: Vec::new(),
+            root: NIL,
+            rng: 0x2545_f491_4f6c_dd1d,
+            free_pages: 0,
+            path: Vec::new(),
+        }
     }
 
     pub(super) fn maxv(&self, i: u32) -> u64 {
@@ -111,6 +120,34 @@ impl Tree {
         end
     }
 
+    /// Changes the range that starts at `start` (which must exist) to `[ns, ne)` in place: one
+    /// descent, no split or merge. The caller guarantees that no other range lies between the
+    /// old and the new start, so the key order stays valid; the subtree maxima along the path are
+    /// recomputed bottom-up.
+    fn set_range(&mut self, start: u64, ns: u64, ne: u64) {
+        debug_assert!(ns < ne);
+        self.path.clear();
+        let mut t = self.root;
+        while t != NIL {
+            self.path.push(t);
+            let n = &self.n[t as usize];
+            t = match start.cmp(&n.start) {
+                core::cmp::Ordering::Less => n.left,
+                core::cmp::Ordering::Greater => n.right,
+                core::cmp::Ordering::Equal => break,
+            };
+        }
+        let i = *self.path.last().expect("the range exists") as usize;
+        debug_assert_eq!(self.n[i].start, start);
+        self.free_pages = self.free_pages - (self.n[i].end - self.n[i].start) + (ne - ns);
+        self.n[i].start = ns;
+        self.n[i].end = ne;
+        for k in (0..self.path.len()).rev() {
+            let j = self.path[k];
+            self.pull(j);
+        }
+    }
+
     /// The free range with the largest start `<= key`.
     pub(super) fn floor(&self, key: u64) -> Option<(u64, u64)> {
         let (mut t, mut best) = (self.root, None);
@@ -141,8 +178,9 @@ impl Tree {
         best
     }
 
-    /// Highest aligned block of `need` pages ending at or below `limit`: (range start, block).
-    pub(super) fn find(&self, t: u32, need: u64, align: u64, limit: u64) -> Option<(u64, u64)> {
+    /// Highest aligned block of `need` pages ending at or below `limit`: (range start, range
+    /// end, block).
+    pub(super) fn find(&self, t: u32, need: u64, align: u64, limit: u64) -> Option<(u64, u64, u64)> {
         if t == NIL || self.n[t as usize].max < need {
             return None;
         }
@@ -155,7 +193,7 @@ impl Tree {
             if hi >= n.start + need {
                 let a = (hi - need) & !(align - 1);
                 if a >= n.start {
-                    return Some((n.start, a));
+                    return Some((n.start, n.end, a));
                 }
             }
         }
@@ -163,13 +201,18 @@ impl Tree {
     }
 
     pub(super) fn alloc(&mut self, need: u64, align: u64, limit: u64) -> Option<u64> {
-        let (s, a) = self.find(self.root, need, align, limit)?;
-        let e = self.remove(s);
-        if a > s {
-            self.insert(s, a);
-        }
-        if a + need < e {
-            self.insert(a + need, e);
+        let (s, e, a) = self.find(self.root, need, align, limit)?;
+        match (a > s, a + need < e) {
+            (false, false) => {
+                self.remove(s);
+            }
+            // Top-down allocation carves the top of a range: it shrinks in place.
+            (true, false) => self.set_range(s, s, a),
+            (false, true) => self.set_range(s, a + need, e),
+            (true, true) => {
+                self.set_range(s, s, a);
+                self.insert(a + need, e);
+            }
         }
         Some(a)
     }
@@ -183,19 +226,16 @@ impl Tree {
         if below.is_some_and(|(_, e)| e > pfn) || above.is_some_and(|(s, _)| s < end) {
             return false;
         }
-        let (mut s, mut e) = (pfn, end);
-        if let Some((bs, be)) = below
-            && be == pfn
-        {
-            self.remove(bs);
-            s = bs;
+        // Merging with a neighbour changes that range in place.
+        match (below.filter(|&(_, be)| be == pfn), above.filter(|&(s, _)| s == end)) {
+            (Some((bs, _)), Some((as_, _))) => {
+                let ae = self.remove(as_);
+                self.set_range(bs, bs, ae);
+            }
+            (Some((bs, _)), None) => self.set_range(bs, bs, end),
+            (None, Some((as_, ae))) => self.set_range(as_, pfn, ae),
+            (None, None) => self.insert(pfn, end),
         }
-        if let Some((as_, _)) = above
-            && as_ == end
-        {
-            e = self.remove(as_);
-        }
-        self.insert(s, e);
         true
     }
 
