@@ -289,7 +289,12 @@ impl Device {
         let retired = domain
             .retire_iova_tagged(iova, len, want.tag())
             .map_err(|e| self.refusal(domain, dma, iova, want, e))?;
-        let bounced = self.state.bounced.lock().remove(&(domain.serial(), iova.as_u64()));
+        // Only an untrusted device's mappings are ever bounced.
+        let bounced = if self.trusted {
+            None
+        } else {
+            self.state.bounced.lock().remove(&(domain.serial(), iova.as_u64()))
+        };
         // A bounced mapping is unmapped strictly whatever the domain's mode (Linux gives
         // untrusted devices no flush queue): its frames are copied back and freed next, and a
         // lazy window would leave the device a cached way into frames that are no longer its.

@@ -366,10 +366,10 @@ impl IovaAllocator {
     ) -> Result<crate::sync::MutexGuard<'a, Slot>, IovaError> {
         let mine = self.slot_index();
         let mut slot = self.slots[mine].lock();
-        match slot.live.get(&pfn).copied() {
+        match slot.live.get(pfn) {
             Some(live) => {
                 Self::judge(addr, live, need, tag)?;
-                slot.live.remove(&pfn);
+                slot.live.remove(pfn);
                 Ok(slot)
             }
             None => {
@@ -468,9 +468,9 @@ impl IovaAllocator {
                 continue;
             }
             let mut s = s.lock();
-            if let Some(live) = s.live.get(&pfn).copied() {
+            if let Some(live) = s.live.get(pfn) {
                 Self::judge(addr, live, need, tag)?;
-                s.live.remove(&pfn);
+                s.live.remove(pfn);
                 return Ok(());
             }
         }
@@ -484,7 +484,7 @@ impl IovaAllocator {
         let mine = self.slot_index();
         let order = core::iter::once(mine).chain((0..self.slots.len()).filter(|&i| i != mine));
         for i in order {
-            if let Some(l) = self.slots[i].lock().live.get(&pfn) {
+            if let Some(l) = self.slots[i].lock().live.get(pfn) {
                 return Some((l.tag, l.pages * PAGE_SIZE));
             }
         }
@@ -567,7 +567,7 @@ impl IovaAllocator {
     #[must_use]
     pub fn is_allocated(&self, addr: DmaAddr) -> bool {
         let pfn = addr.as_u64() >> PAGE_SHIFT;
-        self.slots.iter().any(|s| s.lock().live.contains_key(&pfn))
+        self.slots.iter().any(|s| s.lock().live.contains(pfn))
     }
 
     /// The tree's free ranges in address order, as (start, length in bytes). Cached IOVAs are
