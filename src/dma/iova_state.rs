@@ -188,7 +188,7 @@ impl IovaState {
         dir: Direction,
         attrs: Attrs,
     ) -> Result<(), DmaError> {
-        let domain = self.check(dev)?.clone();
+        self.check(dev)?;
         if attrs.mmio {
             return Err(DmaError::PeerToPeer(phys));
         }
@@ -196,13 +196,13 @@ impl IovaState {
         if dev.needs_bounce(phys, size) {
             let at = iova.as_u64() - self.base.as_u64();
             let (src, bounces) = bounce::plan(dev.mem(), phys, size, dir, at)?;
-            if let Err(e) = domain.map(iova, MapSource::BioVecs(&src), dir.prot()) {
+            if let Err(e) = self.domain.map(iova, MapSource::BioVecs(&src), dir.prot()) {
                 bounce::abandon(dev.mem(), bounces);
                 return Err(self.map_err(e));
             }
             self.bounces.extend(bounces);
         } else {
-            domain.map(iova, MapSource::Range { pa, len }, dir.prot()).map_err(|e| self.map_err(e))?;
+            self.domain.map(iova, MapSource::Range { pa, len }, dir.prot()).map_err(|e| self.map_err(e))?;
         }
         self.mapped += len;
         Ok(())
@@ -223,7 +223,7 @@ impl IovaState {
         dir: Direction,
         attrs: Attrs,
     ) -> Result<u64, DmaError> {
-        let domain = self.check(dev)?.clone();
+        self.check(dev)?;
         if bvecs.is_empty() {
             return Err(DmaError::ZeroSize);
         }
@@ -238,7 +238,7 @@ impl IovaState {
         let total = bvecs.len() as u64 * GRANULE;
         if at0 % GRANULE == 0 && at0.checked_add(total).is_some_and(|e| e <= self.pad + self.size) {
             let iova = DmaAddr::new(self.base.as_u64() + at0);
-            match domain.map(iova, MapSource::PageVecs(bvecs), dir.prot()) {
+            match self.domain.map(iova, MapSource::PageVecs(bvecs), dir.prot()) {
                 Ok(_) => {
                     self.mapped += total;
                     return Ok(total);
@@ -257,7 +257,7 @@ impl IovaState {
             let len = u32::try_from(p.len).map_err(|_| DmaError::Overflow { phys: p.pa, size: p.len })?;
             expanded.push(BioVec { phys: p.pa, offset: 0, len });
         }
-        domain.map(iova, granule_source(&expanded), dir.prot()).map_err(|e| self.map_err(e))?;
+        self.domain.map(iova, granule_source(&expanded), dir.prot()).map_err(|e| self.map_err(e))?;
         self.mapped += plan.iter().map(|p| p.len).sum::<u64>();
         Ok(plan.iter().map(|p| p.size).sum())
     }
@@ -337,7 +337,7 @@ impl IovaState {
         _dir: Direction,
         attrs: Attrs,
     ) -> Result<(), DmaError> {
-        let domain = self.check(dev)?.clone();
+        self.check(dev)?;
         if size == 0 {
             return Err(DmaError::ZeroSize);
         }
@@ -347,7 +347,7 @@ impl IovaState {
         let Some(end) = end else {
             return Err(DmaError::BeyondReserved { offset, size, reserved: self.size });
         };
-        let gone = domain.unmap_strict(DmaAddr::new(self.base.as_u64() + start), end - start)?;
+        let gone = self.domain.unmap_strict(DmaAddr::new(self.base.as_u64() + start), end - start)?;
         self.mapped -= gone.min(self.mapped);
         // The device has lost access to the range: bring its bounced bytes back.
         let (done, keep): (Vec<_>, Vec<_>) =
