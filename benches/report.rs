@@ -7,6 +7,8 @@
 
 #[path = "common/dma_cases.rs"]
 mod dma_cases;
+#[path = "common/gpuvm_cases.rs"]
+mod gpuvm_cases;
 #[path = "common/harness.rs"]
 mod harness;
 #[path = "common/iommu_cases.rs"]
@@ -47,6 +49,7 @@ fn main() {
     iommu_cases::iommu_cases(&mut r);
     dma_cases::dma_cases(&mut r);
     mem_cases::mem_cases(&mut r);
+    gpuvm_cases::gpuvm_cases(&mut r);
     println!("\nratios (higher = vmbind faster unless noted):");
     for peer in ["x86_64", "aarch64-paging"] {
         let label = format!("pt/map_4k_scattered {peer} / vmbind");

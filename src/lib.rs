@@ -13,12 +13,15 @@
 //! - [`iommu`]: the software IOMMU: domains, devices, IOVA allocator, IOTLB, faults;
 //! - [`dma`]: the DMA API: devices, the two-step IOVA API, one-shot and scatter-gather mapping,
 //!   [`dma::DmaVec`];
-//! - [`nvme`]: PRP lists (and SGLs) built from a `DmaVec`, and controller-side decoders.
+//! - [`nvme`]: PRP lists (and SGLs) built from a `DmaVec`, and controller-side decoders;
+//! - [`gpuvm`]: the GPU VM manager; so far its pure core, [`gpuvm::VaSpace`], drm_gpuvm's
+//!   split/merge.
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 pub mod addr;
 pub mod dma;
+pub mod gpuvm;
 pub mod iommu;
 pub mod mem;
 pub mod nvme;
