@@ -74,6 +74,9 @@ pub enum Pte {
     Empty,
     /// A pointer to the next-level table.
     Table(PhysAddr),
+    /// A sparse (NULL, partially resident) entry: occupied but not valid. Reads through it
+    /// return zeros and writes are dropped; it blocks an overlapping map like any mapping.
+    Sparse,
     /// A leaf: the start of the mapped block and its permissions.
     Leaf {
         /// Physical address of the block (aligned to the level's size).
@@ -109,6 +112,13 @@ pub trait Format: Send + Sync + 'static {
     fn leaf_bits(level: u8, prot: Prot) -> u64;
     /// Decodes a raw entry found at `level`.
     fn decode(raw: u64, level: u8) -> Pte;
+    /// The raw sparse entry at `level` ([`Pte::Sparse`]), for formats that have one (its
+    /// `is_present` must be true and it must decode as `Sparse`). `None`: the format has no
+    /// sparse entries, and a [`super::MapSource::Sparse`] map is refused.
+    fn sparse_bits(level: u8) -> Option<u64> {
+        let _ = level;
+        None
+    }
 }
 
 /// x86-64 / Intel VT-d second-stage compatible IOMMU format (REFERENCES.md §3): four levels of

@@ -54,6 +54,18 @@ impl<F: Format> PageTable<F> {
                     _ => Err(MapError::PhysTooHigh { index: 0, pa, len }),
                 }
             }
+            MapSource::Sparse { len } => {
+                if len == 0 {
+                    return Err(MapError::ZeroLength);
+                }
+                if len & LOW != 0 {
+                    return Err(MapError::UnalignedSource { index: 0, pa: PhysAddr::new(0), len });
+                }
+                if F::sparse_bits(0).is_none() {
+                    return Err(MapError::SparseUnsupported);
+                }
+                Ok(len)
+            }
             MapSource::Pages(p) => {
                 // Each page is validated as the commit reads it, chunk by chunk, before anything
                 // becomes visible (see `commit`): one pass over the list instead of two.
@@ -134,7 +146,13 @@ impl<F: Format> PageTable<F> {
             Err(SpanError::Overflow { .. }) => return Err(MapError::Overflow { va, len }),
             Err(_) => return Err(MapError::OutOfRange { va, len }),
         }
-        let bits0 = F::leaf_bits(0, prot);
+        let sparse = matches!(src, MapSource::Sparse { .. });
+        let bits_at = |level: u8| match sparse {
+            // `check_source` refused formats without sparse entries.
+            true => F::sparse_bits(level).unwrap_or(0),
+            false => F::leaf_bits(level, prot),
+        };
+        let bits0 = bits_at(0);
         if !F::is_present(bits0) {
             return Err(MapError::InvalidProt { prot });
         }
@@ -144,7 +162,11 @@ impl<F: Format> PageTable<F> {
         {
             return self.map_in_leaf(leaf, v, len, src, bits0);
         }
-        self.map_walk(&mut reserve, v, len, src, prot, opts)
+        let mut bits = [0u64; 4];
+        for (level, b) in bits.iter_mut().enumerate() {
+            *b = bits_at(level as u8);
+        }
+        self.map_walk(&mut reserve, v, len, src, &bits, opts)
     }
 
     /// The general map: plan, preallocate, build, publish (the module docs of [`super`]).
@@ -155,15 +177,11 @@ impl<F: Format> PageTable<F> {
         v: u64,
         len: u64,
         src: MapSource<'_>,
-        prot: Prot,
+        bits: &[u64; 4],
         opts: MapOptions,
     ) -> Result<MapStats, MapError<F::Va>> {
         let cursor = || Cursor::new(src, Self::PA_LIMIT);
         let max_level = opts.max_leaf.level();
-        let mut bits = [0u64; 4];
-        for (level, b) in bits.iter_mut().enumerate() {
-            *b = F::leaf_bits(level as u8, prot);
-        }
         let root = self.table(self.root);
         let mut plan = Plan::default();
         self.plan(Self::ROOT_LEVEL, Some(root), v, v + len, &mut cursor(), max_level, &mut plan)
@@ -186,8 +204,7 @@ impl<F: Format> PageTable<F> {
         let mut stats = MapStats { bytes: len, tables_created: plan.tables, ..MapStats::default() };
         let all_new = pool.clone();
         let mut deferred = Vec::new();
-        let mut ctx =
-            Commit { bits: &bits, max_level, pool: &mut pool, stats: &mut stats, deferred: &mut deferred };
+        let mut ctx = Commit { bits, max_level, pool: &mut pool, stats: &mut stats, deferred: &mut deferred };
         let built = self.build(Self::ROOT_LEVEL, self.root, false, v, v + len, &mut cursor(), &mut ctx);
         if let Err(index) = built {
             // Nothing was published: every new table is still private. Give it all back.
@@ -196,7 +213,7 @@ impl<F: Format> PageTable<F> {
             return Err(Self::source_error(src, index));
         }
         debug_assert!(pool.is_empty());
-        self.publish(&deferred, &bits);
+        self.publish(&deferred, bits);
         if plan.tables > 0 {
             self.tables.fetch_add(plan.tables, Ordering::Relaxed);
         }
@@ -227,6 +244,11 @@ impl<F: Format> PageTable<F> {
             return Err(MapError::AlreadyMapped { va: F::Va::new(v + k as u64 * PAGE_SIZE) });
         }
         match src {
+            MapSource::Sparse { .. } => {
+                for e in entries {
+                    e.store(bits, Ordering::Relaxed);
+                }
+            }
             // Validated whole by `check_source`.
             MapSource::Range { pa, .. } => {
                 let mut at = pa.as_u64() | bits;
@@ -333,7 +355,7 @@ impl<F: Format> PageTable<F> {
                     let child = self.table(pa);
                     self.plan(level - 1, Some(child), v, e_end, cur, max_level, plan)?;
                 }
-                Pte::Leaf { .. } => return Err(v),
+                Pte::Leaf { .. } | Pte::Sparse => return Err(v),
             }
             v = e_end;
         }
@@ -389,7 +411,7 @@ impl<F: Format> PageTable<F> {
                 ctx.stats.leaves[usize::from(level)] += n as u64;
                 if fresh {
                     let (pa, _) = cur.run();
-                    write_huge(&t[i..i + n], pa | ctx.bits[usize::from(level)], s);
+                    write_huge(&t[i..i + n], pa | ctx.bits[usize::from(level)], cur.step(s));
                 } else {
                     ctx.deferred.push(Deferred::Leaves {
                         table: table_pa,
@@ -437,7 +459,7 @@ impl<F: Format> PageTable<F> {
                         let _ = cur.fill_4k(t, bits[0], false);
                     } else {
                         let (pa, _) = cur.run();
-                        write_huge(t, pa | bits[usize::from(*level)], span(*level));
+                        write_huge(t, pa | bits[usize::from(*level)], cur.step(span(*level)));
                     }
                 }
                 Deferred::Publish { table, index, child } => {

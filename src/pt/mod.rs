@@ -42,6 +42,7 @@
 
 mod format;
 mod gather;
+pub mod gpu;
 mod map;
 mod source;
 mod unmap;
@@ -54,6 +55,7 @@ use crate::sync::{Rank, SpinMutex};
 
 pub use format::{Format, Prot, Pte, X86Iommu};
 pub use gather::Invalidation;
+pub use gpu::GpuGfx9;
 pub use source::{MapOptions, MapSource};
 
 use crate::addr::{Address, PAGE_SIZE, PageSize, PhysAddr, Span, SpanError};
@@ -146,6 +148,9 @@ pub enum MapError<V: Address> {
         /// The permissions given.
         prot: Prot,
     },
+    /// A sparse source for a format without sparse entries.
+    #[error("this table format has no sparse entries")]
+    SparseUnsupported,
     /// The arena cannot supply the table pages and split reserve the map needs.
     #[error("out of memory for page tables: {0}")]
     OutOfMemory(MemError),
@@ -209,7 +214,7 @@ pub struct Translated {
     pub size: PageSize,
 }
 
-/// One mapped leaf, as [`PageTable::for_each_leaf`] reports it.
+/// One mapped leaf (or sparse entry), as [`PageTable::for_each_leaf`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Leaf<V> {
     /// First address the leaf maps.
@@ -218,8 +223,10 @@ pub struct Leaf<V> {
     pub pa: PhysAddr,
     /// Leaf size.
     pub size: PageSize,
-    /// Permissions.
+    /// Permissions ([`Prot::NONE`] for a sparse entry).
     pub prot: Prot,
+    /// A sparse entry ([`Pte::Sparse`]: reads zero, writes dropped; `pa` is 0).
+    pub sparse: bool,
 }
 
 /// A radix page table of format `F` living in a [`PhysMem`] arena.
@@ -268,6 +275,17 @@ impl<F: Format> core::fmt::Debug for PageTable<F> {
 }
 
 impl<F: Format> PageTable<F> {
+    /// The geometry a format declares, checked when a table of it is first built (a compile
+    /// error, not a runtime one): 1 to 4 levels (the engine's per-level arrays), an input space
+    /// the levels can index and an output width an entry can hold.
+    const GEOMETRY: () = {
+        assert!(F::LEVELS >= 1 && F::LEVELS <= 4, "a format has 1 to 4 levels");
+        assert!(
+            F::VA_BITS > 12 && F::VA_BITS <= 12 + 9 * F::LEVELS as u32,
+            "the levels must index the VA space"
+        );
+        assert!(F::PA_BITS > 12 && F::PA_BITS <= 63, "entries hold 4 KiB-aligned output addresses");
+    };
     const ROOT_LEVEL: u8 = F::LEVELS - 1;
     const VA_LIMIT: u64 = 1u64 << F::VA_BITS;
     const PA_LIMIT: u64 = 1u64 << F::PA_BITS;
@@ -277,6 +295,7 @@ impl<F: Format> PageTable<F> {
     /// # Errors
     /// [`MemError::OutOfMemory`] when the arena has no frame for the root.
     pub fn new(mem: Arc<PhysMem>) -> Result<Self, MemError> {
+        let () = Self::GEOMETRY;
         let root = mem.alloc_frame()?;
         if let Err(e) = mem.zero(root, PAGE_SIZE) {
             let _ = mem.free_frame(root);
@@ -429,7 +448,7 @@ impl<F: Format> PageTable<F> {
         loop {
             let raw = t[index(v, level)].load(Ordering::Acquire);
             match F::decode(raw, level) {
-                Pte::Empty => return None,
+                Pte::Empty | Pte::Sparse => return None,
                 Pte::Leaf { pa, prot } => {
                     return Some(Translated {
                         pa: PhysAddr::new(pa.as_u64() + (v & (span(level) - 1))),
@@ -469,9 +488,20 @@ impl<F: Format> PageTable<F> {
             let va = base + ((i as u64) << shift(level));
             match F::decode(e.load(Ordering::Acquire), level) {
                 Pte::Empty => {}
+                Pte::Sparse => {
+                    if let Some(size) = PageSize::from_level(level) {
+                        f(Leaf {
+                            va: F::Va::new(va),
+                            pa: PhysAddr::new(0),
+                            size,
+                            prot: Prot::NONE,
+                            sparse: true,
+                        });
+                    }
+                }
                 Pte::Leaf { pa, prot } => {
                     if let Some(size) = PageSize::from_level(level) {
-                        f(Leaf { va: F::Va::new(va), pa, size, prot });
+                        f(Leaf { va: F::Va::new(va), pa, size, prot, sparse: false });
                     }
                 }
                 Pte::Table(child) if level > 0 => self.visit(level - 1, child, va, f),
@@ -498,23 +528,22 @@ impl<F: Format> PageTable<F> {
         let mut run: Option<(Leaf<F::Va>, u64)> = None;
         let line = |out: &mut String, l: &Leaf<F::Va>, n: u64| {
             let bytes = n * l.size.bytes();
-            let _ = writeln!(
-                out,
-                "  [{:#x}, {:#x}) -> {}: {n} x {} {:?}",
-                l.va.as_u64(),
-                l.va.as_u64() + bytes,
-                l.pa,
-                l.size,
-                l.prot
-            );
+            let (s, e) = (l.va.as_u64(), l.va.as_u64() + bytes);
+            let _ = if l.sparse {
+                writeln!(out, "  [{s:#x}, {e:#x}) sparse: {n} x {}", l.size)
+            } else {
+                writeln!(out, "  [{s:#x}, {e:#x}) -> {}: {n} x {} {:?}", l.pa, l.size, l.prot)
+            };
         };
         self.for_each_leaf(|l| {
             if let Some((first, n)) = &mut run {
                 let span = *n * first.size.bytes();
+                let step = if l.sparse { 0 } else { span };
                 if l.size == first.size
                     && l.prot == first.prot
+                    && l.sparse == first.sparse
                     && l.va.as_u64() == first.va.as_u64() + span
-                    && l.pa.as_u64() == first.pa.as_u64() + span
+                    && l.pa.as_u64() == first.pa.as_u64() + step
                 {
                     *n += 1;
                     return;

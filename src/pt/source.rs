@@ -28,6 +28,13 @@ pub enum MapSource<'a> {
     /// element is checked as the walk reads it, so the array is read once. An element that is not
     /// such a page is [`super::MapError::UnalignedSource`] (use [`MapSource::BioVecs`] for mixed arrays).
     PageVecs(&'a [BioVec]),
+    /// `len` bytes of sparse entries (formats with [`super::Format::sparse_bits`]): occupied,
+    /// not valid — reads through them return zeros, writes are dropped. Huge sparse entries are
+    /// used where the range allows, as for a contiguous range.
+    Sparse {
+        /// Length (a 4 KiB multiple).
+        len: u64,
+    },
 }
 
 impl MapSource<'_> {
@@ -35,7 +42,7 @@ impl MapSource<'_> {
     #[must_use]
     pub fn len(&self) -> u64 {
         match self {
-            MapSource::Range { len, .. } => *len,
+            MapSource::Range { len, .. } | MapSource::Sparse { len } => *len,
             MapSource::Pages(p) => p.len() as u64 * PAGE_SIZE,
             MapSource::PageVecs(b) => b.len() as u64 * PAGE_SIZE,
             MapSource::BioVecs(b) => b.iter().map(|v| u64::from(v.len)).sum(),
@@ -89,6 +96,8 @@ impl<'a> Cursor<'a> {
     pub(super) fn run(&self) -> (u64, u64) {
         match self.src {
             MapSource::Range { pa, len } => (pa.as_u64() + self.off, len - self.off),
+            // Any alignment fits: a sparse run is as "contiguous" as it is long.
+            MapSource::Sparse { len } => (0, len - self.off),
             MapSource::Pages(p) => (p[self.idx].as_u64(), PAGE_SIZE),
             MapSource::PageVecs(b) => (b[self.idx].phys.as_u64(), PAGE_SIZE),
             MapSource::BioVecs(b) => {
@@ -99,11 +108,18 @@ impl<'a> Cursor<'a> {
         }
     }
 
+    /// The address step between consecutive huge entries of `span` bytes of the current run:
+    /// `span`, or 0 for sparse entries (all alike).
+    #[inline]
+    pub(super) fn step(&self, span: u64) -> u64 {
+        if matches!(self.src, MapSource::Sparse { .. }) { 0 } else { span }
+    }
+
     /// Moves `bytes` forward (within the source).
     #[inline]
     pub(super) fn advance(&mut self, mut bytes: u64) {
         match self.src {
-            MapSource::Range { .. } => self.off += bytes,
+            MapSource::Range { .. } | MapSource::Sparse { .. } => self.off += bytes,
             MapSource::Pages(_) => self.idx += (bytes / PAGE_SIZE) as usize,
             MapSource::PageVecs(_) => self.idx += (bytes / PAGE_SIZE) as usize,
             MapSource::BioVecs(b) => {
@@ -165,6 +181,13 @@ impl<'a> Cursor<'a> {
                 for e in entries {
                     e.store(at, Ordering::Relaxed);
                     at += PAGE_SIZE;
+                }
+                self.off += entries.len() as u64 * PAGE_SIZE;
+            }
+            MapSource::Sparse { .. } => {
+                // `bits` is the sparse entry itself.
+                for e in entries {
+                    e.store(bits, Ordering::Relaxed);
                 }
                 self.off += entries.len() as u64 * PAGE_SIZE;
             }

@@ -158,7 +158,7 @@ impl<F: Format> PageTable<F> {
             let full = v == e_start && e_end - v == s;
             match F::decode(e.load(Ordering::Acquire), level) {
                 Pte::Empty => {}
-                Pte::Leaf { .. } if full => {
+                Pte::Leaf { .. } | Pte::Sparse if full => {
                     if !doomed {
                         e.store(0, Ordering::Release);
                         self.count_add(table_pa, u16::MAX);
@@ -166,9 +166,16 @@ impl<F: Format> PageTable<F> {
                     inv.add(v, s, s, level);
                     *unreserve += split_cost(level);
                 }
-                Pte::Leaf { pa, prot } => {
+                Pte::Leaf { .. } | Pte::Sparse => {
                     // Split: the frame comes out of this leaf's reserve, and its 512 children keep
                     // the rest of it (split_cost(level) = 1 + 512 * split_cost(level - 1)).
+                    let (first, step) = match F::decode(e.load(Ordering::Acquire), level) {
+                        Pte::Leaf { pa, prot } => {
+                            (pa.as_u64() | F::leaf_bits(level - 1, prot), span(level - 1))
+                        }
+                        // A sparse entry splits into sparse entries (its format has them).
+                        _ => (F::sparse_bits(level - 1).unwrap_or(0), 0),
+                    };
                     let child_pa = self
                         .mem
                         .alloc_reserved_frame(reserve)
@@ -176,12 +183,10 @@ impl<F: Format> PageTable<F> {
                     self.reserved.fetch_sub(1, Ordering::Relaxed);
                     *created += 1;
                     let child = self.table(child_pa);
-                    let cs = span(level - 1);
-                    let bits = F::leaf_bits(level - 1, prot);
-                    let mut at = pa.as_u64();
+                    let mut at = first;
                     for c in child {
-                        c.store(at | bits, Ordering::Relaxed);
-                        at += cs;
+                        c.store(at, Ordering::Relaxed);
+                        at += step;
                     }
                     self.count(child_pa).store(ENTRIES as u16, Ordering::Relaxed);
                     e.store(F::table_entry(child_pa), Ordering::Release);
