@@ -84,6 +84,8 @@ pub const PAGE_SHIFT: u32 = 12;
 /// Behaviour shared by the address newtypes, so that generic code (the page-table engine is
 /// generic over the address space it translates) can take any of them.
 pub trait Address: Copy + Eq + Ord + fmt::Debug + fmt::Display + Send + Sync + 'static {
+    /// What kind of address it is, in words ("phys", "dma", "gpuva").
+    const KIND: &'static str;
     /// Wraps a raw value.
     fn new(raw: u64) -> Self;
     /// The raw value.
@@ -186,6 +188,7 @@ macro_rules! address_type {
         }
 
         impl Address for $name {
+            const KIND: &'static str = $label;
             fn new(raw: u64) -> Self {
                 $name(raw)
             }

@@ -38,7 +38,7 @@ fn sparse_ranges_block_maps_read_as_nothing_and_split_when_cut() {
     // Occupied: a map over any part of it is refused, naming the first occupied address.
     let r = pt.map(
         GpuVa::new(base + MIB2),
-        MapSource::Range { pa: PhysAddr::new(0x1000), len: PAGE_SIZE },
+        MapSource::Range { pa: DmaAddr::new(0x1000), len: PAGE_SIZE },
         Prot::RW,
         MapOptions::default(),
     );
@@ -55,12 +55,12 @@ fn sparse_ranges_block_maps_read_as_nothing_and_split_when_cut() {
     // A real page may now go in the hole.
     pt.map(
         GpuVa::new(base + 5 * PAGE_SIZE),
-        MapSource::Range { pa: PhysAddr::new(0x7000), len: PAGE_SIZE },
+        MapSource::Range { pa: DmaAddr::new(0x7000), len: PAGE_SIZE },
         Prot::READ,
         MapOptions::default(),
     )
     .unwrap();
-    assert_eq!(pt.translate(GpuVa::new(base + 5 * PAGE_SIZE + 8)).unwrap().pa, PhysAddr::new(0x7008));
+    assert_eq!(pt.translate(GpuVa::new(base + 5 * PAGE_SIZE + 8)).unwrap().pa, DmaAddr::new(0x7008));
     pt.unmap(GpuVa::new(base), 4 * MIB2).unwrap().complete();
     assert_eq!(pt.table_pages(), 1);
     assert_eq!(mem.usage(), usage);
@@ -69,17 +69,19 @@ fn sparse_ranges_block_maps_read_as_nothing_and_split_when_cut() {
 #[test]
 fn gpu_entries_carry_the_format_bits() {
     let (mem, pt) = table();
-    let frames = mem.alloc_scattered(3, 5).unwrap();
+    // A direct-mapped GPU: its DMA addresses are the frames' physical addresses.
+    let frames: Vec<DmaAddr> =
+        mem.alloc_scattered(3, 5).unwrap().iter().map(|f| DmaAddr::new(f.as_u64())).collect();
     pt.map(GpuVa::new(0x10_0000), MapSource::Pages(&frames), Prot::RW | Prot::EXEC, MapOptions::default())
         .unwrap();
     let t = pt.translate(GpuVa::new(0x10_1008)).unwrap();
-    assert_eq!(t.pa, PhysAddr::new(frames[1].as_u64() + 8));
+    assert_eq!(t.pa, DmaAddr::new(frames[1].as_u64() + 8));
     assert_eq!(t.prot, Prot::RW | Prot::EXEC);
     // A 2 MiB-aligned contiguous range takes a huge leaf, as on the IOMMU format.
     let st = pt
         .map(
             GpuVa::new(0x4000_0000),
-            MapSource::Range { pa: PhysAddr::new(0x20_0000), len: MIB2 },
+            MapSource::Range { pa: DmaAddr::new(0x20_0000), len: MIB2 },
             Prot::READ,
             MapOptions::default(),
         )
@@ -94,6 +96,17 @@ fn gpu_entries_carry_the_format_bits() {
     }
     assert_eq!(raw & (GPU_VALID | GPU_PRT), GPU_VALID);
     assert_eq!(raw & 0xffff_ffff_f000, frames[1].as_u64());
+}
+
+#[test]
+fn physical_bio_vec_sources_are_refused_by_a_table_of_dma_addresses() {
+    let (_, pt) = table();
+    let bv = vmbind::mem::BioVec::from_frames(&[PhysAddr::new(0x1000)]);
+    for src in [MapSource::BioVecs(&bv), MapSource::PageVecs(&bv)] {
+        let r = pt.map(GpuVa::new(0x1000), src, Prot::RW, MapOptions::default());
+        assert_eq!(r, Err(MapError::PhysicalSource { what: "dma" }));
+    }
+    assert_eq!(pt.table_pages(), 1);
 }
 
 #[test]
@@ -152,9 +165,9 @@ proptest! {
                     let pages = pages.min(2048 - page);
                     let va = base + page * PAGE_SIZE;
                     let contiguous = ((seed % 4096) + 1) * MIB2;
-                    let list: Vec<PhysAddr> = (0..pages).map(|i| PhysAddr::new(((seed >> 8) % 100_000 + 1 + 7 * i) << 12)).collect();
+                    let list: Vec<DmaAddr> = (0..pages).map(|i| DmaAddr::new(((seed >> 8) % 100_000 + 1 + 7 * i) << 12)).collect();
                     let src = match kind {
-                        0 => MapSource::Range { pa: PhysAddr::new(contiguous), len: pages * PAGE_SIZE },
+                        0 => MapSource::Range { pa: DmaAddr::new(contiguous), len: pages * PAGE_SIZE },
                         1 => MapSource::Pages(&list),
                         _ => MapSource::Sparse { len: pages * PAGE_SIZE },
                     };

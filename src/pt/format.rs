@@ -67,9 +67,10 @@ impl fmt::Debug for Prot {
     }
 }
 
-/// What one entry means, as decoded by a [`Format`].
+/// What one entry means, as decoded by a [`Format`] whose leaves hold addresses of type `A`
+/// (its [`Format::Out`]). Table pointers are always physical: tables live in the arena.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pte {
+pub enum Pte<A = PhysAddr> {
     /// Nothing is mapped through this entry.
     Empty,
     /// A pointer to the next-level table.
@@ -79,8 +80,8 @@ pub enum Pte {
     Sparse,
     /// A leaf: the start of the mapped block and its permissions.
     Leaf {
-        /// Physical address of the block (aligned to the level's size).
-        pa: PhysAddr,
+        /// Output address of the block (aligned to the level's size).
+        pa: A,
         /// Permissions.
         prot: Prot,
     },
@@ -94,13 +95,16 @@ pub enum Pte {
 pub trait Format: Send + Sync + 'static {
     /// The address space this table translates (IOVA for the IOMMU, GPU VA for the GPU).
     type Va: Address;
+    /// The address space its leaves point into (physical for the IOMMU, DMA addresses for the
+    /// GPU, whose accesses an IOMMU may translate again).
+    type Out: Address;
     /// A short name for dumps and errors.
     const NAME: &'static str;
     /// Number of levels, root included (at most 4 in the formats here).
     const LEVELS: u8;
     /// Width of the input address space: addresses at or above `1 << VA_BITS` are refused.
     const VA_BITS: u32;
-    /// Width of physical addresses an entry can hold.
+    /// Width of the output addresses an entry can hold.
     const PA_BITS: u32;
     /// Whether entries at `level` may be leaves.
     fn leaf_allowed(level: u8) -> bool;
@@ -111,7 +115,7 @@ pub trait Format: Send + Sync + 'static {
     /// The flag bits of a leaf at `level` with `prot` (the address is OR-ed in).
     fn leaf_bits(level: u8, prot: Prot) -> u64;
     /// Decodes a raw entry found at `level`.
-    fn decode(raw: u64, level: u8) -> Pte;
+    fn decode(raw: u64, level: u8) -> Pte<Self::Out>;
     /// The raw sparse entry at `level` ([`Pte::Sparse`]), for formats that have one (its
     /// `is_present` must be true and it must decode as `Sparse`). `None`: the format has no
     /// sparse entries, and a [`super::MapSource::Sparse`] map is refused.
@@ -135,6 +139,7 @@ const X86_ADDR: u64 = ((1 << 52) - 1) & !0xfff;
 
 impl Format for X86Iommu {
     type Va = DmaAddr;
+    type Out = PhysAddr;
     const NAME: &'static str = "x86-64/VT-d second stage";
     const LEVELS: u8 = 4;
     const VA_BITS: u32 = 48;

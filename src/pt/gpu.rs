@@ -16,7 +16,7 @@
 #![forbid(unsafe_code)]
 
 use super::format::{Format, Prot, Pte};
-use crate::addr::{GpuVa, PhysAddr};
+use crate::addr::{DmaAddr, GpuVa, PhysAddr};
 
 /// Valid.
 pub const GPU_VALID: u64 = 1 << 0;
@@ -110,6 +110,7 @@ impl GpuGfx9 {
 
 impl Format for GpuGfx9 {
     type Va = GpuVa;
+    type Out = DmaAddr;
     const NAME: &'static str = "GPU (GFX9 style)";
     const LEVELS: u8 = 4;
     const VA_BITS: u32 = 48;
@@ -153,11 +154,11 @@ impl Format for GpuGfx9 {
     }
 
     #[inline]
-    fn decode(raw: u64, level: u8) -> Pte {
+    fn decode(raw: u64, level: u8) -> Pte<DmaAddr> {
         if raw & GPU_VALID == 0 {
             return if raw & GPU_PRT != 0 { Pte::Sparse } else { Pte::Empty };
         }
-        let pa = PhysAddr::new(raw & GPU_ADDR_MASK);
+        let addr = raw & GPU_ADDR_MASK;
         if level == 0 || raw & GPU_HUGE != 0 {
             let mut prot = Prot::NONE;
             if raw & GPU_READ != 0 {
@@ -169,9 +170,9 @@ impl Format for GpuGfx9 {
             if raw & GPU_EXEC != 0 {
                 prot = prot | Prot::EXEC;
             }
-            Pte::Leaf { pa, prot }
+            Pte::Leaf { pa: DmaAddr::new(addr), prot }
         } else {
-            Pte::Table(pa)
+            Pte::Table(PhysAddr::new(addr))
         }
     }
 
@@ -187,7 +188,7 @@ mod tests {
 
     #[test]
     fn entries_encode_and_decode_every_bit() {
-        let pa = PhysAddr::new(0x7654_3210_0000);
+        let pa = DmaAddr::new(0x7654_3210_0000);
         for level in 0..3 {
             for prot in [Prot::READ, Prot::WRITE, Prot::RW, Prot::RW | Prot::EXEC, Prot::READ | Prot::EXEC] {
                 let raw = pa.as_u64() | GpuGfx9::leaf_bits(level, prot);
@@ -206,9 +207,10 @@ mod tests {
             GPU_VALID | GPU_SYSTEM | GPU_SNOOPED | GPU_READ | GPU_HUGE
         );
         assert_eq!(GpuGfx9::leaf_bits(0, Prot::NONE), 0);
-        let t = GpuGfx9::table_entry(pa);
+        let tp = PhysAddr::new(pa.as_u64());
+        let t = GpuGfx9::table_entry(tp);
         assert_eq!(t, pa.as_u64() | 1);
-        assert_eq!(GpuGfx9::decode(t, 2), Pte::Table(pa));
+        assert_eq!(GpuGfx9::decode(t, 2), Pte::Table(tp));
         assert_eq!(GpuGfx9::decode(0, 1), Pte::Empty);
         for level in 0..3 {
             let s = GpuGfx9::sparse_bits(level).unwrap();
@@ -219,7 +221,7 @@ mod tests {
         // The address field stops at bit 47: bit 48 and above never leak into the address.
         assert_eq!(
             GpuGfx9::decode((1 << 48) | GPU_VALID | GPU_READ, 0),
-            Pte::Leaf { pa: PhysAddr::new(0), prot: Prot::READ }
+            Pte::Leaf { pa: DmaAddr::new(0), prot: Prot::READ }
         );
     }
 

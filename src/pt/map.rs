@@ -29,7 +29,7 @@ impl<F: Format> PageTable<F> {
         let _guard = self.lock.lock();
         // The planning walk with 4 KiB leaves forced reports the first present entry; its
         // source cursor only counts bytes here.
-        let mut cur = Cursor::new(MapSource::Range { pa: PhysAddr::new(0), len }, Self::PA_LIMIT);
+        let mut cur = Cursor::new(MapSource::Range { pa: F::Out::new(0), len }, Self::PA_LIMIT);
         let root = self.table(self.root);
         self.plan(Self::ROOT_LEVEL, Some(root), v, v + len, &mut cur, 0, &mut Plan::default())
             .err()
@@ -38,8 +38,13 @@ impl<F: Format> PageTable<F> {
 
     /// Validates a source (page lists and page arrays are checked during the walk instead) and
     /// returns its length.
-    fn check_source(src: &MapSource<'_>) -> Result<u64, MapError<F::Va>> {
+    fn check_source(src: &MapSource<'_, F::Out>) -> Result<u64, MapError<F::Va, F::Out>> {
         const LOW: u64 = PAGE_SIZE - 1;
+        if matches!(src, MapSource::BioVecs(_) | MapSource::PageVecs(_))
+            && core::any::TypeId::of::<F::Out>() != core::any::TypeId::of::<PhysAddr>()
+        {
+            return Err(MapError::PhysicalSource { what: F::Out::KIND });
+        }
         match *src {
             MapSource::Range { pa, len } => {
                 let bad = (pa.as_u64() | len) & LOW != 0;
@@ -59,7 +64,7 @@ impl<F: Format> PageTable<F> {
                     return Err(MapError::ZeroLength);
                 }
                 if len & LOW != 0 {
-                    return Err(MapError::UnalignedSource { index: 0, pa: PhysAddr::new(0), len });
+                    return Err(MapError::UnalignedSource { index: 0, pa: F::Out::new(0), len });
                 }
                 if F::sparse_bits(0).is_none() {
                     return Err(MapError::SparseUnsupported);
@@ -107,12 +112,13 @@ impl<F: Format> PageTable<F> {
                 let mut total = 0u64;
                 for (index, v) in b.iter().enumerate() {
                     let len = u64::from(v.len);
-                    let pa = v.start().ok_or(MapError::PhysTooHigh { index, pa: v.phys, len })?;
+                    let out = |p: PhysAddr| F::Out::new(p.as_u64());
+                    let pa = v.start().ok_or(MapError::PhysTooHigh { index, pa: out(v.phys), len })?;
                     if len == 0 || (pa.as_u64() | len) & LOW != 0 {
-                        return Err(MapError::UnalignedSource { index, pa, len });
+                        return Err(MapError::UnalignedSource { index, pa: out(pa), len });
                     }
                     if pa.as_u64().checked_add(len).is_none_or(|e| e > Self::PA_LIMIT) {
-                        return Err(MapError::PhysTooHigh { index, pa, len });
+                        return Err(MapError::PhysTooHigh { index, pa: out(pa), len });
                     }
                     total += len;
                 }
@@ -132,10 +138,10 @@ impl<F: Format> PageTable<F> {
     pub fn map(
         &self,
         va: F::Va,
-        src: MapSource<'_>,
+        src: MapSource<'_, F::Out>,
         prot: Prot,
         opts: MapOptions,
-    ) -> Result<MapStats, MapError<F::Va>> {
+    ) -> Result<MapStats, MapError<F::Va, F::Out>> {
         let len = Self::check_source(&src)?;
         let v = va.as_u64();
         if v & (PAGE_SIZE - 1) != 0 {
@@ -176,10 +182,10 @@ impl<F: Format> PageTable<F> {
         reserve: &mut Reservation,
         v: u64,
         len: u64,
-        src: MapSource<'_>,
+        src: MapSource<'_, F::Out>,
         bits: &[u64; 4],
         opts: MapOptions,
-    ) -> Result<MapStats, MapError<F::Va>> {
+    ) -> Result<MapStats, MapError<F::Va, F::Out>> {
         let cursor = || Cursor::new(src, Self::PA_LIMIT);
         let max_level = opts.max_leaf.level();
         let root = self.table(self.root);
@@ -234,9 +240,9 @@ impl<F: Format> PageTable<F> {
         leaf: PhysAddr,
         v: u64,
         len: u64,
-        src: MapSource<'_>,
+        src: MapSource<'_, F::Out>,
         bits: u64,
-    ) -> Result<MapStats, MapError<F::Va>> {
+    ) -> Result<MapStats, MapError<F::Va, F::Out>> {
         let n = (len / PAGE_SIZE) as usize;
         let i0 = index(v, 0);
         let entries = &self.table(leaf)[i0..i0 + n];
@@ -271,14 +277,14 @@ impl<F: Format> PageTable<F> {
     }
 
     /// The error for the bad element `index` of a page list or page-vector array.
-    fn source_error(src: MapSource<'_>, index: usize) -> MapError<F::Va> {
+    fn source_error(src: MapSource<'_, F::Out>, index: usize) -> MapError<F::Va, F::Out> {
         let (pa, len, offset) = match src {
             MapSource::Pages(p) => (p[index], PAGE_SIZE, 0),
             MapSource::PageVecs(b) => {
                 let v = b[index];
-                (v.start().unwrap_or(v.phys), u64::from(v.len), v.offset)
+                (F::Out::new(v.start().unwrap_or(v.phys).as_u64()), u64::from(v.len), v.offset)
             }
-            _ => (PhysAddr::new(0), PAGE_SIZE, 0),
+            _ => (F::Out::new(0), PAGE_SIZE, 0),
         };
         if pa.as_u64() & (PAGE_SIZE - 1) != 0 || len != PAGE_SIZE || offset != 0 {
             MapError::UnalignedSource { index, pa, len }
@@ -290,7 +296,7 @@ impl<F: Format> PageTable<F> {
     /// How many whole entries from `v` on, at `level`, can be huge leaves of the current
     /// contiguous source run (0 when the first cannot). Stays within the current table.
     #[inline]
-    fn huge_run(level: u8, max_level: u8, v: u64, end: u64, cur: &Cursor<'_>) -> usize {
+    fn huge_run(level: u8, max_level: u8, v: u64, end: u64, cur: &Cursor<'_, F::Out>) -> usize {
         if level == 0 || level > max_level || !F::leaf_allowed(level) {
             return 0;
         }
@@ -314,7 +320,7 @@ impl<F: Format> PageTable<F> {
         table: Option<&[AtomicU64; ENTRIES]>,
         va: u64,
         end: u64,
-        cur: &mut Cursor<'_>,
+        cur: &mut Cursor<'_, F::Out>,
         max_level: u8,
         plan: &mut Plan,
     ) -> Result<(), u64> {
@@ -376,8 +382,8 @@ impl<F: Format> PageTable<F> {
         fresh: bool,
         va: u64,
         end: u64,
-        cur: &mut Cursor<'s>,
-        ctx: &mut Commit<'_, 's>,
+        cur: &mut Cursor<'s, F::Out>,
+        ctx: &mut Commit<'_, 's, F>,
     ) -> Result<(), usize> {
         let t = self.table(table_pa);
         let s = span(level);
@@ -447,7 +453,7 @@ impl<F: Format> PageTable<F> {
 
     /// Second writing pass: the visible writes recorded by [`Self::build`], in address order.
     /// New subtrees are complete before the release store that publishes them.
-    fn publish(&self, deferred: &[Deferred<'_>], bits: &[u64; 4]) {
+    fn publish(&self, deferred: &[Deferred<'_, F>], bits: &[u64; 4]) {
         for d in deferred {
             match d {
                 Deferred::Leaves { table, i0, i1, level, cur } => {
@@ -473,18 +479,18 @@ impl<F: Format> PageTable<F> {
     }
 }
 
-pub(super) struct Commit<'a, 's> {
+pub(super) struct Commit<'a, 's, F: Format> {
     bits: &'a [u64; 4],
     max_level: u8,
     pool: &'a mut Vec<PhysAddr>,
     stats: &'a mut MapStats,
-    deferred: &'a mut Vec<Deferred<'s>>,
+    deferred: &'a mut Vec<Deferred<'s, F>>,
 }
 
 /// A write into a table that others can already see, held back until the map is known good.
-pub(super) enum Deferred<'s> {
+pub(super) enum Deferred<'s, F: Format> {
     /// Leaves `[i0, i1)` of an existing table at `level`, from the source at `cur`.
-    Leaves { table: PhysAddr, i0: usize, i1: usize, level: u8, cur: Cursor<'s> },
+    Leaves { table: PhysAddr, i0: usize, i1: usize, level: u8, cur: Cursor<'s, F::Out> },
     /// Hang the new subtree `child` from entry `index` of an existing table.
     Publish { table: PhysAddr, index: usize, child: PhysAddr },
 }

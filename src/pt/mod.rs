@@ -88,9 +88,10 @@ fn split_cost(level: u8) -> u64 {
     SPLIT_COST[usize::from(level)]
 }
 
-/// Errors of [`PageTable::map`]. A failed map changes nothing.
+/// Errors of [`PageTable::map`] (`A`: the table's output addresses). A failed map changes
+/// nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum MapError<V: Address> {
+pub enum MapError<V: Address, A: Address = PhysAddr> {
     /// The source is empty.
     #[error("zero-length mapping")]
     ZeroLength,
@@ -106,7 +107,7 @@ pub enum MapError<V: Address> {
         /// Index of the segment (0 for a range).
         index: usize,
         /// Its first byte.
-        pa: PhysAddr,
+        pa: A,
         /// Its length.
         len: u64,
     },
@@ -116,7 +117,7 @@ pub enum MapError<V: Address> {
         /// Index of the segment.
         index: usize,
         /// Its first byte.
-        pa: PhysAddr,
+        pa: A,
         /// Its length.
         len: u64,
     },
@@ -151,6 +152,12 @@ pub enum MapError<V: Address> {
     /// A sparse source for a format without sparse entries.
     #[error("this table format has no sparse entries")]
     SparseUnsupported,
+    /// A physical `bio_vec` source for a table whose leaves do not hold physical addresses.
+    #[error("a bio_vec source is physical; this table's leaves hold {what} addresses")]
+    PhysicalSource {
+        /// The table's output address kind.
+        what: &'static str,
+    },
     /// The arena cannot supply the table pages and split reserve the map needs.
     #[error("out of memory for page tables: {0}")]
     OutOfMemory(MemError),
@@ -203,11 +210,11 @@ pub struct MapStats {
     pub tables_created: u64,
 }
 
-/// The result of a translation.
+/// The result of a translation (`A`: the table's output addresses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Translated {
-    /// Physical address of the translated byte.
-    pub pa: PhysAddr,
+pub struct Translated<A = PhysAddr> {
+    /// Output address of the translated byte.
+    pub pa: A,
     /// Permissions of the leaf.
     pub prot: Prot,
     /// Size of the leaf that maps it.
@@ -216,11 +223,11 @@ pub struct Translated {
 
 /// One mapped leaf (or sparse entry), as [`PageTable::for_each_leaf`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Leaf<V> {
+pub struct Leaf<V, A = PhysAddr> {
     /// First address the leaf maps.
     pub va: V,
-    /// Physical address of its block.
-    pub pa: PhysAddr,
+    /// Output address of its block.
+    pub pa: A,
     /// Leaf size.
     pub size: PageSize,
     /// Permissions ([`Prot::NONE`] for a sparse entry).
@@ -428,7 +435,7 @@ impl<F: Format> PageTable<F> {
     /// Translates one address: the physical address, permissions and leaf size, or `None` when
     /// nothing maps it. Takes no lock.
     #[inline]
-    pub fn translate(&self, va: F::Va) -> Option<Translated> {
+    pub fn translate(&self, va: F::Va) -> Option<Translated<F::Out>> {
         Self::translate_in(&self.mem, self.root, va)
     }
 
@@ -438,7 +445,7 @@ impl<F: Format> PageTable<F> {
     /// ends after at most one step per level, but its answer means something only when the caller
     /// can tell that no unmap of `va` completed during the walk.
     #[inline]
-    pub(crate) fn translate_in(mem: &PhysMem, root: PhysAddr, va: F::Va) -> Option<Translated> {
+    pub(crate) fn translate_in(mem: &PhysMem, root: PhysAddr, va: F::Va) -> Option<Translated<F::Out>> {
         let v = va.as_u64();
         if v >= Self::VA_LIMIT {
             return None;
@@ -451,7 +458,7 @@ impl<F: Format> PageTable<F> {
                 Pte::Empty | Pte::Sparse => return None,
                 Pte::Leaf { pa, prot } => {
                     return Some(Translated {
-                        pa: PhysAddr::new(pa.as_u64() + (v & (span(level) - 1))),
+                        pa: F::Out::new(pa.as_u64() + (v & (span(level) - 1))),
                         prot,
                         size: PageSize::from_level(level)?,
                     });
@@ -469,20 +476,20 @@ impl<F: Format> PageTable<F> {
 
     /// Calls `f` for every mapped leaf in address order (holding the mutation lock, so the
     /// picture is consistent).
-    pub fn for_each_leaf(&self, mut f: impl FnMut(Leaf<F::Va>)) {
+    pub fn for_each_leaf(&self, mut f: impl FnMut(Leaf<F::Va, F::Out>)) {
         let _guard = self.lock.lock();
         self.visit(Self::ROOT_LEVEL, self.root, 0, &mut f);
     }
 
     /// Every mapped leaf, in address order.
     #[must_use]
-    pub fn leaves(&self) -> Vec<Leaf<F::Va>> {
+    pub fn leaves(&self) -> Vec<Leaf<F::Va, F::Out>> {
         let mut out = Vec::new();
         self.for_each_leaf(|l| out.push(l));
         out
     }
 
-    fn visit(&self, level: u8, pa: PhysAddr, base: u64, f: &mut impl FnMut(Leaf<F::Va>)) {
+    fn visit(&self, level: u8, pa: PhysAddr, base: u64, f: &mut impl FnMut(Leaf<F::Va, F::Out>)) {
         let t = self.table(pa);
         for (i, e) in t.iter().enumerate() {
             let va = base + ((i as u64) << shift(level));
@@ -492,7 +499,7 @@ impl<F: Format> PageTable<F> {
                     if let Some(size) = PageSize::from_level(level) {
                         f(Leaf {
                             va: F::Va::new(va),
-                            pa: PhysAddr::new(0),
+                            pa: F::Out::new(0),
                             size,
                             prot: Prot::NONE,
                             sparse: true,
@@ -525,8 +532,10 @@ impl<F: Format> PageTable<F> {
             self.split_reserve(),
             self.parked_tables()
         );
-        let mut run: Option<(Leaf<F::Va>, u64)> = None;
-        let line = |out: &mut String, l: &Leaf<F::Va>, n: u64| {
+        // The first leaf of the current run and how many leaves it has.
+        type Run<F> = (Leaf<<F as Format>::Va, <F as Format>::Out>, u64);
+        let mut run: Option<Run<F>> = None;
+        let line = |out: &mut String, l: &Leaf<F::Va, F::Out>, n: u64| {
             let bytes = n * l.size.bytes();
             let (s, e) = (l.va.as_u64(), l.va.as_u64() + bytes);
             let _ = if l.sparse {
@@ -636,7 +645,7 @@ impl<F: Format> TableView<'_, F> {
 
     /// [`PageTable::translate`].
     #[must_use]
-    pub fn translate(&self, va: F::Va) -> Option<Translated> {
+    pub fn translate(&self, va: F::Va) -> Option<Translated<F::Out>> {
         self.0.translate(va)
     }
 
@@ -647,13 +656,13 @@ impl<F: Format> TableView<'_, F> {
     }
 
     /// [`PageTable::for_each_leaf`].
-    pub fn for_each_leaf(&self, f: impl FnMut(Leaf<F::Va>)) {
+    pub fn for_each_leaf(&self, f: impl FnMut(Leaf<F::Va, F::Out>)) {
         self.0.for_each_leaf(f);
     }
 
     /// [`PageTable::leaves`].
     #[must_use]
-    pub fn leaves(&self) -> Vec<Leaf<F::Va>> {
+    pub fn leaves(&self) -> Vec<Leaf<F::Va, F::Out>> {
         self.0.leaves()
     }
 

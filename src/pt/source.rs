@@ -4,26 +4,30 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use crate::addr::{PAGE_SIZE, PageSize, PhysAddr};
+use crate::addr::{Address, PAGE_SIZE, PageSize, PhysAddr};
 use crate::mem::BioVec;
 
-/// Where the physical side of a map comes from.
+/// Where the output side of a map comes from: addresses of the table's output space `A`
+/// ([`super::Format::Out`]: physical addresses for the IOMMU table, DMA addresses for the GPU
+/// table).
 #[derive(Clone, Copy, Debug)]
-pub enum MapSource<'a> {
-    /// One physically contiguous range.
+pub enum MapSource<'a, A: Address = PhysAddr> {
+    /// One contiguous range.
     Range {
         /// First byte (4 KiB aligned).
-        pa: PhysAddr,
+        pa: A,
         /// Length (a 4 KiB multiple).
         len: u64,
     },
     /// Scattered 4 KiB pages, mapped in order.
-    Pages(&'a [PhysAddr]),
-    /// A `bio_vec` array, mapped back to back; every segment must start and end on a 4 KiB
+    Pages(&'a [A]),
+    /// A `bio_vec` array (physical segments: only for tables whose output is physical), mapped
+    /// back to back; every segment must start and end on a 4 KiB
     /// boundary here (the DMA layer deals with partial pages). Long aligned segments get huge
     /// leaves.
     BioVecs(&'a [BioVec]),
-    /// A `bio_vec` array whose every element is exactly one whole, aligned 4 KiB page (offset 0,
+    /// A `bio_vec` array (physical: only for tables whose output is physical) whose every element
+    /// is exactly one whole, aligned 4 KiB page (offset 0,
     /// length 4 KiB: the usual block request): its length is known without a pass, and each
     /// element is checked as the walk reads it, so the array is read once. An element that is not
     /// such a page is [`super::MapError::UnalignedSource`] (use [`MapSource::BioVecs`] for mixed arrays).
@@ -37,7 +41,7 @@ pub enum MapSource<'a> {
     },
 }
 
-impl MapSource<'_> {
+impl<A: Address> MapSource<'_, A> {
     /// Bytes the source describes (O(1) except for [`MapSource::BioVecs`]).
     #[must_use]
     pub fn len(&self) -> u64 {
@@ -76,8 +80,8 @@ impl MapOptions {
 
 /// Walks the physical side of a map source.
 #[derive(Clone)]
-pub(super) struct Cursor<'a> {
-    src: MapSource<'a>,
+pub(super) struct Cursor<'a, A: Address> {
+    src: MapSource<'a, A>,
     /// Index of the current segment (pages / bvecs).
     idx: usize,
     /// Bytes consumed in the current segment (range / bvecs).
@@ -86,8 +90,8 @@ pub(super) struct Cursor<'a> {
     reject: u64,
 }
 
-impl<'a> Cursor<'a> {
-    pub(super) fn new(src: MapSource<'a>, pa_limit: u64) -> Self {
+impl<'a, A: Address> Cursor<'a, A> {
+    pub(super) fn new(src: MapSource<'a, A>, pa_limit: u64) -> Self {
         Cursor { src, idx: 0, off: 0, reject: (PAGE_SIZE - 1) | !(pa_limit - 1) }
     }
 
@@ -250,6 +254,6 @@ fn first_bad_pagevec(run: &[BioVec], reject: u64) -> usize {
         .unwrap_or(run.len())
 }
 
-fn first_bad_page(pages: &[PhysAddr], reject: u64) -> usize {
+fn first_bad_page<A: Address>(pages: &[A], reject: u64) -> usize {
     pages.iter().position(|p| p.as_u64() & reject != 0).unwrap_or(0)
 }
