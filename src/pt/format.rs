@@ -116,6 +116,13 @@ pub trait Format: Send + Sync + 'static {
     fn leaf_bits(level: u8, prot: Prot) -> u64;
     /// Decodes a raw entry found at `level`.
     fn decode(raw: u64, level: u8) -> Pte<Self::Out>;
+    /// Largest fragment a 4 KiB leaf may claim (REFERENCES.md §7; 0: the format has none). The
+    /// engine caps it at 9, so a fragment block never leaves its leaf table.
+    const MAX_FRAGMENT: u8 = 0;
+    /// Where the fragment field sits in an entry.
+    const FRAGMENT_SHIFT: u32 = 0;
+    /// The fragment field's bits.
+    const FRAGMENT_MASK: u64 = 0;
     /// The raw sparse entry at `level` ([`Pte::Sparse`]), for formats that have one (its
     /// `is_present` must be true and it must decode as `Sparse`). `None`: the format has no
     /// sparse entries, and a [`super::MapSource::Sparse`] map is refused.

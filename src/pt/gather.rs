@@ -92,6 +92,13 @@ impl<V: Address> Invalidation<V> {
         }
     }
 
+    /// Widens what must be flushed to `[va, va + len)` (a fragment block a cut went through: a
+    /// TLB may hold it as one entry).
+    pub(super) fn cover(&mut self, va: u64, len: u64) {
+        self.tstart = self.tstart.min(va);
+        self.tend = self.tend.max(va + len);
+    }
+
     pub(super) fn add(&mut self, va: u64, len: u64, unmapped: u64, level: u8) {
         self.start = self.start.min(va);
         self.end = self.end.max(va + len);
@@ -106,8 +113,7 @@ impl<V: Address> Invalidation<V> {
             self.parking = Some(parking.clone());
         }
         self.freed.push(pa);
-        self.tstart = self.tstart.min(va);
-        self.tend = self.tend.max(va + len);
+        self.cover(va, len);
     }
 
     /// Bytes that were mapped in the range and are no longer.
@@ -124,7 +130,8 @@ impl<V: Address> Invalidation<V> {
     }
 
     /// What must be flushed before the freed table pages may be reused: [`Invalidation::range`]
-    /// widened to the whole span of every table page this unmap freed. A walker that followed a
+    /// widened to the whole span of every table page this unmap freed (and, in a format with
+    /// fragments, of every fragment block the unmap cut). A walker that followed a
     /// table entry before it was cleared may be on its way through a freed table for any address
     /// the table spans (a paging-structure cache, or an IOTLB fill in flight), so that whole span
     /// must be invalidated, not only the removed leaves. Equal to `range()` when no table was

@@ -115,6 +115,11 @@ impl Format for GpuGfx9 {
     const LEVELS: u8 = 4;
     const VA_BITS: u32 = 48;
     const PA_BITS: u32 = 48;
+    // Capped at 2 MiB: larger aligned runs take huge leaves, and a cut then rewrites at most one
+    // leaf table's fragments.
+    const MAX_FRAGMENT: u8 = 9;
+    const FRAGMENT_SHIFT: u32 = GPU_FRAG_SHIFT;
+    const FRAGMENT_MASK: u64 = GPU_FRAG_MASK;
 
     #[inline]
     fn leaf_allowed(level: u8) -> bool {

@@ -4,7 +4,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use super::source::Cursor;
+use super::source::{Cursor, Frag};
 use super::{
     ENTRIES, Format, MapError, MapOptions, MapSource, MapStats, PageTable, Prot, Pte, index, shift, span,
     split_cost,
@@ -29,7 +29,8 @@ impl<F: Format> PageTable<F> {
         let _guard = self.lock.lock();
         // The planning walk with 4 KiB leaves forced reports the first present entry; its
         // source cursor only counts bytes here.
-        let mut cur = Cursor::new(MapSource::Range { pa: F::Out::new(0), len }, Self::PA_LIMIT);
+        let mut cur =
+            Cursor::new(MapSource::Range { pa: F::Out::new(0), len }, Self::PA_LIMIT, Frag::default());
         let root = self.table(self.root);
         self.plan(Self::ROOT_LEVEL, Some(root), v, v + len, &mut cur, 0, &mut Plan::default())
             .err()
@@ -186,7 +187,7 @@ impl<F: Format> PageTable<F> {
         bits: &[u64; 4],
         opts: MapOptions,
     ) -> Result<MapStats, MapError<F::Va, F::Out>> {
-        let cursor = || Cursor::new(src, Self::PA_LIMIT);
+        let cursor = || Cursor::new(src, Self::PA_LIMIT, Self::frag(v));
         let max_level = opts.max_leaf.level();
         let root = self.table(self.root);
         let mut plan = Plan::default();
@@ -255,8 +256,9 @@ impl<F: Format> PageTable<F> {
                     e.store(bits, Ordering::Relaxed);
                 }
             }
-            // Validated whole by `check_source`.
-            MapSource::Range { pa, .. } => {
+            // Validated whole by `check_source`; fragments, where the format has them, are set by
+            // the cursor below.
+            MapSource::Range { pa, .. } if F::MAX_FRAGMENT == 0 => {
                 let mut at = pa.as_u64() | bits;
                 for e in entries {
                     e.store(at, Ordering::Relaxed);
@@ -264,7 +266,7 @@ impl<F: Format> PageTable<F> {
                 }
             }
             _ => {
-                let mut cur = Cursor::new(src, Self::PA_LIMIT);
+                let mut cur = Cursor::new(src, Self::PA_LIMIT, Self::frag(v));
                 // Bio_vec arrays were validated whole; page lists are checked here, before any
                 // store becomes visible.
                 cur.clone().check_4k(n).map_err(|index| Self::source_error(src, index))?;
@@ -274,6 +276,11 @@ impl<F: Format> PageTable<F> {
         core::sync::atomic::fence(Ordering::Release);
         self.count_add(leaf, n as u16);
         Ok(MapStats { bytes: len, leaves: [n as u64, 0, 0], tables_created: 0 })
+    }
+
+    /// The fragment rule of the format for a map starting at VA `v`.
+    fn frag(v: u64) -> Frag {
+        Frag { va0: v, max: F::MAX_FRAGMENT.min(9), shift: F::FRAGMENT_SHIFT }
     }
 
     /// The error for the bad element `index` of a page list or page-vector array.

@@ -88,11 +88,45 @@ pub(super) struct Cursor<'a, A: Address> {
     off: u64,
     /// Address bits that make a page-list entry invalid (unaligned, or beyond the format).
     reject: u64,
+    /// The fragment rule of the format (see [`Frag`]).
+    frag: Frag,
+}
+
+/// How a format marks 4 KiB leaves that belong to an aligned contiguous run (REFERENCES.md §7):
+/// the fragment `f` of an entry is the largest `f <= max` such that the aligned `2^f`-page block
+/// holding it lies inside the contiguous run being mapped and is aligned in both address spaces
+/// (the run's buddy decomposition, which is what a greedy walk from its start gives); it is
+/// stored as `f << shift`. `max == 0`: the format has no fragments.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Frag {
+    /// VA of the first byte of the map (the run of a contiguous range).
+    pub(super) va0: u64,
+    /// Largest fragment (at most 9: a block never leaves its leaf table).
+    pub(super) max: u8,
+    /// Where the field sits in an entry.
+    pub(super) shift: u32,
+}
+
+impl Frag {
+    /// The fragment of the 4 KiB entry at VA `y` of a run `[start, end)` whose output addresses
+    /// are the VAs plus a constant whose alignment is `2^align` pages.
+    #[inline]
+    pub(super) fn at(max: u8, y: u64, start: u64, end: u64, align: u32) -> u8 {
+        let cap = u32::from(max).min(align);
+        for f in (1..=cap).rev() {
+            let size = PAGE_SIZE << f;
+            let bs = y & !(size - 1);
+            if bs >= start && bs + size <= end {
+                return f as u8;
+            }
+        }
+        0
+    }
 }
 
 impl<'a, A: Address> Cursor<'a, A> {
-    pub(super) fn new(src: MapSource<'a, A>, pa_limit: u64) -> Self {
-        Cursor { src, idx: 0, off: 0, reject: (PAGE_SIZE - 1) | !(pa_limit - 1) }
+    pub(super) fn new(src: MapSource<'a, A>, pa_limit: u64, frag: Frag) -> Self {
+        Cursor { src, idx: 0, off: 0, reject: (PAGE_SIZE - 1) | !(pa_limit - 1), frag }
     }
 
     /// The current contiguous physical run: (address, bytes left in it).
@@ -180,11 +214,33 @@ impl<'a, A: Address> Cursor<'a, A> {
                 }
                 self.idx += entries.len();
             }
-            MapSource::Range { pa, .. } => {
+            MapSource::Range { pa, len } => {
                 let mut at = (pa.as_u64() + self.off) | bits;
-                for e in entries {
-                    e.store(at, Ordering::Relaxed);
-                    at += PAGE_SIZE;
+                if self.frag.max == 0 {
+                    for e in entries {
+                        e.store(at, Ordering::Relaxed);
+                        at += PAGE_SIZE;
+                    }
+                } else {
+                    // Block by block of one fragment each (a leaf table holds at most a few).
+                    let Frag { va0, max, shift } = self.frag;
+                    let (start, end) = (va0, va0 + len);
+                    let align = (pa.as_u64().wrapping_sub(va0) >> 12).trailing_zeros();
+                    let mut y = va0 + self.off;
+                    let mut k = 0;
+                    while k < entries.len() {
+                        let f = Frag::at(max, y, start, end, align);
+                        let size = PAGE_SIZE << f;
+                        let n =
+                            (((y | (size - 1)) + 1 - y) / PAGE_SIZE).min((entries.len() - k) as u64) as usize;
+                        let fb = u64::from(f) << shift;
+                        for e in &entries[k..k + n] {
+                            e.store(at | fb, Ordering::Relaxed);
+                            at += PAGE_SIZE;
+                        }
+                        k += n;
+                        y += n as u64 * PAGE_SIZE;
+                    }
                 }
                 self.off += entries.len() as u64 * PAGE_SIZE;
             }

@@ -4,6 +4,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use super::source::Frag;
 use super::{ENTRIES, Format, Invalidation, PageTable, Pte, UnmapError, index, shift, span, split_cost};
 use crate::addr::PhysAddr;
 use crate::addr::{Address, PAGE_SIZE, SpanError};
@@ -38,9 +39,61 @@ impl<F: Format> PageTable<F> {
             && let Some(leaf) = self.leaf_table(v)
             && let Some((lo, span, unmapped)) = self.unmap_in_leaf(leaf, v, len)
         {
-            return Ok(Invalidation::of_leaves(lo, span, unmapped));
+            let mut inv = Invalidation::of_leaves(lo, span, unmapped);
+            if F::MAX_FRAGMENT > 0 {
+                let t = self.table(leaf);
+                let i0 = index(v, 0);
+                self.refrag_cut(t, i0, i0 + (len / PAGE_SIZE) as usize, v - i0 as u64 * PAGE_SIZE, &mut inv);
+            }
+            return Ok(inv);
         }
         Ok(self.unmap_walk(&mut reserve, v, len))
+    }
+
+    /// After `[i0, i1)` of the leaf table `t` (whose entry 0 maps `base`) was cleared: the
+    /// surviving entries of a fragment block the cut went through no longer belong to a whole
+    /// contiguous block, so their fragments are recomputed from what survives (the cut block's
+    /// survivors on each side), and the whole old block joins the flush range (a TLB may hold
+    /// it as one entry). Blocks never leave a leaf table (fragments are capped at 2 MiB).
+    fn refrag_cut(
+        &self,
+        t: &[AtomicU64; ENTRIES],
+        i0: usize,
+        i1: usize,
+        base: u64,
+        inv: &mut Invalidation<F::Va>,
+    ) {
+        let frag_of = |raw: u64| ((raw & F::FRAGMENT_MASK) >> F::FRAGMENT_SHIFT) as u32;
+        if i0 > 0 {
+            let f = frag_of(t[i0 - 1].load(Ordering::Relaxed));
+            let bs = (i0 - 1) & !((1usize << f) - 1);
+            if f > 0 && bs + (1 << f) > i0 {
+                self.refrag(t, bs, i0, base);
+                inv.cover(base + bs as u64 * PAGE_SIZE, PAGE_SIZE << f);
+            }
+        }
+        if i1 < ENTRIES {
+            let f = frag_of(t[i1].load(Ordering::Relaxed));
+            let bs = i1 & !((1usize << f) - 1);
+            if f > 0 && bs < i1 {
+                self.refrag(t, i1, bs + (1 << f), base);
+                inv.cover(base + bs as u64 * PAGE_SIZE, PAGE_SIZE << f);
+            }
+        }
+    }
+
+    /// Rewrites the fragments of the present, contiguous 4 KiB leaves `[s, e)` of `t` as the
+    /// buddy decomposition of that run.
+    fn refrag(&self, t: &[AtomicU64; ENTRIES], s: usize, e: usize, base: u64) {
+        let Pte::Leaf { pa, .. } = F::decode(t[s].load(Ordering::Relaxed), 0) else { return };
+        let (start, end) = (base + s as u64 * PAGE_SIZE, base + e as u64 * PAGE_SIZE);
+        let align = (pa.as_u64().wrapping_sub(start) >> 12).trailing_zeros();
+        for (j, entry) in t.iter().enumerate().take(e).skip(s) {
+            let y = base + j as u64 * PAGE_SIZE;
+            let f = Frag::at(F::MAX_FRAGMENT.min(9), y, start, end, align);
+            let raw = entry.load(Ordering::Relaxed);
+            entry.store((raw & !F::FRAGMENT_MASK) | (u64::from(f) << F::FRAGMENT_SHIFT), Ordering::Release);
+        }
     }
 
     /// The general unmap: one walk over the range, splitting and freeing as it goes.
@@ -143,6 +196,9 @@ impl<F: Format> PageTable<F> {
                 }
                 if present > 0 {
                     self.count_add(table_pa, (present as u16).wrapping_neg());
+                }
+                if F::MAX_FRAGMENT > 0 {
+                    self.refrag_cut(t, i0, i1, va - i0 as u64 * PAGE_SIZE, inv);
                 }
             }
             if present > 0 {
