@@ -343,9 +343,13 @@ impl DevicePort<'_> {
         let word = self.word.load(Ordering::Relaxed);
         if let Some((page, prot)) = iotlb::lookup_key(self.entries, word, a)
             && prot & Prot::READ.bits() != 0
-            && let Some(v) = self.words.load(PhysAddr::new(page | (a & (PAGE_SIZE - 1))))
         {
-            return Ok(v);
+            // A hit whose word the fast load refuses (unaligned, at the arena's end) takes the
+            // general read, not a refill of an entry that is valid.
+            return match self.words.load(PhysAddr::new(page | (a & (PAGE_SIZE - 1)))) {
+                Some(v) => Ok(v),
+                None => self.iommu.dma_read_u64_slow(self.dev, iova),
+            };
         }
         self.iommu.read_u64_miss(self.dev, word, iova)
     }
