@@ -17,6 +17,12 @@ use std::sync::atomic::AtomicUsize;
 #[cfg(not(loom))]
 #[allow(unsafe_code)]
 mod spin;
+/// Under loom every ranked mutex is loom's; the spinlock is only a marker.
+#[cfg(loom)]
+mod spin {
+    #[derive(Debug)]
+    pub(crate) struct RawSpin;
+}
 
 /// Atomics and fences: `core`'s, or loom's under `--cfg loom`.
 pub(crate) mod atomic {
@@ -115,122 +121,91 @@ impl Drop for Held {
     }
 }
 
-/// A ranked mutex whose `lock` returns the guard directly, over either backend.
-#[derive(Debug)]
-pub(crate) struct Mutex<T> {
+/// A ranked mutex over the raw lock `R` (`parking_lot`'s, or the [`spin`] lock), whose `lock`
+/// returns the guard directly; loom's mutex under loom, whatever `R`.
+pub(crate) struct Ranked<R: RawLock, T> {
     #[cfg(not(loom))]
-    inner: parking_lot::Mutex<T>,
+    inner: lock_api::Mutex<R, T>,
     #[cfg(loom)]
     inner: loom::sync::Mutex<T>,
+    #[cfg(loom)]
+    _raw: core::marker::PhantomData<R>,
     rank: Rank,
 }
 
-#[cfg(not(loom))]
-type RawMutexGuard<'a, T> = parking_lot::MutexGuard<'a, T>;
-#[cfg(loom)]
-type RawMutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+impl<R: RawLock, T: core::fmt::Debug> core::fmt::Debug for Ranked<R, T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Ranked").field("inner", &self.inner).field("rank", &self.rank).finish()
+    }
+}
 
+/// The raw locks a [`Ranked`] mutex can sit on.
+#[cfg(not(loom))]
+pub(crate) trait RawLock: lock_api::RawMutex {}
+#[cfg(not(loom))]
+impl<R: lock_api::RawMutex> RawLock for R {}
+/// The raw locks a [`Ranked`] mutex can sit on (markers only under loom).
+#[cfg(loom)]
+pub(crate) trait RawLock {}
+#[cfg(loom)]
+impl<R> RawLock for R {}
+
+/// A ranked `parking_lot` mutex: waiters sleep.
+pub(crate) type Mutex<T> = Ranked<parking_lot::RawMutex, T>;
+/// A ranked spinlock (see the `spin` module) for locks held only for short walks (the
+/// page-table mutation lock).
+pub(crate) type SpinMutex<T> = Ranked<spin::RawSpin, T>;
 /// The guard of a [`Mutex`].
-pub(crate) struct MutexGuard<'a, T> {
-    guard: RawMutexGuard<'a, T>,
-    _held: Held,
-}
-
-impl<T> core::ops::Deref for MutexGuard<'_, T> {
-    type Target = T;
-    #[inline(always)]
-    fn deref(&self) -> &T {
-        &self.guard
-    }
-}
-
-impl<T> core::ops::DerefMut for MutexGuard<'_, T> {
-    #[inline(always)]
-    fn deref_mut(&mut self) -> &mut T {
-        &mut self.guard
-    }
-}
-
-impl<T> Mutex<T> {
-    pub(crate) fn new(v: T, rank: Rank) -> Self {
-        #[cfg(not(loom))]
-        return Mutex { inner: parking_lot::Mutex::new(v), rank };
-        #[cfg(loom)]
-        return Mutex { inner: loom::sync::Mutex::new(v), rank };
-    }
-
-    #[inline]
-    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
-        let held = Held::new(self.rank);
-        #[cfg(not(loom))]
-        let guard = self.inner.lock();
-        #[cfg(loom)]
-        let guard = self.inner.lock().unwrap();
-        MutexGuard { guard, _held: held }
-    }
-
-    /// The value, through exclusive access (no lock taken).
-    pub(crate) fn get_mut(&mut self) -> &mut T {
-        #[cfg(not(loom))]
-        return self.inner.get_mut();
-        #[cfg(loom)]
-        return self.inner.get_mut().unwrap();
-    }
-}
-
-/// A ranked spinlock (see the `spin` module) for locks held only for short walks (the page-table
-/// mutation lock); loom's mutex under loom.
-#[derive(Debug)]
-pub(crate) struct SpinMutex<T> {
-    #[cfg(not(loom))]
-    inner: lock_api::Mutex<spin::RawSpin, T>,
-    #[cfg(loom)]
-    inner: loom::sync::Mutex<T>,
-    rank: Rank,
-}
+pub(crate) type MutexGuard<'a, T> = RankedGuard<'a, parking_lot::RawMutex, T>;
 
 #[cfg(not(loom))]
-type RawSpinGuard<'a, T> = lock_api::MutexGuard<'a, spin::RawSpin, T>;
+type RawGuard<'a, R, T> = lock_api::MutexGuard<'a, R, T>;
 #[cfg(loom)]
-type RawSpinGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+type RawGuard<'a, R, T> = (loom::sync::MutexGuard<'a, T>, core::marker::PhantomData<R>);
 
-/// The guard of a [`SpinMutex`].
-pub(crate) struct SpinGuard<'a, T> {
-    guard: RawSpinGuard<'a, T>,
+/// The guard of a [`Ranked`] mutex.
+pub(crate) struct RankedGuard<'a, R: RawLock, T> {
+    guard: RawGuard<'a, R, T>,
     _held: Held,
 }
 
-impl<T> core::ops::Deref for SpinGuard<'_, T> {
+impl<R: RawLock, T> core::ops::Deref for RankedGuard<'_, R, T> {
     type Target = T;
     #[inline(always)]
     fn deref(&self) -> &T {
-        &self.guard
+        #[cfg(not(loom))]
+        return &self.guard;
+        #[cfg(loom)]
+        return &self.guard.0;
     }
 }
 
-impl<T> core::ops::DerefMut for SpinGuard<'_, T> {
+impl<R: RawLock, T> core::ops::DerefMut for RankedGuard<'_, R, T> {
     #[inline(always)]
     fn deref_mut(&mut self) -> &mut T {
-        &mut self.guard
+        #[cfg(not(loom))]
+        return &mut self.guard;
+        #[cfg(loom)]
+        return &mut self.guard.0;
     }
 }
 
-impl<T> SpinMutex<T> {
+impl<R: RawLock, T> Ranked<R, T> {
     pub(crate) fn new(v: T, rank: Rank) -> Self {
         #[cfg(not(loom))]
-        return SpinMutex { inner: lock_api::Mutex::new(v), rank };
+        return Ranked { inner: lock_api::Mutex::new(v), rank };
         #[cfg(loom)]
-        return SpinMutex { inner: loom::sync::Mutex::new(v), rank };
+        return Ranked { inner: loom::sync::Mutex::new(v), _raw: core::marker::PhantomData, rank };
     }
 
     #[inline]
-    pub(crate) fn lock(&self) -> SpinGuard<'_, T> {
+    pub(crate) fn lock(&self) -> RankedGuard<'_, R, T> {
         let held = Held::new(self.rank);
         #[cfg(not(loom))]
         let guard = self.inner.lock();
         #[cfg(loom)]
-        let guard = self.inner.lock().unwrap();
-        SpinGuard { guard, _held: held }
+        let guard = (self.inner.lock().unwrap(), core::marker::PhantomData);
+        RankedGuard { guard, _held: held }
     }
 
     /// The value, through exclusive access (no lock taken).

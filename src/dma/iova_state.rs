@@ -305,7 +305,10 @@ impl IovaState {
         Ok(plan.iter().map(|p| p.size).sum())
     }
 
-    /// One IOTLB flush for `[offset, offset + size)` of the state (`dma_iova_sync`).
+    /// `dma_iova_sync` for `[offset, offset + size)` of the state: after it, the device sees
+    /// exactly what was linked. In a lazy domain that is one IOTLB flush of the range; in a strict
+    /// domain it only checks its arguments (see [`Domain::sync`]: the IOTLB can hold nothing
+    /// stale there).
     ///
     /// # Errors
     /// [`DmaError::ZeroSize`], [`DmaError::UseAfterDestroy`], [`DmaError::WrongDevice`],

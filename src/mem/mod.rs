@@ -10,6 +10,7 @@
 //! This module is the edge where raw memory is touched; every `unsafe` block says why it holds.
 
 mod access;
+mod anon;
 mod bvec;
 mod frames;
 mod meta;
@@ -135,6 +136,8 @@ pub struct PhysMem {
     frames: Mutex<Buddy>,
     meta: meta::FrameMeta,
     serial: u64,
+    /// Owns the arena's bytes (`base` points into it).
+    _map: anon::AnonMap,
 }
 
 // SAFETY: the arena is plain memory owned by this value for its whole life; every access to it
@@ -166,38 +169,14 @@ impl PhysMem {
             return Err(MemError::BadSize { size });
         }
         let len = usize::try_from(size).map_err(|_| MemError::BadSize { size })?;
-        // SAFETY: an anonymous private mapping with no address hint; the kernel picks a fresh
-        // range that aliases nothing else in the process. The result is checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                core::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-            return Err(MemError::Mmap { size, errno });
-        }
-        // Best effort: transparent huge pages make walks over a large arena cheaper.
-        // SAFETY: advice on the mapping just made; it cannot change its contents.
-        let _ = unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
-        let base = NonNull::new(ptr.cast::<u8>()).ok_or(MemError::Mmap { size, errno: 0 })?;
+        let map = anon::AnonMap::new(len, size)?;
+        map.advise_huge();
+        let base = map.base();
         let nframes = u32::try_from(size >> PAGE_SHIFT).map_err(|_| MemError::BadSize { size })?;
-        let meta = match meta::FrameMeta::new(nframes as usize, size) {
-            Ok(m) => m,
-            Err(e) => {
-                // SAFETY: the mapping made above, not yet shared with anything.
-                unsafe { libc::munmap(ptr, len) };
-                return Err(e);
-            }
-        };
+        let meta = meta::FrameMeta::new(nframes as usize, size)?;
         let serial = ARENA_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let frames = Mutex::new(Buddy::new(nframes), Rank::Frames);
-        Ok(PhysMem { base, size, frames, meta, serial })
+        Ok(PhysMem { base, size, frames, meta, serial, _map: map })
     }
 
     /// The arena size in bytes.
@@ -443,16 +422,6 @@ impl PhysMem {
             return None;
         }
         self.meta.get(a >> PAGE_SHIFT)
-    }
-}
-
-impl Drop for PhysMem {
-    fn drop(&mut self) {
-        // SAFETY: `base`/`size` are exactly the mapping made in `new`; no reference into it can
-        // outlive `self` (every borrow handed out is tied to `&self`).
-        unsafe {
-            libc::munmap(self.base.as_ptr().cast(), self.size as usize);
-        }
     }
 }
 

@@ -481,7 +481,10 @@ impl<F: Format> PageTable<F> {
                 }
             }
         }
-        // Leaves written into existing tables become visible with this fence at the latest.
+        // Orders the relaxed leaf stores before every later store of this thread (the lock's
+        // release, the caller's hand-off of the address): whoever synchronizes with one of those
+        // sees the leaves. A lock-free walker may see them earlier, which is harmless (a leaf
+        // points at nothing the walker could misread).
         core::sync::atomic::fence(Ordering::Release);
     }
 }

@@ -369,7 +369,9 @@ impl<F: Format> PageTable<F> {
 
     /// The present-entry count of the table page at `pa` (its frame word, see `mem`): set when
     /// the table is created, changed with every entry written or cleared, all under the mutation
-    /// lock, so "did this table empty?" is one load.
+    /// lock, so "did this table empty?" is one load. It holds because only the engine writes its
+    /// table pages; a frame written behind its back (through `PhysMem`'s raw access, or by an
+    /// untranslated device's DMA) puts the count out of step, which a debug build reports.
     #[inline]
     fn count(&self, pa: PhysAddr) -> &AtomicU16 {
         self.mem.frame_word(pa).expect("table page inside the arena")

@@ -5,12 +5,14 @@
 //! the call (about 9 ns each here). Linux guards page-table updates the same way, with spinlocks
 //! (`mm->page_table_lock`, the split PTE locks), not sleeping mutexes. Here acquiring is one
 //! compare-and-swap, releasing one release store (a plain `mov` on x86). A waiter spins briefly,
-//! then yields its CPU between checks, so a long hold (a 1 GiB scattered map, a fraction of a
-//! millisecond) costs the waiters scheduler time, not a spinning core.
+//! then yields its CPU between checks: during a long hold (a 1 GiB scattered map, a fraction of a
+//! millisecond) other runnable threads get the waiter's CPU, but with none to run the waiter
+//! keeps checking, as any spinlock does.
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
 /// The raw lock behind [`super::SpinMutex`].
+#[derive(Debug)]
 pub(crate) struct RawSpin(AtomicBool);
 
 /// Busy-wait checks before a waiter starts yielding.

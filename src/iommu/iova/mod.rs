@@ -13,7 +13,8 @@
 //!   magazine of [`MAG_SIZE`] IOVAs; full magazines go to a per-order depot. As in Linux since
 //!   6.9 the depot is sized by the workload, not by a constant: it takes every full magazine (up
 //!   to [`DEPOT_MAX`], a bound on its memory), and shrinks back by one magazine per
-//!   [`DEPOT_TRIM`] while it holds more than one per CPU slot (Linux: one per 100 ms, above the
+//!   [`DEPOT_TRIM`] while it holds more than one per CPU slot, checked when a magazine is pushed
+//!   (Linux runs a timer for it: one per 100 ms, above the
 //!   number of online CPUs), so a burst of frees is served back from the cache instead of
 //!   going through the tree twice. A miss falls back to the tree; on exhaustion all caches are
 //!   flushed and the allocation retried once.
