@@ -348,7 +348,7 @@ impl Device {
             phys_span(phys, size)?;
         }
         let domain = match self.current_domain()? {
-            None => return self.map_each(bvecs, dir, attrs, MapKind::Sg),
+            None => return self.map_sg_direct(bvecs, dir),
             Some(_)
                 if bvecs.iter().any(|b| {
                     self.needs_bounce(PhysAddr::new(b.phys.as_u64() + u64::from(b.offset)), u64::from(b.len))
@@ -391,6 +391,31 @@ impl Device {
             at += u64::from(e.len);
         }
         out.iova = Some((iova, total));
+        Ok(out)
+    }
+
+    /// `map_sg` of a direct device: every segment's physical address, if the device reaches it,
+    /// physically adjacent ones merged; ONE dma-debug record for the whole list (under its first
+    /// DMA address, with its total size), as dma-debug keeps one entry per `dma_map_sg` call's
+    /// list. One pass, no lock per segment.
+    fn map_sg_direct(&self, bvecs: &[BioVec], dir: Direction) -> Result<DmaVec, DmaError> {
+        let Path::Direct { bits } = self.path else { unreachable!("direct path") };
+        let limit = if bits < 64 { 1u64 << bits } else { u64::MAX };
+        let mut out = DmaVec { kind: Some(MapKind::Sg), ..DmaVec::default() };
+        out.segs.reserve(bvecs.len());
+        let mut total = 0u64;
+        for b in bvecs {
+            let size = u64::from(b.len);
+            // Checked by the caller: non-empty, not wrapping.
+            let phys = b.start().ok_or(DmaError::Overflow { phys: b.phys, size })?;
+            if phys.as_u64() + size > limit {
+                return Err(DmaError::AddressLimit { phys, size, bits });
+            }
+            out.push(DmaAddr::new(phys.as_u64()), size)?;
+            total += size;
+        }
+        let rec = self.record(dir, MapKind::Sg, 0, total);
+        self.state.direct.lock().entry(out.segs[0].addr.as_u64()).or_default().push(rec);
         Ok(out)
     }
 
@@ -443,6 +468,12 @@ impl Device {
                 let unmapped = domain.unmap(iova, total);
                 let _ = domain.free_retired(retired);
                 return unmapped.map(|_| ()).map_err(DmaError::Iommu);
+            }
+            if domain.is_none() && v.pieces.is_empty() {
+                // A direct device's list: its one record.
+                let dma = v.segs.first().map_or(DmaAddr::ZERO, |s| s.addr);
+                let want = self.record(dir, MapKind::Sg, 0, v.total_len());
+                return self.state.direct_record(dma, want, true).map(|_| ());
             }
             // Pieces: check them all first, so that a refused unmap changes nothing.
             for &(d, size) in &v.pieces {

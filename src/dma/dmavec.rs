@@ -6,14 +6,10 @@
 use super::{DmaError, MapKind};
 use crate::addr::DmaAddr;
 
-/// One contiguous DMA segment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DmaSeg {
-    /// DMA address of the first byte.
-    pub addr: DmaAddr,
-    /// Length in bytes (never 0; `addr + len` never wraps).
-    pub len: u64,
-}
+/// One contiguous DMA segment (`len` never 0; `addr + len` never wraps in a [`DmaVec`]). The
+/// page-table engine's segment type, so a `DmaVec`'s list is a map source as it is
+/// ([`crate::pt::MapSource::Segments`]).
+pub type DmaSeg = crate::pt::Segment<DmaAddr>;
 
 /// "Scatterlist v2": the in-memory list of `(dma_addr, len)` segments a driver hands to its
 /// device, built by [`super::Device::map_sg`] or from the two-step API. Adjacent segments merge.

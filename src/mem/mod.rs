@@ -382,6 +382,44 @@ impl PhysMem {
         Ok(pa)
     }
 
+    /// Allocates `n` frames out of a reservation, all or none, under one lock.
+    ///
+    /// # Errors
+    /// [`MemError::ForeignReservation`] for another arena's token, [`MemError::OutOfMemory`]
+    /// when the token holds fewer than `n` frames; nothing changes then.
+    pub fn alloc_reserved_frames(&self, r: &mut Reservation, n: usize) -> Result<Vec<PhysAddr>, MemError> {
+        self.own(r)?;
+        let mut b = self.frames.lock();
+        if r.frames < n as u64 {
+            return Err(Self::oom(&b, n as u64));
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            // Reserved frames are always free, so a draw within the reservation cannot fail.
+            let f = b.alloc(0, true).map_err(|_| Self::oom(&b, 1))?;
+            out.push(to_pa(f));
+            r.frames -= 1;
+        }
+        Ok(out)
+    }
+
+    /// Moves `n` reserved frames from one token to another of the same arena (no frame moves:
+    /// only who may draw on them).
+    ///
+    /// # Errors
+    /// [`MemError::ForeignReservation`] when either token is another arena's,
+    /// [`MemError::OutOfMemory`] when `from` holds fewer than `n`; nothing changes then.
+    pub fn transfer_reserved(&self, from: &mut Reservation, to: &mut Reservation, n: u64) -> Result<(), MemError> {
+        self.own(from)?;
+        self.own(to)?;
+        if from.frames < n {
+            return Err(Self::oom(&self.frames.lock(), n));
+        }
+        from.frames -= n;
+        to.frames += n;
+        Ok(())
+    }
+
     fn own(&self, r: &Reservation) -> Result<(), MemError> {
         if r.arena != self.serial {
             return Err(MemError::ForeignReservation);

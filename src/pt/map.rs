@@ -13,9 +13,9 @@ use crate::addr::{Address, PAGE_SIZE, PhysAddr, SpanError};
 use crate::mem::Reservation;
 
 #[derive(Default)]
-struct Plan {
-    tables: u64,
-    reserve: u64,
+pub(super) struct Plan {
+    pub(super) tables: u64,
+    pub(super) reserve: u64,
 }
 
 impl<F: Format> PageTable<F> {
@@ -39,7 +39,7 @@ impl<F: Format> PageTable<F> {
 
     /// Validates a source (page lists and page arrays are checked during the walk instead) and
     /// returns its length.
-    fn check_source(src: &MapSource<'_, F::Out>) -> Result<u64, MapError<F::Va, F::Out>> {
+    pub(super) fn check_source(src: &MapSource<'_, F::Out>) -> Result<u64, MapError<F::Va, F::Out>> {
         const LOW: u64 = PAGE_SIZE - 1;
         if matches!(src, MapSource::BioVecs(_) | MapSource::PageVecs(_))
             && core::any::TypeId::of::<F::Out>() != core::any::TypeId::of::<PhysAddr>()
@@ -89,6 +89,29 @@ impl<F: Format> PageTable<F> {
                     return Err(MapError::ZeroLength);
                 }
                 Ok(b.len() as u64 * PAGE_SIZE)
+            }
+            MapSource::Segments { segs, skip, len } => {
+                if len == 0 || segs.is_empty() {
+                    return Err(MapError::ZeroLength);
+                }
+                if (skip | len) & LOW != 0 {
+                    return Err(MapError::UnalignedSource { index: 0, pa: F::Out::new(skip), len });
+                }
+                let mut total = 0u64;
+                for (index, g) in segs.iter().enumerate() {
+                    let (pa, l) = (g.addr, g.len);
+                    if l == 0 || (pa.as_u64() | l) & LOW != 0 {
+                        return Err(MapError::UnalignedSource { index, pa, len: l });
+                    }
+                    if pa.as_u64().checked_add(l).is_none_or(|e| e > Self::PA_LIMIT) {
+                        return Err(MapError::PhysTooHigh { index, pa, len: l });
+                    }
+                    total = total.saturating_add(l);
+                }
+                if skip.checked_add(len).is_none_or(|e| e > total) {
+                    return Err(MapError::SourceShort { wanted: skip.saturating_add(len), available: total });
+                }
+                Ok(len)
             }
             MapSource::BioVecs(b) => {
                 if b.is_empty() {
@@ -143,6 +166,19 @@ impl<F: Format> PageTable<F> {
         prot: Prot,
         opts: MapOptions,
     ) -> Result<MapStats, MapError<F::Va, F::Out>> {
+        self.map_inner(va, src, prot, opts, None)
+    }
+
+    /// [`Self::map`], drawing table pages and split reserve from `prep` instead of the arena
+    /// when `prep` is given.
+    pub(super) fn map_inner(
+        &self,
+        va: F::Va,
+        src: MapSource<'_, F::Out>,
+        prot: Prot,
+        opts: MapOptions,
+        prep: Option<&mut Reservation>,
+    ) -> Result<MapStats, MapError<F::Va, F::Out>> {
         let len = Self::check_source(&src)?;
         let v = va.as_u64();
         if v & (PAGE_SIZE - 1) != 0 {
@@ -173,11 +209,12 @@ impl<F: Format> PageTable<F> {
         for (level, b) in bits.iter_mut().enumerate() {
             *b = bits_at(level as u8);
         }
-        self.map_walk(&mut reserve, v, len, src, &bits, opts)
+        self.map_walk(&mut reserve, v, len, src, &bits, opts, prep)
     }
 
     /// The general map: plan, preallocate, build, publish (the module docs of [`super`]).
     #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
     fn map_walk(
         &self,
         reserve: &mut Reservation,
@@ -186,6 +223,7 @@ impl<F: Format> PageTable<F> {
         src: MapSource<'_, F::Out>,
         bits: &[u64; 4],
         opts: MapOptions,
+        mut prep: Option<&mut Reservation>,
     ) -> Result<MapStats, MapError<F::Va, F::Out>> {
         let cursor = || Cursor::new(src, Self::PA_LIMIT, Self::frag(v));
         let max_level = opts.max_leaf.level();
@@ -194,16 +232,29 @@ impl<F: Format> PageTable<F> {
         self.plan(Self::ROOT_LEVEL, Some(root), v, v + len, &mut cursor(), max_level, &mut plan)
             .map_err(|at| MapError::AlreadyMapped { va: F::Va::new(at) })?;
 
+        if let Some(p) = prep.as_deref_mut()
+            && p.frames() < plan.reserve + plan.tables
+        {
+            return Err(MapError::NotPrepared);
+        }
         if plan.reserve > 0 {
-            self.mem.reserve_more(reserve, plan.reserve).map_err(MapError::OutOfMemory)?;
+            match prep.as_deref_mut() {
+                // Checked above: the prepared token holds enough.
+                Some(p) => self.mem.transfer_reserved(p, reserve, plan.reserve).map_err(|_| MapError::NotPrepared)?,
+                None => self.mem.reserve_more(reserve, plan.reserve).map_err(MapError::OutOfMemory)?,
+            }
         }
         let mut pool = if plan.tables == 0 {
             Vec::new()
         } else {
-            match self.mem.alloc_frames(plan.tables as usize) {
+            let got = match prep.as_deref_mut() {
+                Some(p) => self.mem.alloc_reserved_frames(p, plan.tables as usize),
+                None => self.mem.alloc_frames(plan.tables as usize),
+            };
+            match got {
                 Ok(p) => p,
                 Err(e) => {
-                    let _ = self.mem.unreserve(reserve, plan.reserve);
+                    self.give_back_reserve(reserve, plan.reserve, prep);
                     return Err(MapError::OutOfMemory(e));
                 }
             }
@@ -214,9 +265,13 @@ impl<F: Format> PageTable<F> {
         let mut ctx = Commit { bits, max_level, pool: &mut pool, stats: &mut stats, deferred: &mut deferred };
         let built = self.build(Self::ROOT_LEVEL, self.root, false, v, v + len, &mut cursor(), &mut ctx);
         if let Err(index) = built {
-            // Nothing was published: every new table is still private. Give it all back.
+            // Nothing was published: every new table is still private. Give it all back (a
+            // prepared token gets its frames back as reserve, as far as the arena allows).
             let _ = self.mem.free_frames(&all_new);
-            let _ = self.mem.unreserve(reserve, plan.reserve);
+            if let Some(p) = prep.as_deref_mut() {
+                let _ = self.mem.reserve_more(p, all_new.len() as u64);
+            }
+            self.give_back_reserve(reserve, plan.reserve, prep);
             return Err(Self::source_error(src, index));
         }
         debug_assert!(pool.is_empty());
@@ -228,6 +283,21 @@ impl<F: Format> PageTable<F> {
             self.reserved.fetch_add(plan.reserve, Ordering::Relaxed);
         }
         Ok(stats)
+    }
+
+    /// Undoes the split-reserve step of a failed map: `n` frames back to `prep`, or the arena.
+    fn give_back_reserve(&self, reserve: &mut Reservation, n: u64, prep: Option<&mut Reservation>) {
+        if n == 0 {
+            return;
+        }
+        match prep {
+            Some(p) => {
+                let _ = self.mem.transfer_reserved(reserve, p, n);
+            }
+            None => {
+                let _ = self.mem.unreserve(reserve, n);
+            }
+        }
     }
 
     /// The fast path of [`Self::map`] for a range inside the existing leaf table `leaf` (the
@@ -279,7 +349,7 @@ impl<F: Format> PageTable<F> {
     }
 
     /// The fragment rule of the format for a map starting at VA `v`.
-    fn frag(v: u64) -> Frag {
+    pub(super) fn frag(v: u64) -> Frag {
         Frag { va0: v, max: F::MAX_FRAGMENT.min(9), shift: F::FRAGMENT_SHIFT }
     }
 
@@ -303,7 +373,7 @@ impl<F: Format> PageTable<F> {
     /// How many whole entries from `v` on, at `level`, can be huge leaves of the current
     /// contiguous source run (0 when the first cannot). Stays within the current table.
     #[inline]
-    fn huge_run(level: u8, max_level: u8, v: u64, end: u64, cur: &Cursor<'_, F::Out>) -> usize {
+    pub(super) fn huge_run(level: u8, max_level: u8, v: u64, end: u64, cur: &Cursor<'_, F::Out>) -> usize {
         if level == 0 || level > max_level || !F::leaf_allowed(level) {
             return 0;
         }

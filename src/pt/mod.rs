@@ -44,6 +44,7 @@ mod format;
 mod gather;
 pub mod gpu;
 mod map;
+mod prepare;
 mod source;
 mod unmap;
 
@@ -56,7 +57,8 @@ use crate::sync::{Rank, SpinMutex};
 pub use format::{Format, Prot, Pte, X86Iommu};
 pub use gather::Invalidation;
 pub use gpu::GpuGfx9;
-pub use source::{MapOptions, MapSource};
+pub use prepare::{PlannedMap, Prepared};
+pub use source::{MapOptions, MapSource, Segment};
 
 use crate::addr::{Address, PAGE_SIZE, PageSize, PhysAddr, Span, SpanError};
 use crate::mem::{MemError, PhysMem, Reservation};
@@ -158,9 +160,21 @@ pub enum MapError<V: Address, A: Address = PhysAddr> {
         /// The table's output address kind.
         what: &'static str,
     },
+    /// A segment list shorter than `skip + len`.
+    #[error("the segment list holds {available:#x} bytes; the map needs {wanted:#x}")]
+    SourceShort {
+        /// `skip + len`.
+        wanted: u64,
+        /// Bytes the list describes.
+        available: u64,
+    },
     /// The arena cannot supply the table pages and split reserve the map needs.
     #[error("out of memory for page tables: {0}")]
     OutOfMemory(MemError),
+    /// A [`Prepared`] map of another table, or one that holds fewer frames than this map needs
+    /// (it was not prepared for this range).
+    #[error("the prepared frames do not cover this map (prepared for another table or range)")]
+    NotPrepared,
 }
 
 /// Errors of [`PageTable::unmap`]. A failed unmap changes nothing.

@@ -39,6 +39,29 @@ pub enum MapSource<'a, A: Address = PhysAddr> {
         /// Length (a 4 KiB multiple).
         len: u64,
     },
+    /// A list of contiguous segments of the output space (a DMA list: what a `dma::DmaVec`
+    /// holds), mapped back to back from `skip` bytes into the first segment, `len` bytes in all.
+    /// Every segment must start and end on a 4 KiB boundary and lie below the format's limit,
+    /// and `skip` and `len` are 4 KiB multiples with `skip + len` within the list; all checked
+    /// before anything is written. Long aligned segments get huge leaves; 4 KiB leaves of a
+    /// segment get fragment 0 (the fragment rule serves [`MapSource::Range`]).
+    Segments {
+        /// The segments.
+        segs: &'a [Segment<A>],
+        /// Bytes of the list skipped before the first one mapped.
+        skip: u64,
+        /// Bytes mapped.
+        len: u64,
+    },
+}
+
+/// One contiguous run of a table's output space: the element of [`MapSource::Segments`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Segment<A: Address = PhysAddr> {
+    /// First byte.
+    pub addr: A,
+    /// Length in bytes.
+    pub len: u64,
 }
 
 impl<A: Address> MapSource<'_, A> {
@@ -46,7 +69,9 @@ impl<A: Address> MapSource<'_, A> {
     #[must_use]
     pub fn len(&self) -> u64 {
         match self {
-            MapSource::Range { len, .. } | MapSource::Sparse { len } => *len,
+            MapSource::Range { len, .. } | MapSource::Sparse { len } | MapSource::Segments { len, .. } => {
+                *len
+            }
             MapSource::Pages(p) => p.len() as u64 * PAGE_SIZE,
             MapSource::PageVecs(b) => b.len() as u64 * PAGE_SIZE,
             MapSource::BioVecs(b) => b.iter().map(|v| u64::from(v.len)).sum(),
@@ -126,7 +151,11 @@ impl Frag {
 
 impl<'a, A: Address> Cursor<'a, A> {
     pub(super) fn new(src: MapSource<'a, A>, pa_limit: u64, frag: Frag) -> Self {
-        Cursor { src, idx: 0, off: 0, reject: (PAGE_SIZE - 1) | !(pa_limit - 1), frag }
+        let mut c = Cursor { src, idx: 0, off: 0, reject: (PAGE_SIZE - 1) | !(pa_limit - 1), frag };
+        if let MapSource::Segments { skip, .. } = src {
+            c.advance(skip);
+        }
+        c
     }
 
     /// The current contiguous physical run: (address, bytes left in it).
@@ -142,6 +171,10 @@ impl<'a, A: Address> Cursor<'a, A> {
                 let v = &b[self.idx];
                 let start = v.phys.as_u64() + u64::from(v.offset);
                 (start + self.off, u64::from(v.len) - self.off)
+            }
+            MapSource::Segments { segs, .. } => {
+                let g = &segs[self.idx];
+                (g.addr.as_u64() + self.off, g.len - self.off)
             }
         }
     }
@@ -163,6 +196,18 @@ impl<'a, A: Address> Cursor<'a, A> {
             MapSource::BioVecs(b) => {
                 while bytes > 0 {
                     let left = u64::from(b[self.idx].len) - self.off;
+                    if bytes < left {
+                        self.off += bytes;
+                        return;
+                    }
+                    bytes -= left;
+                    self.idx += 1;
+                    self.off = 0;
+                }
+            }
+            MapSource::Segments { segs, .. } => {
+                while bytes > 0 {
+                    let left = segs[self.idx].len - self.off;
                     if bytes < left {
                         self.off += bytes;
                         return;
@@ -260,6 +305,33 @@ impl<'a, A: Address> Cursor<'a, A> {
                         let n = run.iter().take_while(|v| u64::from(v.len) == PAGE_SIZE).count();
                         for (e, v) in entries[done..done + n].iter().zip(run) {
                             e.store((v.phys.as_u64() + u64::from(v.offset)) | bits, Ordering::Relaxed);
+                        }
+                        self.idx += n;
+                        done += n;
+                        if done == entries.len() {
+                            break;
+                        }
+                    }
+                    let (pa, left) = self.run();
+                    let n = ((left / PAGE_SIZE) as usize).min(entries.len() - done);
+                    let mut at = pa | bits;
+                    for e in &entries[done..done + n] {
+                        e.store(at, Ordering::Relaxed);
+                        at += PAGE_SIZE;
+                    }
+                    done += n;
+                    self.advance(n as u64 * PAGE_SIZE);
+                }
+            }
+            MapSource::Segments { segs, .. } => {
+                let mut done = 0;
+                while done < entries.len() {
+                    // Single-page segments (a scattered DMA list) in a tight loop.
+                    if self.off == 0 {
+                        let run = &segs[self.idx..(self.idx + entries.len() - done).min(segs.len())];
+                        let n = run.iter().take_while(|g| g.len == PAGE_SIZE).count();
+                        for (e, g) in entries[done..done + n].iter().zip(run) {
+                            e.store(g.addr.as_u64() | bits, Ordering::Relaxed);
                         }
                         self.idx += n;
                         done += n;

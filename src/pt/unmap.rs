@@ -19,6 +19,16 @@ impl<F: Format> PageTable<F> {
     /// [`UnmapError::ZeroLength`], [`UnmapError::UnalignedVa`], [`UnmapError::UnalignedLength`],
     /// [`UnmapError::OutOfRange`]; the table is unchanged then. Never fails for lack of memory.
     pub fn unmap(&self, va: F::Va, len: u64) -> Result<Invalidation<F::Va>, UnmapError<F::Va>> {
+        self.unmap_inner(va, len, false)
+    }
+
+    /// [`Self::unmap`]; with `keep`, emptied tables stay in the tree.
+    pub(super) fn unmap_inner(
+        &self,
+        va: F::Va,
+        len: u64,
+        keep: bool,
+    ) -> Result<Invalidation<F::Va>, UnmapError<F::Va>> {
         let v = va.as_u64();
         if len == 0 {
             return Err(UnmapError::ZeroLength);
@@ -37,7 +47,7 @@ impl<F: Format> PageTable<F> {
         let mut reserve = self.lock.lock();
         if self.in_one_leaf_table(v, len)
             && let Some(leaf) = self.leaf_table(v)
-            && let Some((lo, span, unmapped)) = self.unmap_in_leaf(leaf, v, len)
+            && let Some((lo, span, unmapped)) = self.unmap_in_leaf(leaf, v, len, keep)
         {
             let mut inv = Invalidation::of_leaves(lo, span, unmapped);
             if F::MAX_FRAGMENT > 0 {
@@ -47,7 +57,7 @@ impl<F: Format> PageTable<F> {
             }
             return Ok(inv);
         }
-        Ok(self.unmap_walk(&mut reserve, v, len))
+        Ok(self.unmap_walk(&mut reserve, v, len, keep))
     }
 
     /// After `[i0, i1)` of the leaf table `t` (whose entry 0 maps `base`) was cleared: the
@@ -98,7 +108,7 @@ impl<F: Format> PageTable<F> {
 
     /// The general unmap: one walk over the range, splitting and freeing as it goes.
     #[inline(never)]
-    fn unmap_walk(&self, reserve: &mut Reservation, v: u64, len: u64) -> Invalidation<F::Va> {
+    fn unmap_walk(&self, reserve: &mut Reservation, v: u64, len: u64, keep: bool) -> Invalidation<F::Va> {
         let mut inv = Invalidation::new();
         let mut unreserve = 0;
         let mut created = 0;
@@ -112,6 +122,7 @@ impl<F: Format> PageTable<F> {
             reserve,
             &mut unreserve,
             &mut created,
+            keep,
         );
         if unreserve > 0 {
             let _ = self.mem.unreserve(reserve, unreserve);
@@ -128,15 +139,15 @@ impl<F: Format> PageTable<F> {
     /// table non-empty: clear the present entries, count them off, done (no split, no table
     /// freed, nothing reserved or unreserved). Returns the span of the removed leaves and the
     /// bytes unmapped (`(0, 0, 0)` for a hole). `None`, with nothing changed, when the table
-    /// would empty: the general path frees it and its emptied ancestors.
+    /// would empty (unless `keep`): the general path frees it and its emptied ancestors.
     #[inline]
-    fn unmap_in_leaf(&self, leaf: PhysAddr, v: u64, len: u64) -> Option<(u64, u64, u64)> {
+    fn unmap_in_leaf(&self, leaf: PhysAddr, v: u64, len: u64, keep: bool) -> Option<(u64, u64, u64)> {
         let i0 = index(v, 0);
         let entries = &self.table(leaf)[i0..i0 + (len / PAGE_SIZE) as usize];
         let present_at = |e: &AtomicU64| F::is_present(e.load(Ordering::Relaxed));
         let present = entries.iter().filter(|e| present_at(e)).count();
         let count = self.count(leaf).load(Ordering::Relaxed);
-        if present >= usize::from(count) {
+        if present >= usize::from(count) && !keep {
             return None;
         }
         if present == 0 {
@@ -156,6 +167,7 @@ impl<F: Format> PageTable<F> {
     }
 
     /// `doomed`: the whole table is being freed by the caller, so entries need no clearing.
+    /// `keep`: emptied tables stay (never doomed then).
     #[allow(clippy::too_many_arguments)]
     fn unmap_level(
         &self,
@@ -168,6 +180,7 @@ impl<F: Format> PageTable<F> {
         reserve: &mut Reservation,
         unreserve: &mut u64,
         created: &mut u64,
+        keep: bool,
     ) {
         let t = self.table(table_pa);
         let s = span(level);
@@ -246,12 +259,12 @@ impl<F: Format> PageTable<F> {
                     }
                     self.count(child_pa).store(ENTRIES as u16, Ordering::Relaxed);
                     e.store(F::table_entry(child_pa), Ordering::Release);
-                    self.unmap_level(level - 1, child_pa, false, v, e_end, inv, reserve, unreserve, created);
+                    self.unmap_level(level - 1, child_pa, false, v, e_end, inv, reserve, unreserve, created, keep);
                 }
                 Pte::Table(pa) => {
-                    let gone = doomed || full;
-                    self.unmap_level(level - 1, pa, gone, v, e_end, inv, reserve, unreserve, created);
-                    if gone || self.count(pa).load(Ordering::Relaxed) == 0 {
+                    let gone = !keep && (doomed || full);
+                    self.unmap_level(level - 1, pa, gone, v, e_end, inv, reserve, unreserve, created, keep);
+                    if !keep && (gone || self.count(pa).load(Ordering::Relaxed) == 0) {
                         if !doomed {
                             e.store(0, Ordering::Release);
                             self.count_add(table_pa, u16::MAX);

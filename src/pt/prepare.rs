@@ -1,0 +1,234 @@
+//! Prepare, then commit: size and take, up front, every table page and split reserve that a
+//! whole list of maps may need ([`PageTable::prepare`]), then write them with
+//! [`PageTable::map_prepared`], which draws only on what was prepared and never on the arena.
+//! This is what a VM_BIND driver does (REFERENCES.md §6): a failure can only happen in prepare,
+//! where nothing has changed yet.
+//!
+//! # Why the count is enough
+//!
+//! Prepare plans every range against the table as it is now, as if every present entry in the
+//! range were already gone (the ops of a bind unmap before they map): an entry that is a table
+//! now is descended, anything else is planned as empty — a huge leaf where the range and source
+//! allow one (its split reserve), otherwise a new table and its subtree. The commit runs after
+//! earlier ops of the same bind have changed the table, but those changes can only make it need
+//! less for each range:
+//! - tables are not freed during a bind (the unmaps of a bind use
+//!   [`PageTable::unmap_keeping_tables`]; [`PageTable::reclaim`] frees the empty ones after the
+//!   last op), so a table that exists at prepare exists at commit;
+//! - where prepare planned a huge leaf and the commit finds a table (an earlier op built one),
+//!   filling below it takes at most `512 × split_cost(level - 1) < split_cost(level)` frames;
+//! - where prepare planned a new table and the commit finds one, it needs one frame fewer.
+//!
+//! Table pages and split reserve come out of one token, so whichever way the commit goes, the
+//! sum of the per-range plans covers it. What a bind does not use goes back with
+//! [`PageTable::finish`].
+#![forbid(unsafe_code)]
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use super::map::Plan;
+use super::source::{Cursor, Frag};
+use super::{ENTRIES, Format, Invalidation, MapError, MapOptions, MapSource, MapStats, PageTable, Prot, Pte};
+use super::{index, span, split_cost};
+use crate::addr::{Address, PAGE_SIZE, PhysAddr, SpanError};
+use crate::mem::Reservation;
+
+/// Frames set aside by [`PageTable::prepare`] for the maps of one bind: drawn on by
+/// [`PageTable::map_prepared`], the rest given back by [`PageTable::finish`]. A token dropped
+/// without `finish` keeps its frames reserved until the arena goes (see
+/// [`crate::mem::Reservation`]).
+#[derive(Debug)]
+#[must_use = "prepared frames stay reserved until PageTable::finish gives them back"]
+pub struct Prepared {
+    res: Reservation,
+    /// The root of the table it was prepared for.
+    root: PhysAddr,
+}
+
+impl Prepared {
+    /// Frames still held (table pages and split reserve not yet drawn on).
+    #[must_use]
+    pub fn frames(&self) -> u64 {
+        self.res.frames()
+    }
+}
+
+/// One map of a bind, as [`PageTable::prepare`] sizes it.
+#[derive(Debug, Clone, Copy)]
+pub struct PlannedMap<'a, V, A: Address> {
+    /// Where it goes.
+    pub va: V,
+    /// What it maps.
+    pub src: MapSource<'a, A>,
+    /// Its options (the largest leaf it may use).
+    pub opts: MapOptions,
+}
+
+impl<F: Format> PageTable<F> {
+    /// Validates every map of `maps` (alignment, range, source) and reserves, in one token, the
+    /// table pages and split reserve that committing them in order may take, whatever the
+    /// unmaps of the same bind remove first (module docs). Present entries in the ranges are not
+    /// an error here: the bind's unmaps remove them before the maps commit.
+    ///
+    /// # Errors
+    /// The input errors of [`PageTable::map`] for the first bad map;
+    /// [`MapError::OutOfMemory`] when the arena cannot promise the frames. Nothing changes then.
+    pub fn prepare(&self, maps: &[PlannedMap<'_, F::Va, F::Out>]) -> Result<Prepared, MapError<F::Va, F::Out>> {
+        let mut total = Plan::default();
+        for m in maps {
+            let len = Self::check_source(&m.src)?;
+            let v = m.va.as_u64();
+            if v & (PAGE_SIZE - 1) != 0 {
+                return Err(MapError::UnalignedVa { va: m.va });
+            }
+            match Self::span(m.va, len) {
+                Ok(_) => {}
+                Err(SpanError::Overflow { .. }) => return Err(MapError::Overflow { va: m.va, len }),
+                Err(_) => return Err(MapError::OutOfRange { va: m.va, len }),
+            }
+        }
+        {
+            let _guard = self.lock.lock();
+            let root = self.table(self.root);
+            for m in maps {
+                let v = m.va.as_u64();
+                let len = m.src.len();
+                let mut cur = Cursor::new(m.src, Self::PA_LIMIT, Frag::default());
+                self.plan_ahead(Self::ROOT_LEVEL, Some(root), v, v + len, &mut cur, m.opts.max_leaf.level(), &mut total);
+            }
+        }
+        let res = self.mem.reserve(total.tables + total.reserve).map_err(MapError::OutOfMemory)?;
+        Ok(Prepared { res, root: self.root })
+    }
+
+    /// Maps `src` at `va` exactly as [`PageTable::map`] does, taking table pages and split
+    /// reserve only from `prep`: it never allocates from the arena.
+    ///
+    /// # Errors
+    /// As [`PageTable::map`] for bad input and overlaps; [`MapError::NotPrepared`] when `prep`
+    /// belongs to another table or holds fewer frames than this map needs (the range was not
+    /// prepared). The table is unchanged then.
+    pub fn map_prepared(
+        &self,
+        prep: &mut Prepared,
+        va: F::Va,
+        src: MapSource<'_, F::Out>,
+        prot: Prot,
+        opts: MapOptions,
+    ) -> Result<MapStats, MapError<F::Va, F::Out>> {
+        if prep.root != self.root {
+            return Err(MapError::NotPrepared);
+        }
+        self.map_inner(va, src, prot, opts, Some(&mut prep.res))
+    }
+
+    /// Gives the frames `prep` still holds back to the arena; returns how many.
+    pub fn finish(&self, mut prep: Prepared) -> u64 {
+        self.mem.unreserve(&mut prep.res, u64::MAX).unwrap_or(0)
+    }
+
+    /// The planning walk of [`Self::prepare`]: what filling `[va, end)` from `cur` may take,
+    /// treating every present entry but a table as empty (module docs).
+    #[allow(clippy::too_many_arguments)]
+    fn plan_ahead(
+        &self,
+        level: u8,
+        table: Option<&[AtomicU64; ENTRIES]>,
+        va: u64,
+        end: u64,
+        cur: &mut Cursor<'_, F::Out>,
+        max_level: u8,
+        plan: &mut Plan,
+    ) {
+        if level == 0 {
+            cur.advance(end - va);
+            return;
+        }
+        let s = span(level);
+        let mut v = va;
+        while v < end {
+            let i = index(v, level);
+            let mut n = Self::huge_run(level, max_level, v, end, cur);
+            if let (Some(t), true) = (table, n > 0) {
+                n = t[i..i + n]
+                    .iter()
+                    .take_while(|e| !matches!(F::decode(e.load(Ordering::Acquire), level), Pte::Table(_)))
+                    .count();
+            }
+            if n > 0 {
+                plan.reserve += n as u64 * split_cost(level);
+                cur.advance(n as u64 * s);
+                v += n as u64 * s;
+                continue;
+            }
+            let e_end = ((v & !(s - 1)) + s).min(end);
+            match table.map(|t| F::decode(t[i].load(Ordering::Acquire), level)) {
+                Some(Pte::Table(pa)) => {
+                    let child = self.table(pa);
+                    self.plan_ahead(level - 1, Some(child), v, e_end, cur, max_level, plan);
+                }
+                _ => {
+                    plan.tables += 1;
+                    self.plan_ahead(level - 1, None, v, e_end, cur, max_level, plan);
+                }
+            }
+            v = e_end;
+        }
+    }
+
+    /// Unmaps exactly `[va, va + len)` as [`PageTable::unmap`] does, but leaves the table pages
+    /// that empty in place (a bind that maps into the range next reuses them; prepared frames
+    /// rely on it). [`PageTable::reclaim`] frees the empty ones afterwards.
+    ///
+    /// # Errors
+    /// As [`PageTable::unmap`]. Never fails for lack of memory.
+    pub fn unmap_keeping_tables(
+        &self,
+        va: F::Va,
+        len: u64,
+    ) -> Result<Invalidation<F::Va>, super::UnmapError<F::Va>> {
+        self.unmap_inner(va, len, true)
+    }
+
+    /// Frees every table page under `[va, va + len)` (rounded out to whole tables of the walk)
+    /// that holds no present entry, bottom up, as an unmap would have: the pages go to the
+    /// returned [`Invalidation`], to be completed after the TLB flush. The root stays. A range
+    /// outside the table, or misaligned, frees nothing.
+    pub fn reclaim(&self, va: F::Va, len: u64) -> Invalidation<F::Va> {
+        let mut inv = Invalidation::new();
+        let v = va.as_u64() & !(PAGE_SIZE - 1);
+        if len == 0 || Self::span(F::Va::new(v), len).is_err() {
+            return inv;
+        }
+        let _guard = self.lock.lock();
+        self.reclaim_level(Self::ROOT_LEVEL, self.root, v, v + len, &mut inv);
+        let freed = inv.freed.len() as u64;
+        if freed > 0 {
+            self.tables.fetch_sub(freed, Ordering::Relaxed);
+        }
+        inv
+    }
+
+    fn reclaim_level(&self, level: u8, table_pa: PhysAddr, va: u64, end: u64, inv: &mut Invalidation<F::Va>) {
+        if level == 0 {
+            return;
+        }
+        let t = self.table(table_pa);
+        let s = span(level);
+        let mut v = va;
+        while v < end {
+            let i = index(v, level);
+            let e_start = v & !(s - 1);
+            let e_end = (e_start + s).min(end);
+            if let Pte::Table(pa) = F::decode(t[i].load(Ordering::Acquire), level) {
+                self.reclaim_level(level - 1, pa, v, e_end, inv);
+                if self.count(pa).load(Ordering::Relaxed) == 0 {
+                    t[i].store(0, Ordering::Release);
+                    self.count_add(table_pa, u16::MAX);
+                    inv.free_table(pa, e_start, s, &self.parking);
+                }
+            }
+            v = e_end;
+        }
+    }
+}
