@@ -36,6 +36,8 @@ pub(crate) mod atomic {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
 pub(crate) enum Rank {
+    /// `gpuvm::Vm`: the VM's state (its VA space and objects), held across a whole bind.
+    Vm = 0,
     /// `Iommu`: the background flusher's handle.
     Flusher = 1,
     /// `Iommu`: the domain registry (`RwLock`).

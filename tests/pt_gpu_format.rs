@@ -9,7 +9,10 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use vmbind::addr::{DmaAddr, GpuVa, PAGE_SIZE, PageSize, PhysAddr};
 use vmbind::mem::PhysMem;
-use vmbind::pt::gpu::{GPU_HUGE, GPU_PRT, GPU_VALID};
+use vmbind::pt::gpu::{GPU_PRT, GPU_VALID};
+#[path = "common/gpu.rs"]
+mod gpu;
+use gpu::{frag, fragments_are_sound, raw_entry};
 use vmbind::pt::{GpuGfx9, MapError, MapOptions, MapSource, PageTable, Prot, X86Iommu};
 
 const MIB2: u64 = 2 << 20;
@@ -98,56 +101,6 @@ fn gpu_entries_carry_the_format_bits() {
     assert_eq!(raw & 0xffff_ffff_f000, frames[1].as_u64());
 }
 
-/// The raw entry that maps `va` and its level (0 for a 4 KiB leaf), read through the arena as the
-/// GPU would; `None` where a walk finds nothing.
-fn raw_entry(mem: &PhysMem, pt: &PageTable<GpuGfx9>, va: u64) -> Option<(u64, u32)> {
-    let mut table = pt.root().as_u64();
-    for level in (0..4u32).rev() {
-        let idx = (va >> (12 + 9 * level)) & 511;
-        let raw = mem.read_u64(PhysAddr::new(table + 8 * idx)).unwrap();
-        if raw & (GPU_VALID | GPU_PRT) == 0 {
-            return None;
-        }
-        if level == 0 || raw & GPU_HUGE != 0 || raw & GPU_VALID == 0 {
-            return Some((raw, level));
-        }
-        table = raw & 0xffff_ffff_f000;
-    }
-    None
-}
-
-fn frag(raw: u64) -> u64 {
-    GpuGfx9::fragment_of(raw) as u64
-}
-
-/// Every 4 KiB leaf's fragment claim holds: its aligned block is wholly mapped by valid 4 KiB
-/// leaves of one contiguous, equally aligned run.
-fn fragments_are_sound(mem: &PhysMem, pt: &PageTable<GpuGfx9>, lo: u64, hi: u64) -> Result<(), String> {
-    for va in (lo..hi).step_by(PAGE_SIZE as usize) {
-        let Some((raw, 0)) = raw_entry(mem, pt, va) else { continue };
-        let f = frag(raw);
-        if f == 0 {
-            continue;
-        }
-        if raw & GPU_VALID == 0 {
-            return Err(format!("{va:#x}: a sparse entry claims fragment {f}"));
-        }
-        let size = PAGE_SIZE << f;
-        let bs = va & !(size - 1);
-        let delta = (raw & 0xffff_ffff_f000).wrapping_sub(va);
-        if delta % size != 0 {
-            return Err(format!("{va:#x}: fragment {f} on a run aligned differently"));
-        }
-        for b in (bs..bs + size).step_by(PAGE_SIZE as usize) {
-            match raw_entry(mem, pt, b) {
-                Some((r, 0)) if r & GPU_VALID != 0 && (r & 0xffff_ffff_f000).wrapping_sub(b) == delta => {}
-                other => return Err(format!("{va:#x}: fragment {f} but {b:#x} holds {other:x?}")),
-            }
-        }
-    }
-    Ok(())
-}
-
 #[test]
 fn fragments_of_a_contiguous_map_are_its_buddy_decomposition_and_cuts_rewrite_them() {
     let (mem, pt) = table();
@@ -156,7 +109,7 @@ fn fragments_of_a_contiguous_map_are_its_buddy_decomposition_and_cuts_rewrite_th
         pt.map(GpuVa::new(va), src, Prot::RW, MapOptions::default()).unwrap();
     };
     let frags = |va: u64, pages: u64| -> Vec<u64> {
-        (0..pages).map(|i| frag(raw_entry(&mem, &pt, va + i * PAGE_SIZE).unwrap().0)).collect()
+        (0..pages).map(|i| frag(raw_entry(&mem, pt.root(), va + i * PAGE_SIZE).unwrap().0)).collect()
     };
     // 64 KiB aligned in both spaces: one 16-page fragment.
     map(0x10_0000, 0x40_0000, 16);
@@ -171,7 +124,7 @@ fn fragments_of_a_contiguous_map_are_its_buddy_decomposition_and_cuts_rewrite_th
     let pages: Vec<DmaAddr> = (0..4).map(|i| DmaAddr::new(0x100_0000 + i * 0x2000)).collect();
     pt.map(GpuVa::new(0x50_0000), MapSource::Pages(&pages), Prot::RW, MapOptions::default()).unwrap();
     assert_eq!(frags(0x50_0000, 4), vec![0; 4]);
-    fragments_are_sound(&mem, &pt, 0, 0x60_0000).unwrap();
+    fragments_are_sound(&mem, pt.root(), 0, 0x60_0000).unwrap();
     // Cutting page 5 of the 16-page fragment: the survivors are re-decomposed, and the whole old
     // block is flushed.
     let inv = pt.unmap(GpuVa::new(0x10_5000), PAGE_SIZE).unwrap();
@@ -181,7 +134,7 @@ fn fragments_of_a_contiguous_map_are_its_buddy_decomposition_and_cuts_rewrite_th
     let mut left = frags(0x10_0000, 5);
     left.extend(frags(0x10_6000, 10));
     assert_eq!(left, vec![2, 2, 2, 2, 0, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3]);
-    fragments_are_sound(&mem, &pt, 0, 0x60_0000).unwrap();
+    fragments_are_sound(&mem, pt.root(), 0, 0x60_0000).unwrap();
 }
 
 #[test]
@@ -306,7 +259,7 @@ proptest! {
             }
             prop_assert_eq!(&seen, &oracle);
             for (pt, m) in pts.iter().zip(&mems) {
-                let sound = fragments_are_sound(m, pt, base, base + 2048 * PAGE_SIZE);
+                let sound = fragments_are_sound(m, pt.root(), base, base + 2048 * PAGE_SIZE);
                 prop_assert!(sound.is_ok(), "{:?}", sound);
             }
         }

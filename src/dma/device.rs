@@ -9,7 +9,7 @@ use super::record::{DevState, Record};
 use super::{Attrs, Direction, DmaError, DmaVec, GRANULE, MapKind, align_up, granule_source, phys_span};
 use crate::addr::{DmaAddr, PhysAddr};
 use crate::iommu::iova::IovaError;
-use crate::iommu::{DeviceId, Domain, DomainError, DomainKind, Iommu};
+use crate::iommu::{Access, DeviceId, DmaFault, Domain, DomainError, DomainKind, FaultReason, Iommu};
 use crate::mem::{BioVec, PhysMem};
 use crate::pt::MapSource;
 
@@ -127,6 +127,76 @@ impl Device {
     #[must_use]
     pub fn mem(&self) -> &Arc<PhysMem> {
         &self.mem
+    }
+
+    /// Whether the device reaches memory through an IOMMU (a translated handle).
+    #[must_use]
+    pub fn is_translated(&self) -> bool {
+        matches!(self.path, Path::Translated { .. })
+    }
+
+    /// The device reads `buf.len()` bytes at DMA address `dma`: through the IOMMU it is
+    /// attached to (every page translated and checked before a byte moves, faults logged there),
+    /// or, for a direct device, straight from the arena below its address limit.
+    ///
+    /// # Errors
+    /// The first [`DmaFault`]: what the IOMMU refused, or for a direct device
+    /// [`FaultReason::OutsideAperture`] beyond its address width and [`FaultReason::BusError`]
+    /// outside the arena. `buf` is untouched then.
+    pub fn dma_read(&self, dma: DmaAddr, buf: &mut [u8]) -> Result<(), DmaFault> {
+        match &self.path {
+            Path::Translated { iommu } => iommu.dma_read(self.id, dma, buf),
+            Path::Direct { bits } => {
+                self.direct_reach(*bits, dma, buf.len() as u64, Access::Read)?;
+                // Checked to lie inside the arena.
+                let _ = self.mem.read(PhysAddr::new(dma.as_u64()), buf);
+                Ok(())
+            }
+        }
+    }
+
+    /// The device writes `data` at DMA address `dma` (as [`Device::dma_read`]).
+    ///
+    /// # Errors
+    /// As [`Device::dma_read`]; memory is untouched then.
+    pub fn dma_write(&self, dma: DmaAddr, data: &[u8]) -> Result<(), DmaFault> {
+        match &self.path {
+            Path::Translated { iommu } => iommu.dma_write(self.id, dma, data),
+            Path::Direct { bits } => {
+                self.direct_reach(*bits, dma, data.len() as u64, Access::Write)?;
+                let _ = self.mem.write(PhysAddr::new(dma.as_u64()), data);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the device may make `access` over `[dma, dma + len)`, checked as
+    /// [`Device::dma_read`] / [`Device::dma_write`] check it, without moving a byte: what a
+    /// multi-stage walker uses to translate a whole access before any of it happens.
+    ///
+    /// # Errors
+    /// As [`Device::dma_read`].
+    pub fn dma_check(&self, dma: DmaAddr, len: u64, access: Access) -> Result<(), DmaFault> {
+        match &self.path {
+            Path::Translated { iommu } => {
+                let n = usize::try_from(len).unwrap_or(usize::MAX);
+                iommu.dma_check(self.id, dma, n, access)
+            }
+            Path::Direct { bits } => self.direct_reach(*bits, dma, len, access),
+        }
+    }
+
+    /// Whether a direct device with `bits` of address reaches `[dma, dma + len)` in the arena.
+    fn direct_reach(&self, bits: u32, dma: DmaAddr, len: u64, access: Access) -> Result<(), DmaFault> {
+        let fault = |reason| DmaFault { device: self.id, iova: dma, access, reason };
+        let end = dma.as_u64().checked_add(len).ok_or(fault(FaultReason::OutsideAperture))?;
+        if bits < 64 && end > 1u64 << bits {
+            return Err(fault(FaultReason::OutsideAperture));
+        }
+        if end > self.mem.size() {
+            return Err(fault(FaultReason::BusError { pa: PhysAddr::new(dma.as_u64().max(self.mem.size())) }));
+        }
+        Ok(())
     }
 
     pub(super) fn record(&self, dir: Direction, kind: MapKind, pad: u64, size: u64) -> Record {

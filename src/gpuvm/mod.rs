@@ -94,6 +94,10 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod access;
 mod va;
+mod vm;
 
+pub use access::{FaultStage, GpuFault};
 pub use va::{GPU_PAGE, Op, Repeat, Va, VaError, VaFlags, VaSpace};
+pub use vm::{BindOp, BoId, Bound, TlbFlush, Vm, VmError};

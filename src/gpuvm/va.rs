@@ -514,3 +514,22 @@ impl<O: Clone + Eq + Hash> VaSpace<O> {
         Ok(ops)
     }
 }
+
+/// The op list that undoes `ops` once they were applied (last first): what a failed bind's
+/// prepare applies to put the VA space back.
+pub(crate) fn inverse<O: Clone>(ops: &[Op<O>]) -> Vec<Op<O>> {
+    let mut out = Vec::with_capacity(ops.len() + 2);
+    for op in ops.iter().rev() {
+        match op {
+            Op::Map(v) => out.push(Op::Unmap { va: v.clone(), keep: false }),
+            Op::Unmap { va, .. } => out.push(Op::Map(va.clone())),
+            Op::Remap { prev, next, unmap, .. } => {
+                for p in [prev, next].into_iter().flatten() {
+                    out.push(Op::Unmap { va: p.clone(), keep: false });
+                }
+                out.push(Op::Map(unmap.clone()));
+            }
+        }
+    }
+    out
+}

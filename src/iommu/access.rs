@@ -198,6 +198,12 @@ impl Iommu {
         Ok(out)
     }
 
+    /// Whether device `dev` may make `access` over `[iova, iova + len)`: every page translated
+    /// and checked as a real access would be, faults logged alike, no byte moved.
+    pub(crate) fn dma_check(&self, dev: DeviceId, iova: DmaAddr, len: usize, access: Access) -> Result<(), DmaFault> {
+        self.resolve_range(dev, iova, len, access).map(|_| ())
+    }
+
     /// The device `dev` reads `buf.len()` bytes at `iova`. All pages are translated and
     /// checked before any byte is read.
     ///

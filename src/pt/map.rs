@@ -97,6 +97,9 @@ impl<F: Format> PageTable<F> {
                 if (skip | len) & LOW != 0 {
                     return Err(MapError::UnalignedSource { index: 0, pa: F::Out::new(skip), len });
                 }
+                // Only the segments the map reads are checked: a short map from a long list
+                // costs what it maps.
+                let want = skip.checked_add(len).unwrap_or(u64::MAX);
                 let mut total = 0u64;
                 for (index, g) in segs.iter().enumerate() {
                     let (pa, l) = (g.addr, g.len);
@@ -107,8 +110,11 @@ impl<F: Format> PageTable<F> {
                         return Err(MapError::PhysTooHigh { index, pa, len: l });
                     }
                     total = total.saturating_add(l);
+                    if total >= want {
+                        break;
+                    }
                 }
-                if skip.checked_add(len).is_none_or(|e| e > total) {
+                if total < want {
                     return Err(MapError::SourceShort { wanted: skip.saturating_add(len), available: total });
                 }
                 Ok(len)

@@ -235,6 +235,20 @@ pub struct Translated<A = PhysAddr> {
     pub size: PageSize,
 }
 
+/// What [`PageTable::probe`] finds for an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe<A = PhysAddr> {
+    /// No entry maps it.
+    Empty,
+    /// A sparse entry of `size` covers it: reads zero, writes dropped.
+    Sparse {
+        /// The entry's size.
+        size: PageSize,
+    },
+    /// A leaf maps it.
+    Mapped(Translated<A>),
+}
+
 /// One mapped leaf (or sparse entry), as [`PageTable::for_each_leaf`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Leaf<V, A = PhysAddr> {
@@ -455,6 +469,39 @@ impl<F: Format> PageTable<F> {
         Self::translate_in(&self.mem, self.root, va)
     }
 
+    /// What the entry for `va` holds: nothing, a sparse entry (and its size), or a leaf. Like
+    /// [`PageTable::translate`] (no lock), but tells a sparse entry from a hole, as a GPU does
+    /// (a sparse entry reads zero; a hole faults).
+    #[must_use]
+    pub fn probe(&self, va: F::Va) -> Probe<F::Out> {
+        let v = va.as_u64();
+        if v >= Self::VA_LIMIT {
+            return Probe::Empty;
+        }
+        let mut t = self.table(self.root);
+        let mut level = Self::ROOT_LEVEL;
+        loop {
+            match F::decode(t[index(v, level)].load(Ordering::Acquire), level) {
+                Pte::Empty => return Probe::Empty,
+                Pte::Sparse => {
+                    return PageSize::from_level(level).map_or(Probe::Empty, |size| Probe::Sparse { size });
+                }
+                Pte::Leaf { pa, prot } => {
+                    return PageSize::from_level(level).map_or(Probe::Empty, |size| {
+                        Probe::Mapped(Translated { pa: F::Out::new(pa.as_u64() + (v & (span(level) - 1))), prot, size })
+                    });
+                }
+                Pte::Table(pa) => {
+                    if level == 0 {
+                        return Probe::Empty;
+                    }
+                    t = self.table(pa);
+                    level -= 1;
+                }
+            }
+        }
+    }
+
     /// [`PageTable::translate`] of the table rooted at `root` in `mem`, without the handle: for
     /// a walker that holds only the root (the IOMMU's lock-free IOTLB fill). If the table is
     /// being torn down meanwhile, the walk may read freed frames; it stays inside the arena and
@@ -663,6 +710,12 @@ impl<F: Format> TableView<'_, F> {
     #[must_use]
     pub fn translate(&self, va: F::Va) -> Option<Translated<F::Out>> {
         self.0.translate(va)
+    }
+
+    /// [`PageTable::probe`].
+    #[must_use]
+    pub fn probe(&self, va: F::Va) -> Probe<F::Out> {
+        self.0.probe(va)
     }
 
     /// [`PageTable::first_mapped`].

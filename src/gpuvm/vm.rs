@@ -1,0 +1,624 @@
+//! [`Vm`]: a VA space, a GPU page table in the engine's GPU format, and the GPU's DMA device;
+//! buffer objects, and binds as prepare-then-commit (REFERENCES.md §6).
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::va::{Op, Va, VaError, VaFlags, VaSpace};
+use crate::addr::{DmaAddr, GpuVa, PAGE_SIZE, PageSize};
+use crate::dma::{Attrs, Device, Direction, DmaError, DmaVec, IovaState};
+use crate::mem::{BioVec, MemError, PhysMem};
+use crate::pt::{GpuGfx9, Invalidation, MapError, MapOptions, MapSource, PageTable, PlannedMap, Prot};
+use crate::sync::{Mutex, Rank};
+
+/// A buffer object's handle in its [`Vm`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BoId(pub u32);
+
+impl core::fmt::Display for BoId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "bo{}", self.0)
+    }
+}
+
+/// One op of a bind (a VM_BIND array element).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindOp {
+    /// Map: `Va::object(..)` (optionally with flags or repeating) or `Va::sparse(..)`.
+    Map(Va<BoId>),
+    /// Unmap whatever lies in `[addr, addr + range)`.
+    Unmap {
+        /// First byte.
+        addr: u64,
+        /// Length.
+        range: u64,
+    },
+}
+
+/// Errors of a [`Vm`]. Every refused call leaves the VM, its table and the IOMMU as they were.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VmError {
+    /// Bind op `index` is not a valid request for the VA space.
+    #[error("bind op {index}: {err}")]
+    Va {
+        /// Index of the op in the bind.
+        index: usize,
+        /// Why.
+        err: VaError,
+    },
+    /// No such buffer object.
+    #[error("no buffer object {0}")]
+    NoSuchBo(BoId),
+    /// A map reads past the end of its object.
+    #[error("bind op {index}: [{offset:#x}, +{range:#x}) of {bo} is past its size {size:#x}")]
+    BeyondBo {
+        /// Index of the op.
+        index: usize,
+        /// The object.
+        bo: BoId,
+        /// Object offset asked for.
+        offset: u64,
+        /// Bytes asked for.
+        range: u64,
+        /// The object's size.
+        size: u64,
+    },
+    /// An object's backing page is not one whole, aligned 4 KiB page multiple, or there is none.
+    #[error("backing segment {index} of a buffer object is not a whole, aligned page run")]
+    BadBacking {
+        /// Index of the offending segment (0 for an empty list).
+        index: usize,
+    },
+    /// An object still mapped cannot be destroyed.
+    #[error("{bo} still has {mappings} mapping(s)")]
+    BoMapped {
+        /// The object.
+        bo: BoId,
+        /// How many.
+        mappings: usize,
+    },
+    /// DMA-mapping an object's pages for the GPU failed.
+    #[error("DMA mapping of {bo} failed: {err}")]
+    Dma {
+        /// The object.
+        bo: BoId,
+        /// Why.
+        err: DmaError,
+    },
+    /// Not enough memory for the GPU page tables of a bind (prepare failed; nothing changed).
+    #[error("out of memory for the GPU page tables: {0}")]
+    OutOfMemory(MemError),
+    /// The VM saw an unexpected failure in a commit and refuses further binds.
+    #[error("the VM is unusable after a failed commit: {why}")]
+    Unusable {
+        /// What failed.
+        why: String,
+    },
+}
+
+/// What a GPU TLB must forget after a bind: the span of every entry the bind removed or
+/// changed, and whether table pages were freed (a page-walk-cache flush). The model's GPU walk
+/// ([`Vm::gpu_read`]) caches nothing, so it sees the new tables as soon as `bind` returns; a real
+/// GPU (or the Vulkan mirror) flushes this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TlbFlush {
+    /// `[start, end)` to invalidate (`None`: nothing was removed, no flush needed).
+    pub range: Option<(GpuVa, u64)>,
+    /// Table pages freed by the bind (gone to the arena once the flush is done).
+    pub freed_tables: usize,
+}
+
+/// What a bind did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bound {
+    /// The split/merge ops of every bind op, in order.
+    pub ops: Vec<Op<BoId>>,
+    /// The GPU TLB invalidation the bind needs.
+    pub flush: TlbFlush,
+    /// Bytes of entries written (maps).
+    pub mapped: u64,
+    /// Bytes of entries cleared (unmaps and the holes of remaps).
+    pub cleared: u64,
+}
+
+/// How an object's pages reach the GPU.
+#[derive(Debug)]
+enum BoDma {
+    /// One IOVA range for the whole object (two-step API): contiguous DMA addresses.
+    Iova(IovaState),
+    /// A device without IOMMU: the pages' own addresses, with each segment's object offset.
+    Direct { list: DmaVec, starts: Vec<u64> },
+}
+
+#[derive(Debug)]
+struct Bo {
+    size: u64,
+    pages: Vec<BioVec>,
+    dma: Option<BoDma>,
+}
+
+#[derive(Debug)]
+struct State {
+    space: VaSpace<BoId>,
+    bos: HashMap<BoId, Bo>,
+    next: u32,
+}
+
+/// A GPU VM: what a driver adds to drm_gpuvm's core. Buffer objects ([`Vm::create_bo`]) are
+/// DMA-mapped for the VM's device on first bind — through the two-step API into one IOVA range
+/// when the device sits behind an IOMMU (so the GPU table sees contiguous DMA addresses and uses
+/// fragments and huge leaves), or with their own addresses for a direct device (4 KiB leaves
+/// from the page list, like a PRP list). [`Vm::bind`] prepares (validates the whole op array,
+/// generates the split/merge ops, DMA-maps objects, reserves every table page) and then commits
+/// without allocating.
+///
+/// ```
+/// use std::sync::Arc;
+/// use vmbind::dma::Device;
+/// use vmbind::gpuvm::{BindOp, Va, Vm};
+/// use vmbind::iommu::DeviceId;
+/// use vmbind::mem::{BioVec, PhysMem};
+///
+/// let mem = Arc::new(PhysMem::new(64 << 20)?);
+/// let gpu = Device::direct(mem.clone(), DeviceId(1), 48, true)?;
+/// let vm = Vm::new(gpu, 1 << 40)?;
+/// let frames = mem.alloc_scattered(4, 7)?;
+/// mem.write(frames[2], b"hello")?;
+/// let bo = vm.create_bo(BioVec::from_frames(&frames))?;
+/// vm.bind(&[BindOp::Map(Va::object(0x10_0000, 4 * 4096, bo, 0))])?;
+/// let mut buf = [0u8; 5];
+/// vm.gpu_read(0x10_2000, &mut buf)?;
+/// assert_eq!(&buf, b"hello");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct Vm {
+    state: Mutex<State>,
+    table: PageTable<GpuGfx9>,
+    dev: Device,
+    unusable: AtomicBool,
+}
+
+/// A page-table action of a bind's commit.
+enum Act {
+    Clear(u64, u64),
+    Fill(Va<BoId>),
+}
+
+impl Vm {
+    /// A VM over `[0, range)` of GPU VA for the GPU that reaches memory as `dev` does.
+    ///
+    /// # Errors
+    /// [`VmError::Va`] for a bad range (zero, unaligned, or past the GPU format's 48 bits);
+    /// [`VmError::OutOfMemory`] when the arena has no frame for the table root.
+    pub fn new(dev: Device, range: u64) -> Result<Self, VmError> {
+        let space = VaSpace::new(0, range, None).map_err(|err| VmError::Va { index: 0, err })?;
+        if range > 1 << 48 {
+            return Err(VmError::Va { index: 0, err: VaError::BadSpace { start: 0, range } });
+        }
+        let table = PageTable::new(dev.mem().clone()).map_err(VmError::OutOfMemory)?;
+        Ok(Vm {
+            state: Mutex::new(State { space, bos: HashMap::new(), next: 1 }, Rank::Vm),
+            table,
+            dev,
+            unusable: AtomicBool::new(false),
+        })
+    }
+
+    /// The GPU's DMA device.
+    #[must_use]
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    /// The arena.
+    #[must_use]
+    pub fn mem(&self) -> &Arc<PhysMem> {
+        self.dev.mem()
+    }
+
+    /// The GPU page table.
+    #[must_use]
+    pub fn table(&self) -> crate::pt::TableView<'_, GpuGfx9> {
+        self.table.view()
+    }
+
+    /// The VM's mappings, in address order (a snapshot).
+    #[must_use]
+    pub fn mappings(&self) -> Vec<Va<BoId>> {
+        self.state.lock().space.iter().cloned().collect()
+    }
+
+    /// A buffer object backed by `pages` (whole, 4 KiB-aligned page runs, in object order). The
+    /// pages stay the caller's; they are DMA-mapped for the GPU on the object's first bind.
+    ///
+    /// # Errors
+    /// [`VmError::BadBacking`] for an empty list or a segment that is not a whole, aligned page
+    /// run.
+    pub fn create_bo(&self, pages: Vec<BioVec>) -> Result<BoId, VmError> {
+        if pages.is_empty() {
+            return Err(VmError::BadBacking { index: 0 });
+        }
+        let mut size = 0u64;
+        for (index, b) in pages.iter().enumerate() {
+            let start = b.start().ok_or(VmError::BadBacking { index })?;
+            let len = u64::from(b.len);
+            if len == 0 || (start.as_u64() | len) % PAGE_SIZE != 0 || start.as_u64().checked_add(len).is_none() {
+                return Err(VmError::BadBacking { index });
+            }
+            size = size.checked_add(len).ok_or(VmError::BadBacking { index })?;
+        }
+        let mut st = self.state.lock();
+        let id = BoId(st.next);
+        st.next += 1;
+        st.bos.insert(id, Bo { size, pages, dma: None });
+        Ok(id)
+    }
+
+    /// An object's size in bytes.
+    ///
+    /// # Errors
+    /// [`VmError::NoSuchBo`].
+    pub fn bo_size(&self, bo: BoId) -> Result<u64, VmError> {
+        self.state.lock().bos.get(&bo).map(|b| b.size).ok_or(VmError::NoSuchBo(bo))
+    }
+
+    /// Destroys an object that has no mapping left, undoing its DMA mapping.
+    ///
+    /// # Errors
+    /// [`VmError::NoSuchBo`], [`VmError::BoMapped`] (unbind it first, e.g. with
+    /// [`Vm::unbind_bo`]), [`VmError::Dma`] if the DMA layer refuses the unmap (the object stays).
+    pub fn destroy_bo(&self, bo: BoId) -> Result<(), VmError> {
+        let mut st = self.state.lock();
+        let mappings = st.space.obj_mappings(&bo).count();
+        let b = st.bos.get_mut(&bo).ok_or(VmError::NoSuchBo(bo))?;
+        if mappings > 0 {
+            return Err(VmError::BoMapped { bo, mappings });
+        }
+        if let Some(d) = b.dma.take() {
+            if let Err((d, err)) = self.dma_unmap(d, b.size) {
+                b.dma = Some(d);
+                return Err(VmError::Dma { bo, err });
+            }
+        }
+        st.bos.remove(&bo);
+        Ok(())
+    }
+
+    /// Unmaps every mapping of `bo` (drm_gpuvm's `bo_unmap`). Never fails for lack of memory.
+    ///
+    /// # Errors
+    /// [`VmError::NoSuchBo`], [`VmError::Unusable`].
+    pub fn unbind_bo(&self, bo: BoId) -> Result<Bound, VmError> {
+        let ops: Vec<BindOp> = {
+            let st = self.state.lock();
+            if !st.bos.contains_key(&bo) {
+                return Err(VmError::NoSuchBo(bo));
+            }
+            st.space.obj_mappings(&bo).map(|v| BindOp::Unmap { addr: v.addr, range: v.range }).collect()
+        };
+        self.bind(&ops)
+    }
+
+    /// Unmaps `[addr, addr + range)` (one [`BindOp::Unmap`]). Never fails for lack of memory.
+    ///
+    /// # Errors
+    /// As [`Vm::bind`] for a bad range.
+    pub fn unbind(&self, addr: u64, range: u64) -> Result<Bound, VmError> {
+        self.bind(&[BindOp::Unmap { addr, range }])
+    }
+
+    /// Applies the op array in order, all or nothing (VM_BIND): **prepare** checks every op and
+    /// object, generates the split/merge ops of each against the state the earlier ones leave,
+    /// DMA-maps objects not yet mapped and reserves every table page and split reserve the
+    /// commit may take; **commit** then clears what the ops remove (only the holes of remaps:
+    /// survivors keep their entries, a cut huge leaf is split, cut fragment runs are rewritten),
+    /// fills what they map, and frees tables that emptied, without allocating. When `bind`
+    /// returns, no GPU access through [`Vm::gpu_read`] / [`Vm::gpu_write`] sees an old
+    /// translation; the returned [`TlbFlush`] is what a GPU with a TLB must invalidate.
+    ///
+    /// # Errors
+    /// [`VmError::Va`] (naming the op), [`VmError::NoSuchBo`], [`VmError::BeyondBo`],
+    /// [`VmError::Dma`], [`VmError::OutOfMemory`] — the VM, its table and the IOMMU are exactly
+    /// as they were then; [`VmError::Unusable`] once a commit has failed (which a correct
+    /// engine never does). A bind of only unmaps never fails for lack of memory.
+    pub fn bind(&self, ops: &[BindOp]) -> Result<Bound, VmError> {
+        if self.unusable.load(Ordering::Acquire) {
+            return Err(VmError::Unusable { why: "an earlier commit failed".into() });
+        }
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        // Prepare, 1: every op against the objects.
+        for (index, op) in ops.iter().enumerate() {
+            if let BindOp::Map(req) = op
+                && let Some(bo) = req.obj
+            {
+                let size = st.bos.get(&bo).ok_or(VmError::NoSuchBo(bo))?.size;
+                let need = match req.repeat {
+                    None => req.offset.checked_add(req.range),
+                    Some(r) => r.start.checked_add(r.len),
+                };
+                if need.is_none_or(|n| n > size) {
+                    return Err(VmError::BeyondBo { index, bo, offset: req.offset, range: req.range, size });
+                }
+            }
+        }
+        // 2: split/merge, each op against what the earlier ones leave (undone on failure).
+        let mut applied: Vec<Vec<Op<BoId>>> = Vec::with_capacity(ops.len());
+        for (index, op) in ops.iter().enumerate() {
+            let ops_of = match op {
+                BindOp::Map(req) => st.space.sm_map(req),
+                BindOp::Unmap { addr, range } => st.space.sm_unmap(*addr, *range),
+            };
+            let ops_of = match ops_of.and_then(|g| st.space.apply(&g).map(|()| g)) {
+                Ok(g) => g,
+                Err(err) => {
+                    Self::undo_space(&mut st.space, &applied);
+                    return Err(VmError::Va { index, err });
+                }
+            };
+            applied.push(ops_of);
+        }
+        // 3: DMA-map the objects mapped for the first time.
+        let mut fresh: Vec<BoId> = Vec::new();
+        for op in applied.iter().flatten() {
+            let Op::Map(Va { obj: Some(bo), .. }) = op else { continue };
+            let b = st.bos.get_mut(bo).expect("checked in step 1");
+            if b.dma.is_some() {
+                continue;
+            }
+            match self.dma_map(&b.pages, b.size) {
+                Ok(d) => {
+                    b.dma = Some(d);
+                    fresh.push(*bo);
+                }
+                Err(err) => {
+                    self.undo_dma(st, &fresh);
+                    Self::undo_space(&mut st.space, &applied);
+                    return Err(VmError::Dma { bo: *bo, err });
+                }
+            }
+        }
+        // 4: the page-table actions and every table page they may take.
+        let mut acts = Vec::new();
+        for op in applied.iter().flatten() {
+            match op {
+                Op::Unmap { va, .. } => acts.push(Act::Clear(va.addr, va.range)),
+                Op::Remap { prev, next, unmap, .. } => {
+                    let s = prev.as_ref().map_or(unmap.addr, Va::end);
+                    let e = next.as_ref().map_or(unmap.end(), |n| n.addr);
+                    if e > s {
+                        acts.push(Act::Clear(s, e - s));
+                    }
+                }
+                Op::Map(v) => acts.push(Act::Fill(v.clone())),
+            }
+        }
+        let mut planned = Vec::new();
+        for act in &acts {
+            if let Act::Fill(v) = act {
+                Self::pieces(st, v, |va, src| {
+                    planned.push(PlannedMap { va: GpuVa::new(va), src, opts: MapOptions::default() });
+                });
+            }
+        }
+        let mut prep = match self.table.prepare(&planned) {
+            Ok(p) => p,
+            Err(e) => {
+                self.undo_dma(st, &fresh);
+                Self::undo_space(&mut st.space, &applied);
+                return Err(match e {
+                    MapError::OutOfMemory(m) => VmError::OutOfMemory(m),
+                    other => self.fail(format!("prepare refused a planned map: {other}")),
+                });
+            }
+        };
+        drop(planned);
+        // Commit: nothing below allocates (table pages and split reserve come from `prep`).
+        let last_fill = acts.iter().rposition(|a| matches!(a, Act::Fill(_)));
+        let mut bound = Bound { ops: applied.into_iter().flatten().collect(), flush: TlbFlush::default(), mapped: 0, cleared: 0 };
+        let mut invs: Vec<Invalidation<GpuVa>> = Vec::new();
+        let mut kept: Vec<(u64, u64)> = Vec::new();
+        let mut failure = None;
+        for (i, act) in acts.iter().enumerate() {
+            match act {
+                Act::Clear(addr, len) => {
+                    // Tables stay while a later op of this bind may map into them (prepare
+                    // counted on it); the empty ones go after the last op.
+                    let keep = last_fill.is_some_and(|f| f > i);
+                    let va = GpuVa::new(*addr);
+                    let r = if keep { self.table.unmap_keeping_tables(va, *len) } else { self.table.unmap(va, *len) };
+                    match r {
+                        Ok(inv) => {
+                            bound.cleared += inv.unmapped_bytes();
+                            invs.push(inv);
+                            if keep {
+                                kept.push((*addr, *len));
+                            }
+                        }
+                        Err(e) => failure = Some(format!("unmap of [{addr:#x}, +{len:#x}): {e}")),
+                    }
+                }
+                Act::Fill(v) => {
+                    let prot = Self::prot(v.flags);
+                    Self::pieces(st, v, |va, src| {
+                        if failure.is_some() {
+                            return;
+                        }
+                        match self.table.map_prepared(&mut prep, GpuVa::new(va), src, prot, MapOptions::default()) {
+                            Ok(s) => bound.mapped += s.bytes,
+                            Err(e) => failure = Some(format!("map at {va:#x}: {e}")),
+                        }
+                    });
+                }
+            }
+            if failure.is_some() {
+                break;
+            }
+        }
+        for (addr, len) in kept {
+            invs.push(self.table.reclaim(GpuVa::new(addr), len));
+        }
+        let _ = self.table.finish(prep);
+        // The model's GPU walk caches nothing: the flush is what the invalidations describe,
+        // and the freed table pages can go now.
+        let (mut lo, mut hi) = (u64::MAX, 0u64);
+        for inv in invs {
+            if let Some((s, n)) = inv.flush_range() {
+                lo = lo.min(s.as_u64());
+                hi = hi.max(s.as_u64() + n);
+            }
+            bound.flush.freed_tables += inv.freed_tables();
+            inv.complete();
+        }
+        if lo < hi {
+            bound.flush.range = Some((GpuVa::new(lo), hi - lo));
+        }
+        if let Some(why) = failure {
+            return Err(self.fail(why));
+        }
+        Ok(bound)
+    }
+
+    /// Marks the VM unusable (§6: an unexpected commit failure) and says why.
+    fn fail(&self, why: String) -> VmError {
+        self.unusable.store(true, Ordering::Release);
+        VmError::Unusable { why }
+    }
+
+    /// The GPU permissions of a mapping's flags.
+    fn prot(f: VaFlags) -> Prot {
+        let rw = if f.read_only { Prot::READ } else { Prot::RW };
+        if f.no_exec { rw } else { rw | Prot::EXEC }
+    }
+
+    /// Calls `f` with each (GPU VA, source) run that fills mapping `v`: one for a plain
+    /// mapping, one per period piece for a repeat mapping, a sparse run for a sparse one.
+    fn pieces<'s>(st: &'s State, v: &Va<BoId>, mut f: impl FnMut(u64, MapSource<'s, DmaAddr>)) {
+        let Some(bo) = v.obj else {
+            f(v.addr, MapSource::Sparse { len: v.range });
+            return;
+        };
+        let b = &st.bos[&bo];
+        let dma = b.dma.as_ref().expect("objects are DMA-mapped in prepare");
+        let mut at = v.addr;
+        while at < v.end() {
+            let off = v.offset_at(at);
+            let n = match v.repeat {
+                None => v.end() - at,
+                Some(r) => (v.end() - at).min(r.start + r.len - off),
+            };
+            f(at, Self::source(dma, off, n));
+            at += n;
+        }
+    }
+
+    /// The DMA side of `[off, off + len)` of an object.
+    fn source(dma: &BoDma, off: u64, len: u64) -> MapSource<'_, DmaAddr> {
+        match dma {
+            BoDma::Iova(state) => MapSource::Range { pa: DmaAddr::new(state.addr().as_u64() + off), len },
+            BoDma::Direct { list, starts } => {
+                let i = starts.partition_point(|&s| s <= off) - 1;
+                MapSource::Segments { segs: &list.segments()[i..], skip: off - starts[i], len }
+            }
+        }
+    }
+
+    /// DMA-maps an object's pages for the VM's device: one IOVA range, linked in one call and
+    /// flushed once, behind an IOMMU; the pages' own addresses (one `map_sg`) without.
+    fn dma_map(&self, pages: &[BioVec], size: u64) -> Result<BoDma, DmaError> {
+        let dir = Direction::Bidirectional;
+        let first = pages[0].start().unwrap_or(pages[0].phys);
+        match IovaState::try_alloc(&self.dev, first, size)? {
+            Some(mut state) => {
+                let linked = state.link_bvecs(&self.dev, 0, pages, dir, Attrs::default()).and_then(|_| state.sync(&self.dev, 0, size));
+                if let Err(e) = linked {
+                    let mapped = state.mapped();
+                    let _ = state.destroy(&self.dev, if mapped > 0 { size } else { 0 }, dir, Attrs::default());
+                    return Err(e);
+                }
+                Ok(BoDma::Iova(state))
+            }
+            None => {
+                let list = self.dev.map_sg(pages, dir, Attrs::default())?;
+                let mut starts = Vec::with_capacity(list.len());
+                let mut at = 0;
+                for s in list.segments() {
+                    starts.push(at);
+                    at += s.len;
+                }
+                Ok(BoDma::Direct { list, starts })
+            }
+        }
+    }
+
+    /// Undoes [`Self::dma_map`]; hands the mapping back with the error if the DMA layer refuses.
+    fn dma_unmap(&self, d: BoDma, size: u64) -> Result<(), (BoDma, DmaError)> {
+        let dir = Direction::Bidirectional;
+        match d {
+            BoDma::Iova(mut state) => match state.destroy(&self.dev, size, dir, Attrs::default()) {
+                Ok(()) => Ok(()),
+                Err(e) => Err((BoDma::Iova(state), e)),
+            },
+            BoDma::Direct { list, starts } => match self.dev.unmap_sg(&list, dir, Attrs::default()) {
+                Ok(()) => Ok(()),
+                Err(e) => Err((BoDma::Direct { list, starts }, e)),
+            },
+        }
+    }
+
+    /// Undoes the DMA mappings a failed prepare made.
+    fn undo_dma(&self, st: &mut State, fresh: &[BoId]) {
+        for bo in fresh {
+            let b = st.bos.get_mut(bo).expect("mapped in this prepare");
+            if let Some(d) = b.dma.take()
+                && let Err((d, _)) = self.dma_unmap(d, b.size)
+            {
+                b.dma = Some(d);
+            }
+        }
+    }
+
+    /// Undoes applied op lists, last first.
+    fn undo_space(space: &mut VaSpace<BoId>, applied: &[Vec<Op<BoId>>]) {
+        for ops_of in applied.iter().rev() {
+            let inv = super::va::inverse(ops_of);
+            // The inverse of what was just applied always fits.
+            let _ = space.apply(&inv);
+        }
+    }
+
+    /// How many objects the VM holds.
+    #[must_use]
+    pub fn bo_count(&self) -> usize {
+        self.state.lock().bos.len()
+    }
+
+    /// Whether an object's pages are DMA-mapped for the GPU now.
+    ///
+    /// # Errors
+    /// [`VmError::NoSuchBo`].
+    pub fn bo_dma_mapped(&self, bo: BoId) -> Result<bool, VmError> {
+        self.state.lock().bos.get(&bo).map(|b| b.dma.is_some()).ok_or(VmError::NoSuchBo(bo))
+    }
+
+    /// The leaf size a GPU VA is mapped with, if any (for tests and dumps).
+    #[must_use]
+    pub fn leaf_size(&self, va: u64) -> Option<PageSize> {
+        self.table.translate(GpuVa::new(va)).map(|t| t.size)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // Objects still DMA-mapped give their mappings back; the table frees itself.
+        let bos: Vec<Bo> = self.state.get_mut().bos.drain().map(|(_, b)| b).collect();
+        for b in bos {
+            if let Some(d) = b.dma {
+                let _ = self.dma_unmap(d, b.size);
+            }
+        }
+    }
+}
