@@ -98,6 +98,12 @@ fn main() {
     r.ratio(label, ("dma/two_step_per_bvec", "vmbind"), ("dma/two_step_array", "vmbind"));
     let label = "dma/two_step_array / pt/map_4k_scattered (lower better)";
     r.ratio(label, ("dma/two_step_array", "vmbind"), ("pt/map_4k_scattered", "vmbind"));
+    let label = "gpuvm/bind_1g_iommu / pt/map_4k_scattered (lower better)";
+    r.ratio(label, ("gpuvm/bind_1g_iommu", "vmbind"), ("pt/map_4k_scattered", "vmbind"));
+    let label = "gpuvm/bind_1g_direct / gpuvm/bind_1g_contiguous";
+    r.ratio(label, ("gpuvm/bind_1g_direct", "vmbind"), ("gpuvm/bind_1g_contiguous", "vmbind"));
+    let label = "gpuvm/remap_1page_in_16g / gpuvm/remap_1page_in_1g (lower better)";
+    r.ratio(label, ("gpuvm/remap_1page_in_16g", "vmbind"), ("gpuvm/remap_1page_in_1g", "vmbind"));
     let label = "mem/copy vmbind / memcpy (lower better)";
     r.ratio(label, ("mem/copy", "vmbind"), ("mem/copy", "memcpy"));
     if let Some(path) = json {

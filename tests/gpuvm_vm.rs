@@ -154,8 +154,11 @@ fn read_only_mappings_refuse_writes_and_unmapped_addresses_fault_before_a_byte_m
     let f = fx(Mode::Iommu, 32 << 20);
     let (a, frames) = bo(&f, 4, 7, 3);
     let ro = VaFlags { read_only: true, no_exec: true };
-    f.vm.bind(&[BindOp::Map(Va::object(0x10_0000, 2 * P, a, 0).with_flags(ro)), map(0x10_2000, 2 * P, a, 2 * P)])
-        .unwrap();
+    f.vm.bind(&[
+        BindOp::Map(Va::object(0x10_0000, 2 * P, a, 0).with_flags(ro)),
+        map(0x10_2000, 2 * P, a, 2 * P),
+    ])
+    .unwrap();
     let e = f.vm.gpu_write(0x10_0000, b"x").unwrap_err();
     assert_eq!((e.va, e.access), (0x10_0000, Access::Write));
     assert!(matches!(e.stage, FaultStage::NotPermitted { .. }), "{e:?}");

@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use super::bounce;
 use super::record::{DevState, Record};
-use super::{Attrs, Direction, DmaError, DmaVec, GRANULE, MapKind, align_up, granule_source, phys_span};
+use super::{Attrs, Direction, DmaError, DmaSeg, DmaVec, GRANULE, MapKind, align_up, granule_source, phys_span};
 use crate::addr::{DmaAddr, PhysAddr};
 use crate::iommu::iova::IovaError;
 use crate::iommu::{Access, DeviceId, DmaFault, Domain, DomainError, DomainKind, FaultReason, Iommu};
-use crate::mem::{BioVec, PhysMem};
+use crate::mem::{BioVec, PageArray, PhysMem};
 use crate::pt::MapSource;
 
 #[derive(Debug, Clone)]
@@ -194,7 +194,9 @@ impl Device {
             return Err(fault(FaultReason::OutsideAperture));
         }
         if end > self.mem.size() {
-            return Err(fault(FaultReason::BusError { pa: PhysAddr::new(dma.as_u64().max(self.mem.size())) }));
+            return Err(fault(FaultReason::BusError {
+                pa: PhysAddr::new(dma.as_u64().max(self.mem.size())),
+            }));
         }
         Ok(())
     }
@@ -408,17 +410,34 @@ impl Device {
     /// # Errors
     /// As [`Device::map_phys`], for the first segment that fails; nothing stays mapped.
     pub fn map_sg(&self, bvecs: &[BioVec], dir: Direction, attrs: Attrs) -> Result<DmaVec, DmaError> {
+        self.map_sg_reusing(bvecs, dir, attrs, DmaVec::default())
+    }
+
+    /// [`Device::map_sg`] building the result in `spare`'s allocation (a list that was unmapped
+    /// and is no longer needed): what a driver that keeps one `sg_table` per object and remaps
+    /// it does, with no allocation in steady state. `spare`'s contents are discarded.
+    ///
+    /// # Errors
+    /// As [`Device::map_sg`].
+    pub fn map_sg_reusing(
+        &self,
+        bvecs: &[BioVec],
+        dir: Direction,
+        attrs: Attrs,
+        spare: DmaVec,
+    ) -> Result<DmaVec, DmaError> {
         if bvecs.is_empty() {
             return Err(DmaError::ZeroSize);
         }
-        // Every segment is checked before anything is mapped: non-empty, not wrapping.
-        for b in bvecs {
-            let size = u64::from(b.len);
-            let phys = b.start().ok_or(DmaError::Overflow { phys: b.phys, size })?;
-            phys_span(phys, size)?;
+        let mut segs = spare.segs;
+        segs.clear();
+        if !self.is_translated() {
+            return self.map_sg_direct(bvecs, dir, segs);
         }
+        // Every segment is checked before anything is mapped: non-empty, not wrapping.
+        Self::check_segments(bvecs)?;
         let domain = match self.current_domain()? {
-            None => return self.map_sg_direct(bvecs, dir),
+            None => return self.map_sg_direct(bvecs, dir, segs),
             Some(_)
                 if bvecs.iter().any(|b| {
                     self.needs_bounce(PhysAddr::new(b.phys.as_u64() + u64::from(b.offset)), u64::from(b.len))
@@ -452,7 +471,7 @@ impl Device {
             }
             return Err(e.into());
         }
-        let mut out = DmaVec { kind: Some(MapKind::Sg), ..DmaVec::default() };
+        let mut out = DmaVec { segs, kind: Some(MapKind::Sg), ..DmaVec::default() };
         let mut at = iova.as_u64();
         for (b, e) in bvecs.iter().zip(&expanded) {
             let pad = (b.phys.as_u64() + u64::from(b.offset)) % GRANULE;
@@ -468,25 +487,112 @@ impl Device {
     /// physically adjacent ones merged; ONE dma-debug record for the whole list (under its first
     /// DMA address, with its total size), as dma-debug keeps one entry per `dma_map_sg` call's
     /// list. One pass, no lock per segment.
-    fn map_sg_direct(&self, bvecs: &[BioVec], dir: Direction) -> Result<DmaVec, DmaError> {
+    /// Every segment of a `map_sg` array is checked before anything is mapped: non-empty, not
+    /// wrapping.
+    fn check_segments(bvecs: &[BioVec]) -> Result<(), DmaError> {
+        for b in bvecs {
+            let size = u64::from(b.len);
+            let phys = b.start().ok_or(DmaError::Overflow { phys: b.phys, size })?;
+            phys_span(phys, size)?;
+        }
+        Ok(())
+    }
+
+    fn map_sg_direct(&self, bvecs: &[BioVec], dir: Direction, segs: Vec<DmaSeg>) -> Result<DmaVec, DmaError> {
+        // One fused pass; on any refusal the array-wide checks run first, so the error is the
+        // one `map_sg` names for every device (the first malformed segment before any reach).
+        self.map_sg_direct_pass(bvecs, dir, segs).or_else(|e| {
+            Self::check_segments(bvecs)?;
+            Err(e)
+        })
+    }
+
+    fn map_sg_direct_pass(&self, bvecs: &[BioVec], dir: Direction, mut segs: Vec<DmaSeg>) -> Result<DmaVec, DmaError> {
         let Path::Direct { bits } = self.path else { unreachable!("direct path") };
+        // Everything reachable lies below `limit` (the arena's end bounds real pages anyway).
         let limit = if bits < 64 { 1u64 << bits } else { u64::MAX };
-        let mut out = DmaVec { kind: Some(MapKind::Sg), ..DmaVec::default() };
-        out.segs.reserve(bvecs.len());
+        segs.reserve(bvecs.len());
         let mut total = 0u64;
         for b in bvecs {
             let size = u64::from(b.len);
-            // Checked by the caller: non-empty, not wrapping.
             let phys = b.start().ok_or(DmaError::Overflow { phys: b.phys, size })?;
-            if phys.as_u64() + size > limit {
+            let end = phys_span(phys, size)?.end();
+            if end > limit {
                 return Err(DmaError::AddressLimit { phys, size, bits });
             }
-            out.push(DmaAddr::new(phys.as_u64()), size)?;
+            let addr = phys.as_u64();
+            match segs.last_mut() {
+                // Merge a physically adjacent segment (lengths stay below 2^64: the sum of
+                // 32-bit lengths of one array).
+                Some(last) if last.addr.as_u64() + last.len == addr => last.len += size,
+                _ => segs.push(DmaSeg { addr: DmaAddr::new(addr), len: size }),
+            }
             total += size;
         }
         let rec = self.record(dir, MapKind::Sg, 0, total);
-        self.state.direct.lock().entry(out.segs[0].addr.as_u64()).or_default().push(rec);
-        Ok(out)
+        self.state.direct.lock().entry(segs[0].addr.as_u64()).or_default().push(rec);
+        Ok(DmaVec { segs, kind: Some(MapKind::Sg), ..DmaVec::default() })
+    }
+
+    /// `dma_map_sg` of a direct device without building a list: checks that the device reaches
+    /// every segment of `pages` (non-empty, not wrapping, below its address width: in O(1) from
+    /// the array's summary when it can tell) and records
+    /// the mapping (one dma-debug record, as for [`Device::map_sg`]). The DMA address of each
+    /// segment is its physical address, so the caller keeps using `bvecs` itself as the DMA list
+    /// (see [`crate::pt::MapSource::DirectPageVecs`]): one vectorizable pass, no allocation.
+    ///
+    /// # Errors
+    /// [`DmaError::NotDirect`] for a translated device, [`DmaError::ZeroSize`] (also for an
+    /// empty array), [`DmaError::Overflow`], [`DmaError::AddressLimit`]; nothing is recorded
+    /// then.
+    pub fn map_direct(&self, pages: &PageArray, dir: Direction, attrs: Attrs) -> Result<DirectMap, DmaError> {
+        let Path::Direct { bits } = self.path else { return Err(DmaError::NotDirect(self.id)) };
+        let _ = attrs;
+        let bvecs = pages.pages();
+        if bvecs.is_empty() {
+            return Err(DmaError::ZeroSize);
+        }
+        let limit = if bits < 64 { 1u64 << bits } else { u64::MAX };
+        // The array's summary vouches for it in O(1); the exact checks run only when it cannot.
+        let sum = *pages.summary();
+        let total = sum.total;
+        if sum.min_len == 0 || !sum.all_below(limit) {
+            let exact = bvecs.iter().all(|b| b.end().is_some_and(|e| e.as_u64() <= limit));
+            if exact && sum.min_len > 0 {
+                return self.record_direct(bvecs, dir, total);
+            }
+            Self::check_segments(bvecs)?;
+            let b = bvecs
+                .iter()
+                .find(|b| b.start().is_some_and(|p| p.as_u64() + u64::from(b.len) > limit))
+                .copied()
+                .unwrap_or(bvecs[0]);
+            let phys = b.start().unwrap_or(b.phys);
+            return Err(DmaError::AddressLimit { phys, size: u64::from(b.len), bits });
+        }
+        self.record_direct(bvecs, dir, total)
+    }
+
+    /// Records an in-place direct mapping of `total` bytes.
+    fn record_direct(&self, bvecs: &[BioVec], dir: Direction, total: u64) -> Result<DirectMap, DmaError> {
+        let first = bvecs[0].start().unwrap_or(bvecs[0].phys);
+        let rec = self.record(dir, MapKind::Sg, 0, total);
+        self.state.direct.lock().entry(first.as_u64()).or_default().push(rec);
+        Ok(DirectMap { dev: self.id, first: DmaAddr::new(first.as_u64()), total, count: bvecs.len() })
+    }
+
+    /// Undoes [`Device::map_direct`] with the direction it was mapped with.
+    ///
+    /// # Errors
+    /// [`DmaError::OtherDevice`] for another device's mapping, [`DmaError::NotMapped`] (unmapped
+    /// twice), [`DmaError::DirectionMismatch`], [`DmaError::KindMismatch`]; nothing changes then.
+    pub fn unmap_direct(&self, m: &DirectMap, dir: Direction, attrs: Attrs) -> Result<(), DmaError> {
+        let _ = attrs;
+        if m.dev != self.id {
+            return Err(DmaError::OtherDevice { dma: m.first, owner: m.dev });
+        }
+        let want = self.record(dir, MapKind::Sg, 0, m.total);
+        self.state.direct_record(m.first, want, true).map(|_| ())
     }
 
     /// Maps every segment on its own, merging adjacent results; undoes them all if one fails.
@@ -554,5 +660,36 @@ impl Device {
             }
             Ok(())
         })
+    }
+}
+
+/// What [`Device::map_direct`] mapped: a direct device's page array, addressed at its physical
+/// addresses. Hand it back to [`Device::unmap_direct`].
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a direct mapping stays recorded until Device::unmap_direct"]
+pub struct DirectMap {
+    dev: DeviceId,
+    first: DmaAddr,
+    total: u64,
+    count: usize,
+}
+
+impl DirectMap {
+    /// DMA address of the first byte.
+    #[must_use]
+    pub fn addr(&self) -> DmaAddr {
+        self.first
+    }
+
+    /// Bytes mapped.
+    #[must_use]
+    pub fn total_len(&self) -> u64 {
+        self.total
+    }
+
+    /// Segments mapped.
+    #[must_use]
+    pub fn segments(&self) -> usize {
+        self.count
     }
 }

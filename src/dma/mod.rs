@@ -91,7 +91,7 @@ mod iova_state;
 mod record;
 
 pub use blk::BlkRqMapping;
-pub use device::Device;
+pub use device::{Device, DirectMap};
 pub use dmavec::{DmaSeg, DmaVec, PageAddrs};
 pub use iova_state::IovaState;
 
@@ -194,6 +194,9 @@ pub enum DmaError {
     /// The device is attached to an identity domain: it is a direct device.
     #[error("{0} is attached to an identity domain; use Device::direct")]
     IdentityDomain(DeviceId),
+    /// An in-place direct mapping ([`Device::map_direct`]) asked of a device that translates.
+    #[error("{0} reaches memory through an IOMMU: it has no direct mapping")]
+    NotDirect(DeviceId),
     /// A direct device cannot reach the address with its address width.
     #[error("a direct device with {bits}-bit addressing cannot reach [{phys}, +{size:#x})")]
     AddressLimit {

@@ -61,9 +61,11 @@ impl Vm {
                 }
                 Piece::Dma { va, dma, len } => {
                     let n = len as usize;
-                    self.device()
-                        .dma_read(dma, &mut buf[at..at + n])
-                        .map_err(|f| GpuFault { va, access: Access::Read, stage: FaultStage::Dma(f) })?;
+                    self.device().dma_read(dma, &mut buf[at..at + n]).map_err(|f| GpuFault {
+                        va,
+                        access: Access::Read,
+                        stage: FaultStage::Dma(f),
+                    })?;
                     at += n;
                 }
             }
@@ -84,9 +86,11 @@ impl Vm {
                 Piece::Sparse { len } => at += len as usize,
                 Piece::Dma { va, dma, len } => {
                     let n = len as usize;
-                    self.device()
-                        .dma_write(dma, &data[at..at + n])
-                        .map_err(|f| GpuFault { va, access: Access::Write, stage: FaultStage::Dma(f) })?;
+                    self.device().dma_write(dma, &data[at..at + n]).map_err(|f| GpuFault {
+                        va,
+                        access: Access::Write,
+                        stage: FaultStage::Dma(f),
+                    })?;
                     at += n;
                 }
             }
@@ -115,7 +119,9 @@ impl Vm {
                         return Err(fault(at, FaultStage::NotPermitted { prot: t.prot }));
                     }
                     match out.last_mut() {
-                        Some(Piece::Dma { dma, len, .. }) if dma.as_u64() + *len == t.pa.as_u64() => *len += n,
+                        Some(Piece::Dma { dma, len, .. }) if dma.as_u64() + *len == t.pa.as_u64() => {
+                            *len += n
+                        }
                         _ => out.push(Piece::Dma { va: at, dma: t.pa, len: n }),
                     }
                 }

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::va::{Op, Va, VaError, VaFlags, VaSpace};
 use crate::addr::{DmaAddr, GpuVa, PAGE_SIZE, PageSize};
-use crate::dma::{Attrs, Device, Direction, DmaError, DmaVec, IovaState};
-use crate::mem::{BioVec, MemError, PhysMem};
+use crate::dma::{Attrs, Device, Direction, DirectMap, DmaError, DmaVec, IovaState};
+use crate::mem::{BioVec, MemError, PageArray, PhysMem};
 use crate::pt::{GpuGfx9, Invalidation, MapError, MapOptions, MapSource, PageTable, PlannedMap, Prot};
 use crate::sync::{Mutex, Rank};
 
@@ -128,14 +128,19 @@ pub struct Bound {
 enum BoDma {
     /// One IOVA range for the whole object (two-step API): contiguous DMA addresses.
     Iova(IovaState),
-    /// A device without IOMMU: the pages' own addresses, with each segment's object offset.
+    /// A device without IOMMU and an object of single 4 KiB pages: the pages' own array is the
+    /// DMA list (checked and recorded by the DMA layer, nothing built).
+    DirectPages(DirectMap),
+    /// A device without IOMMU: the pages' own addresses. `starts` holds each segment's object
+    /// offset when segments differ in length; empty when every one is a single 4 KiB page
+    /// (segment `i` is page `i`, the scattered case: a PRP-like page list).
     Direct { list: DmaVec, starts: Vec<u64> },
 }
 
 #[derive(Debug)]
 struct Bo {
     size: u64,
-    pages: Vec<BioVec>,
+    pages: PageArray,
     dma: Option<BoDma>,
 }
 
@@ -144,7 +149,12 @@ struct State {
     space: VaSpace<BoId>,
     bos: HashMap<BoId, Bo>,
     next: u32,
+    /// DMA lists of destroyed objects, kept for their allocations (a slab of `sg_table`s).
+    spare: Vec<DmaVec>,
 }
+
+/// DMA lists kept for reuse.
+const SPARE_LISTS: usize = 4;
 
 /// A GPU VM: what a driver adds to drm_gpuvm's core. Buffer objects ([`Vm::create_bo`]) are
 /// DMA-mapped for the VM's device on first bind — through the two-step API into one IOVA range
@@ -200,7 +210,7 @@ impl Vm {
         }
         let table = PageTable::new(dev.mem().clone()).map_err(VmError::OutOfMemory)?;
         Ok(Vm {
-            state: Mutex::new(State { space, bos: HashMap::new(), next: 1 }, Rank::Vm),
+            state: Mutex::new(State { space, bos: HashMap::new(), next: 1, spare: Vec::new() }, Rank::Vm),
             table,
             dev,
             unusable: AtomicBool::new(false),
@@ -241,14 +251,22 @@ impl Vm {
         if pages.is_empty() {
             return Err(VmError::BadBacking { index: 0 });
         }
-        let mut size = 0u64;
-        for (index, b) in pages.iter().enumerate() {
-            let start = b.start().ok_or(VmError::BadBacking { index })?;
-            let len = u64::from(b.len);
-            if len == 0 || (start.as_u64() | len) % PAGE_SIZE != 0 || start.as_u64().checked_add(len).is_none() {
-                return Err(VmError::BadBacking { index });
+        // One vectorizable pass: offsets, addresses and lengths page aligned, no empty segment,
+        // none near the top of the address space (lengths are below 2^32); the exact index of a
+        // bad one from the loop after it.
+        let pages = PageArray::new(pages);
+        let sum = *pages.summary();
+        let size = sum.total;
+        if sum.bits % PAGE_SIZE != 0 || sum.min_len == 0 || sum.max_phys >= 1 << 63 {
+            for (index, b) in pages.pages().iter().enumerate() {
+                let len = u64::from(b.len);
+                let bad = b.start().is_none_or(|s| {
+                    len == 0 || (s.as_u64() | len) % PAGE_SIZE != 0 || s.as_u64().checked_add(len).is_none()
+                });
+                if bad {
+                    return Err(VmError::BadBacking { index });
+                }
             }
-            size = size.checked_add(len).ok_or(VmError::BadBacking { index })?;
         }
         let mut st = self.state.lock();
         let id = BoId(st.next);
@@ -271,16 +289,21 @@ impl Vm {
     /// [`VmError::NoSuchBo`], [`VmError::BoMapped`] (unbind it first, e.g. with
     /// [`Vm::unbind_bo`]), [`VmError::Dma`] if the DMA layer refuses the unmap (the object stays).
     pub fn destroy_bo(&self, bo: BoId) -> Result<(), VmError> {
-        let mut st = self.state.lock();
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
         let mappings = st.space.obj_mappings(&bo).count();
         let b = st.bos.get_mut(&bo).ok_or(VmError::NoSuchBo(bo))?;
         if mappings > 0 {
             return Err(VmError::BoMapped { bo, mappings });
         }
         if let Some(d) = b.dma.take() {
-            if let Err((d, err)) = self.dma_unmap(d, b.size) {
-                b.dma = Some(d);
-                return Err(VmError::Dma { bo, err });
+            match self.dma_unmap(d, b.size) {
+                Ok(Some(list)) if st.spare.len() < SPARE_LISTS => st.spare.push(list),
+                Ok(_) => {}
+                Err((d, err)) => {
+                    b.dma = Some(d);
+                    return Err(VmError::Dma { bo, err });
+                }
             }
         }
         st.bos.remove(&bo);
@@ -369,7 +392,7 @@ impl Vm {
             if b.dma.is_some() {
                 continue;
             }
-            match self.dma_map(&b.pages, b.size) {
+            match self.dma_map(&b.pages, b.size, &mut st.spare) {
                 Ok(d) => {
                     b.dma = Some(d);
                     fresh.push(*bo);
@@ -418,7 +441,12 @@ impl Vm {
         drop(planned);
         // Commit: nothing below allocates (table pages and split reserve come from `prep`).
         let last_fill = acts.iter().rposition(|a| matches!(a, Act::Fill(_)));
-        let mut bound = Bound { ops: applied.into_iter().flatten().collect(), flush: TlbFlush::default(), mapped: 0, cleared: 0 };
+        let mut bound = Bound {
+            ops: applied.into_iter().flatten().collect(),
+            flush: TlbFlush::default(),
+            mapped: 0,
+            cleared: 0,
+        };
         let mut invs: Vec<Invalidation<GpuVa>> = Vec::new();
         let mut kept: Vec<(u64, u64)> = Vec::new();
         let mut failure = None;
@@ -429,7 +457,11 @@ impl Vm {
                     // counted on it); the empty ones go after the last op.
                     let keep = last_fill.is_some_and(|f| f > i);
                     let va = GpuVa::new(*addr);
-                    let r = if keep { self.table.unmap_keeping_tables(va, *len) } else { self.table.unmap(va, *len) };
+                    let r = if keep {
+                        self.table.unmap_keeping_tables(va, *len)
+                    } else {
+                        self.table.unmap(va, *len)
+                    };
                     match r {
                         Ok(inv) => {
                             bound.cleared += inv.unmapped_bytes();
@@ -447,7 +479,13 @@ impl Vm {
                         if failure.is_some() {
                             return;
                         }
-                        match self.table.map_prepared(&mut prep, GpuVa::new(va), src, prot, MapOptions::default()) {
+                        match self.table.map_prepared(
+                            &mut prep,
+                            GpuVa::new(va),
+                            src,
+                            prot,
+                            MapOptions::default(),
+                        ) {
                             Ok(s) => bound.mapped += s.bytes,
                             Err(e) => failure = Some(format!("map at {va:#x}: {e}")),
                         }
@@ -510,60 +548,86 @@ impl Vm {
                 None => v.end() - at,
                 Some(r) => (v.end() - at).min(r.start + r.len - off),
             };
-            f(at, Self::source(dma, off, n));
+            f(at, Self::source(dma, b.pages.pages(), off, n));
             at += n;
         }
     }
 
     /// The DMA side of `[off, off + len)` of an object.
-    fn source(dma: &BoDma, off: u64, len: u64) -> MapSource<'_, DmaAddr> {
+    fn source<'s>(dma: &'s BoDma, pages: &'s [BioVec], off: u64, len: u64) -> MapSource<'s, DmaAddr> {
         match dma {
+            BoDma::DirectPages(_) => {
+                let (i, n) = ((off / PAGE_SIZE) as usize, (len / PAGE_SIZE) as usize);
+                MapSource::DirectPageVecs(&pages[i..i + n])
+            }
             BoDma::Iova(state) => MapSource::Range { pa: DmaAddr::new(state.addr().as_u64() + off), len },
+            BoDma::Direct { list, starts } if starts.is_empty() => {
+                let (i, n) = ((off / PAGE_SIZE) as usize, (len / PAGE_SIZE) as usize);
+                MapSource::PageSegments(&list.segments()[i..i + n])
+            }
             BoDma::Direct { list, starts } => {
+                // The window of segments the range reads.
                 let i = starts.partition_point(|&s| s <= off) - 1;
-                MapSource::Segments { segs: &list.segments()[i..], skip: off - starts[i], len }
+                let j = starts.partition_point(|&s| s < off + len);
+                MapSource::Segments { segs: &list.segments()[i..j], skip: off - starts[i], len }
             }
         }
     }
 
     /// DMA-maps an object's pages for the VM's device: one IOVA range, linked in one call and
     /// flushed once, behind an IOMMU; the pages' own addresses (one `map_sg`) without.
-    fn dma_map(&self, pages: &[BioVec], size: u64) -> Result<BoDma, DmaError> {
+    fn dma_map(&self, array: &PageArray, size: u64, spare: &mut Vec<DmaVec>) -> Result<BoDma, DmaError> {
         let dir = Direction::Bidirectional;
+        let pages = array.pages();
         let first = pages[0].start().unwrap_or(pages[0].phys);
         match IovaState::try_alloc(&self.dev, first, size)? {
             Some(mut state) => {
-                let linked = state.link_bvecs(&self.dev, 0, pages, dir, Attrs::default()).and_then(|_| state.sync(&self.dev, 0, size));
+                let linked = state
+                    .link_bvecs(&self.dev, 0, pages, dir, Attrs::default())
+                    .and_then(|_| state.sync(&self.dev, 0, size));
                 if let Err(e) = linked {
                     let mapped = state.mapped();
-                    let _ = state.destroy(&self.dev, if mapped > 0 { size } else { 0 }, dir, Attrs::default());
+                    let _ =
+                        state.destroy(&self.dev, if mapped > 0 { size } else { 0 }, dir, Attrs::default());
                     return Err(e);
                 }
                 Ok(BoDma::Iova(state))
             }
+            None if pages.len() as u64 * PAGE_SIZE == size => {
+                Ok(BoDma::DirectPages(self.dev.map_direct(array, dir, Attrs::default())?))
+            }
             None => {
-                let list = self.dev.map_sg(pages, dir, Attrs::default())?;
-                let mut starts = Vec::with_capacity(list.len());
-                let mut at = 0;
-                for s in list.segments() {
-                    starts.push(at);
-                    at += s.len;
+                let reuse = spare.pop().unwrap_or_default();
+                let list = self.dev.map_sg_reusing(pages, dir, Attrs::default(), reuse)?;
+                let mut starts = Vec::new();
+                if list.len() as u64 * PAGE_SIZE != size {
+                    starts.reserve(list.len());
+                    let mut at = 0;
+                    for s in list.segments() {
+                        starts.push(at);
+                        at += s.len;
+                    }
                 }
                 Ok(BoDma::Direct { list, starts })
             }
         }
     }
 
-    /// Undoes [`Self::dma_map`]; hands the mapping back with the error if the DMA layer refuses.
-    fn dma_unmap(&self, d: BoDma, size: u64) -> Result<(), (BoDma, DmaError)> {
+    /// Undoes [`Self::dma_map`] (returning a direct list for reuse); hands the mapping back
+    /// with the error if the DMA layer refuses.
+    fn dma_unmap(&self, d: BoDma, size: u64) -> Result<Option<DmaVec>, (BoDma, DmaError)> {
         let dir = Direction::Bidirectional;
         match d {
             BoDma::Iova(mut state) => match state.destroy(&self.dev, size, dir, Attrs::default()) {
-                Ok(()) => Ok(()),
+                Ok(()) => Ok(None),
                 Err(e) => Err((BoDma::Iova(state), e)),
             },
+            BoDma::DirectPages(m) => match self.dev.unmap_direct(&m, dir, Attrs::default()) {
+                Ok(()) => Ok(None),
+                Err(e) => Err((BoDma::DirectPages(m), e)),
+            },
             BoDma::Direct { list, starts } => match self.dev.unmap_sg(&list, dir, Attrs::default()) {
-                Ok(()) => Ok(()),
+                Ok(()) => Ok(Some(list)),
                 Err(e) => Err((BoDma::Direct { list, starts }, e)),
             },
         }

@@ -200,7 +200,13 @@ impl Iommu {
 
     /// Whether device `dev` may make `access` over `[iova, iova + len)`: every page translated
     /// and checked as a real access would be, faults logged alike, no byte moved.
-    pub(crate) fn dma_check(&self, dev: DeviceId, iova: DmaAddr, len: usize, access: Access) -> Result<(), DmaFault> {
+    pub(crate) fn dma_check(
+        &self,
+        dev: DeviceId,
+        iova: DmaAddr,
+        len: usize,
+        access: Access,
+    ) -> Result<(), DmaFault> {
         self.resolve_range(dev, iova, len, access).map(|_| ())
     }
 

@@ -135,9 +135,103 @@ impl BioVec {
         }
     }
 
+    /// What a check of a whole array needs, in one pass with independent accumulators (the
+    /// loop runs at memory speed rather than one dependent step per element).
+    #[must_use]
+    pub fn summarize(bvecs: &[BioVec]) -> BvecSummary {
+        let mut acc = [BvecSummary::EMPTY; 4];
+        let mut chunks = bvecs.chunks_exact(4);
+        for c in &mut chunks {
+            for (a, b) in acc.iter_mut().zip(c) {
+                a.add(b);
+            }
+        }
+        for b in chunks.remainder() {
+            acc[0].add(b);
+        }
+        let mut out = acc[0];
+        for a in &acc[1..] {
+            out.bits |= a.bits;
+            out.max_phys = out.max_phys.max(a.max_phys);
+            out.min_len = out.min_len.min(a.min_len);
+            out.total += a.total;
+        }
+        out
+    }
+
     /// One whole-page bvec per frame: the array a driver builds from a list of scattered pages.
     #[must_use]
     pub fn from_frames(frames: &[PhysAddr]) -> Vec<BioVec> {
         frames.iter().map(|&pa| BioVec::page(pa)).collect()
+    }
+}
+
+/// A one-pass summary of a bvec array ([`BioVec::summarize`]): enough to accept a well-formed
+/// array without a second look, and to know when the exact, element-by-element check must run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BvecSummary {
+    /// The OR of every `phys`, `offset` and `len` (low bits set: something is not page aligned).
+    pub bits: u64,
+    /// The largest `phys` (offsets and lengths are below 2^32 each, so every segment ends below
+    /// `max_phys + 2^33`).
+    pub max_phys: u64,
+    /// The smallest `len` (`u32::MAX` for an empty array).
+    pub min_len: u32,
+    /// The sum of the lengths.
+    pub total: u64,
+}
+
+impl BvecSummary {
+    const EMPTY: BvecSummary = BvecSummary { bits: 0, max_phys: 0, min_len: u32::MAX, total: 0 };
+
+    #[inline]
+    fn add(&mut self, b: &BioVec) {
+        self.bits |= b.phys.as_u64() | u64::from(b.offset) | u64::from(b.len);
+        self.max_phys = self.max_phys.max(b.phys.as_u64());
+        self.min_len = self.min_len.min(b.len);
+        self.total += u64::from(b.len);
+    }
+
+    /// Whether every segment ends at or below `limit` (conservative: `false` may still hold).
+    #[must_use]
+    pub fn all_below(&self, limit: u64) -> bool {
+        self.max_phys.checked_add(2 << 32).is_some_and(|e| e <= limit)
+    }
+}
+
+/// A bio_vec array with its [`BvecSummary`], computed once when it is built and kept true by
+/// owning the array read-only: what a pinned object's page list is. Layers above check it in
+/// O(1) from the summary (the DMA layer's reach check of a direct device) instead of another
+/// pass over the pages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageArray {
+    pages: Vec<BioVec>,
+    sum: BvecSummary,
+}
+
+impl PageArray {
+    /// Takes `pages` and summarizes them (one pass).
+    #[must_use]
+    pub fn new(pages: Vec<BioVec>) -> Self {
+        let sum = BioVec::summarize(&pages);
+        PageArray { pages, sum }
+    }
+
+    /// The array.
+    #[must_use]
+    pub fn pages(&self) -> &[BioVec] {
+        &self.pages
+    }
+
+    /// Its summary.
+    #[must_use]
+    pub fn summary(&self) -> &BvecSummary {
+        &self.sum
+    }
+
+    /// Gives the array back.
+    #[must_use]
+    pub fn into_pages(self) -> Vec<BioVec> {
+        self.pages
     }
 }

@@ -22,7 +22,7 @@ use crate::sync::{Mutex, Rank};
 
 use crate::addr::{PAGE_SHIFT, PAGE_SIZE, PageSize, PhysAddr};
 pub use access::Words;
-pub use bvec::BioVec;
+pub use bvec::{BioVec, BvecSummary, PageArray};
 use frames::Buddy;
 pub use frames::MAX_ORDER;
 use rng::shuffle;
@@ -409,7 +409,12 @@ impl PhysMem {
     /// # Errors
     /// [`MemError::ForeignReservation`] when either token is another arena's,
     /// [`MemError::OutOfMemory`] when `from` holds fewer than `n`; nothing changes then.
-    pub fn transfer_reserved(&self, from: &mut Reservation, to: &mut Reservation, n: u64) -> Result<(), MemError> {
+    pub fn transfer_reserved(
+        &self,
+        from: &mut Reservation,
+        to: &mut Reservation,
+        n: u64,
+    ) -> Result<(), MemError> {
         self.own(from)?;
         self.own(to)?;
         if from.frames < n {

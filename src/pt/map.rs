@@ -83,12 +83,19 @@ impl<F: Format> PageTable<F> {
                     .ok_or(MapError::OutOfRange { va: F::Va::new(0), len: u64::MAX })?;
                 Ok(len)
             }
-            MapSource::PageVecs(b) => {
+            MapSource::PageVecs(b) | MapSource::DirectPageVecs(b) => {
                 // Checked element by element as the walk reads them (see `fill_4k`).
                 if b.is_empty() {
                     return Err(MapError::ZeroLength);
                 }
                 Ok(b.len() as u64 * PAGE_SIZE)
+            }
+            MapSource::PageSegments(g) => {
+                // Checked element by element as the walk reads them (see `fill_4k`).
+                if g.is_empty() {
+                    return Err(MapError::ZeroLength);
+                }
+                Ok(g.len() as u64 * PAGE_SIZE)
             }
             MapSource::Segments { segs, skip, len } => {
                 if len == 0 || segs.is_empty() {
@@ -97,21 +104,22 @@ impl<F: Format> PageTable<F> {
                 if (skip | len) & LOW != 0 {
                     return Err(MapError::UnalignedSource { index: 0, pa: F::Out::new(skip), len });
                 }
-                // Only the segments the map reads are checked: a short map from a long list
-                // costs what it maps.
+                // One vectorizable pass over the list given (callers hand the window they map);
+                // the exact error comes from the loop after it.
                 let want = skip.checked_add(len).unwrap_or(u64::MAX);
-                let mut total = 0u64;
-                for (index, g) in segs.iter().enumerate() {
-                    let (pa, l) = (g.addr, g.len);
-                    if l == 0 || (pa.as_u64() | l) & LOW != 0 {
-                        return Err(MapError::UnalignedSource { index, pa, len: l });
-                    }
-                    if pa.as_u64().checked_add(l).is_none_or(|e| e > Self::PA_LIMIT) {
-                        return Err(MapError::PhysTooHigh { index, pa, len: l });
-                    }
-                    total = total.saturating_add(l);
-                    if total >= want {
-                        break;
+                let (all, top, total) = segs.iter().fold((0u64, 0u64, 0u64), |(a, t, sm), g| {
+                    let end = g.addr.as_u64().saturating_add(g.len);
+                    (a | g.addr.as_u64() | g.len | u64::from(g.len == 0), t.max(end), sm.saturating_add(g.len))
+                });
+                if all & LOW != 0 || top > Self::PA_LIMIT {
+                    for (index, g) in segs.iter().enumerate() {
+                        let (pa, l) = (g.addr, g.len);
+                        if l == 0 || (pa.as_u64() | l) & LOW != 0 {
+                            return Err(MapError::UnalignedSource { index, pa, len: l });
+                        }
+                        if pa.as_u64().checked_add(l).is_none_or(|e| e > Self::PA_LIMIT) {
+                            return Err(MapError::PhysTooHigh { index, pa, len: l });
+                        }
                     }
                 }
                 if total < want {
@@ -246,7 +254,9 @@ impl<F: Format> PageTable<F> {
         if plan.reserve > 0 {
             match prep.as_deref_mut() {
                 // Checked above: the prepared token holds enough.
-                Some(p) => self.mem.transfer_reserved(p, reserve, plan.reserve).map_err(|_| MapError::NotPrepared)?,
+                Some(p) => {
+                    self.mem.transfer_reserved(p, reserve, plan.reserve).map_err(|_| MapError::NotPrepared)?
+                }
                 None => self.mem.reserve_more(reserve, plan.reserve).map_err(MapError::OutOfMemory)?,
             }
         }
@@ -363,7 +373,8 @@ impl<F: Format> PageTable<F> {
     fn source_error(src: MapSource<'_, F::Out>, index: usize) -> MapError<F::Va, F::Out> {
         let (pa, len, offset) = match src {
             MapSource::Pages(p) => (p[index], PAGE_SIZE, 0),
-            MapSource::PageVecs(b) => {
+            MapSource::PageSegments(g) => (g[index].addr, g[index].len, 0),
+            MapSource::PageVecs(b) | MapSource::DirectPageVecs(b) => {
                 let v = b[index];
                 (F::Out::new(v.start().unwrap_or(v.phys).as_u64()), u64::from(v.len), v.offset)
             }

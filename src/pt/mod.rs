@@ -488,7 +488,11 @@ impl<F: Format> PageTable<F> {
                 }
                 Pte::Leaf { pa, prot } => {
                     return PageSize::from_level(level).map_or(Probe::Empty, |size| {
-                        Probe::Mapped(Translated { pa: F::Out::new(pa.as_u64() + (v & (span(level) - 1))), prot, size })
+                        Probe::Mapped(Translated {
+                            pa: F::Out::new(pa.as_u64() + (v & (span(level) - 1))),
+                            prot,
+                            size,
+                        })
                     });
                 }
                 Pte::Table(pa) => {

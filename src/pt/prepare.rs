@@ -73,7 +73,10 @@ impl<F: Format> PageTable<F> {
     /// # Errors
     /// The input errors of [`PageTable::map`] for the first bad map;
     /// [`MapError::OutOfMemory`] when the arena cannot promise the frames. Nothing changes then.
-    pub fn prepare(&self, maps: &[PlannedMap<'_, F::Va, F::Out>]) -> Result<Prepared, MapError<F::Va, F::Out>> {
+    pub fn prepare(
+        &self,
+        maps: &[PlannedMap<'_, F::Va, F::Out>],
+    ) -> Result<Prepared, MapError<F::Va, F::Out>> {
         let mut total = Plan::default();
         for m in maps {
             let len = Self::check_source(&m.src)?;
@@ -94,7 +97,15 @@ impl<F: Format> PageTable<F> {
                 let v = m.va.as_u64();
                 let len = m.src.len();
                 let mut cur = Cursor::new(m.src, Self::PA_LIMIT, Frag::default());
-                self.plan_ahead(Self::ROOT_LEVEL, Some(root), v, v + len, &mut cur, m.opts.max_leaf.level(), &mut total);
+                self.plan_ahead(
+                    Self::ROOT_LEVEL,
+                    Some(root),
+                    v,
+                    v + len,
+                    &mut cur,
+                    m.opts.max_leaf.level(),
+                    &mut total,
+                );
             }
         }
         let res = self.mem.reserve(total.tables + total.reserve).map_err(MapError::OutOfMemory)?;

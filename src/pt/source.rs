@@ -39,6 +39,16 @@ pub enum MapSource<'a, A: Address = PhysAddr> {
         /// Length (a 4 KiB multiple).
         len: u64,
     },
+    /// [`MapSource::PageVecs`] for a table whose output addresses are the pages' physical
+    /// addresses as a device without translation uses them (a direct device: DMA address =
+    /// physical address). Only the DMA layer can say that holds (`dma::DirectMap`); the GPU table
+    /// of a direct GPU fills its leaves from the object's own page array with it, in one pass.
+    DirectPageVecs(&'a [BioVec]),
+    /// A segment list whose every element is exactly one aligned 4 KiB page (a scattered DMA
+    /// list: what a direct device's `map_sg` of single pages gives): its length is known without
+    /// a pass and each element is checked as the walk reads it, as for [`MapSource::PageVecs`].
+    /// An element that is not such a page is [`super::MapError::UnalignedSource`].
+    PageSegments(&'a [Segment<A>]),
     /// A list of contiguous segments of the output space (a DMA list: what a `dma::DmaVec`
     /// holds), mapped back to back from `skip` bytes into the first segment, `len` bytes in all.
     /// Every segment read must start and end on a 4 KiB boundary and lie below the format's
@@ -73,7 +83,8 @@ impl<A: Address> MapSource<'_, A> {
                 *len
             }
             MapSource::Pages(p) => p.len() as u64 * PAGE_SIZE,
-            MapSource::PageVecs(b) => b.len() as u64 * PAGE_SIZE,
+            MapSource::PageVecs(b) | MapSource::DirectPageVecs(b) => b.len() as u64 * PAGE_SIZE,
+            MapSource::PageSegments(g) => g.len() as u64 * PAGE_SIZE,
             MapSource::BioVecs(b) => b.iter().map(|v| u64::from(v.len)).sum(),
         }
     }
@@ -166,7 +177,8 @@ impl<'a, A: Address> Cursor<'a, A> {
             // Any alignment fits: a sparse run is as "contiguous" as it is long.
             MapSource::Sparse { len } => (0, len - self.off),
             MapSource::Pages(p) => (p[self.idx].as_u64(), PAGE_SIZE),
-            MapSource::PageVecs(b) => (b[self.idx].phys.as_u64(), PAGE_SIZE),
+            MapSource::PageVecs(b) | MapSource::DirectPageVecs(b) => (b[self.idx].phys.as_u64(), PAGE_SIZE),
+            MapSource::PageSegments(g) => (g[self.idx].addr.as_u64(), PAGE_SIZE),
             MapSource::BioVecs(b) => {
                 let v = &b[self.idx];
                 let start = v.phys.as_u64() + u64::from(v.offset);
@@ -192,7 +204,9 @@ impl<'a, A: Address> Cursor<'a, A> {
         match self.src {
             MapSource::Range { .. } | MapSource::Sparse { .. } => self.off += bytes,
             MapSource::Pages(_) => self.idx += (bytes / PAGE_SIZE) as usize,
-            MapSource::PageVecs(_) => self.idx += (bytes / PAGE_SIZE) as usize,
+            MapSource::PageVecs(_) | MapSource::DirectPageVecs(_) | MapSource::PageSegments(_) => {
+                self.idx += (bytes / PAGE_SIZE) as usize;
+            }
             MapSource::BioVecs(b) => {
                 while bytes > 0 {
                     let left = u64::from(b[self.idx].len) - self.off;
@@ -239,7 +253,7 @@ impl<'a, A: Address> Cursor<'a, A> {
                 }
                 self.idx += entries.len();
             }
-            MapSource::PageVecs(b) => {
+            MapSource::PageVecs(b) | MapSource::DirectPageVecs(b) => {
                 let run = &b[self.idx..self.idx + entries.len()];
                 // Fused with the stores: a conservative check (page aligned and below half the
                 // limit, offset 0, one whole page); anything it flags gets the exact check.
@@ -256,6 +270,20 @@ impl<'a, A: Address> Cursor<'a, A> {
                     if at < run.len() {
                         return Err(self.idx + at);
                     }
+                }
+                self.idx += entries.len();
+            }
+            MapSource::PageSegments(g) => {
+                let run = &g[self.idx..self.idx + entries.len()];
+                // Fused with the stores, as for page vectors: aligned, below the limit, one page.
+                let mut bad = 0;
+                for (e, s) in entries.iter().zip(run) {
+                    let a = s.addr.as_u64();
+                    bad |= (a & self.reject) | (s.len ^ PAGE_SIZE);
+                    e.store(a | bits, Ordering::Relaxed);
+                }
+                if check && bad != 0 {
+                    return Err(self.idx + first_bad_pageseg(run, self.reject));
                 }
                 self.idx += entries.len();
             }
@@ -363,7 +391,14 @@ impl<'a, A: Address> Cursor<'a, A> {
                 return Err(self.idx + first_bad_page(pages, self.reject));
             }
         }
-        if let MapSource::PageVecs(b) = self.src {
+        if let MapSource::PageSegments(g) = self.src {
+            let run = &g[self.idx..self.idx + n];
+            let at = first_bad_pageseg(run, self.reject);
+            if at < run.len() {
+                return Err(self.idx + at);
+            }
+        }
+        if let MapSource::PageVecs(b) | MapSource::DirectPageVecs(b) = self.src {
             let run = &b[self.idx..self.idx + n];
             if first_bad_pagevec(run, self.reject) < run.len() {
                 return Err(self.idx + first_bad_pagevec(run, self.reject));
@@ -380,6 +415,12 @@ fn first_bad_pagevec(run: &[BioVec], reject: u64) -> usize {
     run.iter()
         .position(|v| v.phys.as_u64() & reject != 0 || v.offset != 0 || u64::from(v.len) != PAGE_SIZE)
         .unwrap_or(run.len())
+}
+
+/// Index of the first segment that is not one aligned 4 KiB page within the limit (`len` if
+/// none).
+fn first_bad_pageseg<A: Address>(run: &[Segment<A>], reject: u64) -> usize {
+    run.iter().position(|s| s.addr.as_u64() & reject != 0 || s.len != PAGE_SIZE).unwrap_or(run.len())
 }
 
 fn first_bad_page<A: Address>(pages: &[A], reject: u64) -> usize {

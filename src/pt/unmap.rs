@@ -259,7 +259,18 @@ impl<F: Format> PageTable<F> {
                     }
                     self.count(child_pa).store(ENTRIES as u16, Ordering::Relaxed);
                     e.store(F::table_entry(child_pa), Ordering::Release);
-                    self.unmap_level(level - 1, child_pa, false, v, e_end, inv, reserve, unreserve, created, keep);
+                    self.unmap_level(
+                        level - 1,
+                        child_pa,
+                        false,
+                        v,
+                        e_end,
+                        inv,
+                        reserve,
+                        unreserve,
+                        created,
+                        keep,
+                    );
                 }
                 Pte::Table(pa) => {
                     let gone = !keep && (doomed || full);

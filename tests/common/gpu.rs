@@ -56,4 +56,3 @@ pub fn fragments_are_sound(mem: &PhysMem, root: PhysAddr, lo: u64, hi: u64) -> R
     }
     Ok(())
 }
-
