@@ -14,14 +14,16 @@
 //! - [`dma`]: the DMA API: devices, the two-step IOVA API, one-shot and scatter-gather mapping,
 //!   [`dma::DmaVec`];
 //! - [`nvme`]: PRP lists (and SGLs) built from a `DmaVec`, and controller-side decoders;
-//! - [`gpuvm`]: the GPU VM manager; so far its pure core, [`gpuvm::VaSpace`], drm_gpuvm's
-//!   split/merge.
+//! - [`gpuvm`]: the GPU VM manager: its pure core, [`gpuvm::VaSpace`] (drm_gpuvm's
+//!   split/merge), and [`gpuvm::Vm`] (buffer objects, prepare-then-commit binds into a GPU page
+//!   table, the two-stage GPU access).
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 pub mod addr;
 pub mod dma;
 pub mod gpuvm;
+mod hash;
 pub mod iommu;
 pub mod mem;
 pub mod nvme;

@@ -227,7 +227,8 @@ fn bad_binds_are_refused_whole_and_change_nothing() {
     f.vm.bind(&[map(0, 4 * P, a, 0)]).unwrap();
     let dump = f.vm.dump();
     let ghost = BoId(999);
-    let cases: Vec<(Vec<BindOp>, fn(&VmError) -> bool)> = vec![
+    type Case = (Vec<BindOp>, fn(&VmError) -> bool);
+    let cases: Vec<Case> = vec![
         (vec![map(8 * P, P, ghost, 0)], |e| matches!(e, VmError::NoSuchBo(_))),
         (vec![map(8 * P, 2 * P, a, 3 * P)], |e| matches!(e, VmError::BeyondBo { index: 0, .. })),
         // The first op is fine; the second is misaligned: neither happens.
@@ -251,8 +252,11 @@ fn bad_binds_are_refused_whole_and_change_nothing() {
     assert_eq!(f.vm.create_bo(vec![odd]), Err(VmError::BadBacking { index: 0 }));
 }
 
+/// GPU table dump, mappings, free and reserved frames, IOMMU table dump, live IOVAs.
+type Snapshot = (String, Vec<Va<BoId>>, u64, u64, Option<String>, Option<usize>);
+
 /// What the IOMMU, the GPU table and the arena hold: what a failed bind must leave alone.
-fn snapshot(f: &Fx) -> (String, Vec<Va<BoId>>, u64, u64, Option<String>, Option<usize>) {
+fn snapshot(f: &Fx) -> Snapshot {
     let u = f.mem.usage();
     (
         f.vm.table().dump(),

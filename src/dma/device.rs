@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use super::bounce;
 use super::record::{DevState, Record};
-use super::{Attrs, Direction, DmaError, DmaSeg, DmaVec, GRANULE, MapKind, align_up, granule_source, phys_span};
+use super::{
+    Attrs, Direction, DmaError, DmaSeg, DmaVec, GRANULE, MapKind, align_up, granule_source, phys_span,
+};
 use crate::addr::{DmaAddr, PhysAddr};
 use crate::iommu::iova::IovaError;
 use crate::iommu::{Access, DeviceId, DmaFault, Domain, DomainError, DomainKind, FaultReason, Iommu};
@@ -507,7 +509,12 @@ impl Device {
         })
     }
 
-    fn map_sg_direct_pass(&self, bvecs: &[BioVec], dir: Direction, mut segs: Vec<DmaSeg>) -> Result<DmaVec, DmaError> {
+    fn map_sg_direct_pass(
+        &self,
+        bvecs: &[BioVec],
+        dir: Direction,
+        mut segs: Vec<DmaSeg>,
+    ) -> Result<DmaVec, DmaError> {
         let Path::Direct { bits } = self.path else { unreachable!("direct path") };
         // Everything reachable lies below `limit` (the arena's end bounds real pages anyway).
         let limit = if bits < 64 { 1u64 << bits } else { u64::MAX };

@@ -3,7 +3,9 @@
 //! for the rules and the numbered cases.
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::hash::FastMap;
 use std::hash::Hash;
 
 /// The page size every address, size and object offset is a multiple of.
@@ -238,7 +240,7 @@ pub struct VaSpace<O: Clone + Eq + Hash> {
     end: u64,
     reserved: Option<(u64, u64)>,
     map: BTreeMap<u64, Va<O>>,
-    objs: HashMap<O, BTreeSet<u64>>,
+    objs: FastMap<O, BTreeSet<u64>>,
 }
 
 impl<O: Clone + Eq + Hash> VaSpace<O> {
@@ -264,7 +266,7 @@ impl<O: Clone + Eq + Hash> VaSpace<O> {
                 Some((a, e))
             }
         };
-        Ok(VaSpace { start, end, reserved, map: BTreeMap::new(), objs: HashMap::new() })
+        Ok(VaSpace { start, end, reserved, map: BTreeMap::new(), objs: FastMap::default() })
     }
 
     /// First byte of the space.
@@ -417,8 +419,14 @@ impl<O: Clone + Eq + Hash> VaSpace<O> {
 
     /// Whether `va` would overlap a mapping that is not being removed, or one created earlier
     /// in the same op list.
-    fn blocked(&self, va: &Va<O>, removed: &HashSet<u64>, created: &[(u64, u64)]) -> bool {
-        self.overlapping(va.addr, va.end()).any(|v| !removed.contains(&v.addr))
+    fn blocked(&self, va: &Va<O>, removed: &BTreeSet<u64>, created: &[(u64, u64)]) -> bool {
+        // Mappings do not overlap: walking down from the last one that starts below the end,
+        // the first that ends at or below the start ends the search (one range query).
+        self.map
+            .range(..va.end())
+            .rev()
+            .take_while(|(_, v)| v.end() > va.addr)
+            .any(|(a, _)| !removed.contains(a))
             || created.iter().any(|&(s, e)| s < va.end() && va.addr < e)
     }
 
@@ -428,7 +436,7 @@ impl<O: Clone + Eq + Hash> VaSpace<O> {
     /// # Errors
     /// [`VaError::StaleOps`] when an op does not fit the current mappings; nothing changes then.
     pub fn apply(&mut self, ops: &[Op<O>]) -> Result<(), VaError> {
-        let mut removed: HashSet<u64> = HashSet::new();
+        let mut removed: BTreeSet<u64> = BTreeSet::new();
         let mut created: Vec<(u64, u64)> = Vec::new();
         for (index, op) in ops.iter().enumerate() {
             let stale = |why| VaError::StaleOps { index, why };

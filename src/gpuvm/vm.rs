@@ -2,13 +2,13 @@
 //! buffer objects, and binds as prepare-then-commit (REFERENCES.md §6).
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+use crate::hash::FastMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::va::{Op, Va, VaError, VaFlags, VaSpace};
 use crate::addr::{DmaAddr, GpuVa, PAGE_SIZE, PageSize};
-use crate::dma::{Attrs, Device, Direction, DirectMap, DmaError, DmaVec, IovaState};
+use crate::dma::{Attrs, Device, DirectMap, Direction, DmaError, DmaVec, IovaState};
 use crate::mem::{BioVec, MemError, PageArray, PhysMem};
 use crate::pt::{GpuGfx9, Invalidation, MapError, MapOptions, MapSource, PageTable, PlannedMap, Prot};
 use crate::sync::{Mutex, Rank};
@@ -147,7 +147,7 @@ struct Bo {
 #[derive(Debug)]
 struct State {
     space: VaSpace<BoId>,
-    bos: HashMap<BoId, Bo>,
+    bos: FastMap<BoId, Bo>,
     next: u32,
     /// DMA lists of destroyed objects, kept for their allocations (a slab of `sg_table`s).
     spare: Vec<DmaVec>,
@@ -192,9 +192,9 @@ pub struct Vm {
 }
 
 /// A page-table action of a bind's commit.
-enum Act {
+enum Act<'a> {
     Clear(u64, u64),
-    Fill(Va<BoId>),
+    Fill(&'a Va<BoId>),
 }
 
 impl Vm {
@@ -210,7 +210,7 @@ impl Vm {
         }
         let table = PageTable::new(dev.mem().clone()).map_err(VmError::OutOfMemory)?;
         Ok(Vm {
-            state: Mutex::new(State { space, bos: HashMap::new(), next: 1, spare: Vec::new() }, Rank::Vm),
+            state: Mutex::new(State { space, bos: FastMap::default(), next: 1, spare: Vec::new() }, Rank::Vm),
             table,
             dev,
             unusable: AtomicBool::new(false),
@@ -300,7 +300,8 @@ impl Vm {
             match self.dma_unmap(d, b.size) {
                 Ok(Some(list)) if st.spare.len() < SPARE_LISTS => st.spare.push(list),
                 Ok(_) => {}
-                Err((d, err)) => {
+                Err(boxed) => {
+                    let (d, err) = *boxed;
                     b.dma = Some(d);
                     return Err(VmError::Dma { bo, err });
                 }
@@ -416,7 +417,7 @@ impl Vm {
                         acts.push(Act::Clear(s, e - s));
                     }
                 }
-                Op::Map(v) => acts.push(Act::Fill(v.clone())),
+                Op::Map(v) => acts.push(Act::Fill(v)),
             }
         }
         let mut planned = Vec::new();
@@ -441,12 +442,7 @@ impl Vm {
         drop(planned);
         // Commit: nothing below allocates (table pages and split reserve come from `prep`).
         let last_fill = acts.iter().rposition(|a| matches!(a, Act::Fill(_)));
-        let mut bound = Bound {
-            ops: applied.into_iter().flatten().collect(),
-            flush: TlbFlush::default(),
-            mapped: 0,
-            cleared: 0,
-        };
+        let mut bound = Bound { ops: Vec::new(), flush: TlbFlush::default(), mapped: 0, cleared: 0 };
         let mut invs: Vec<Invalidation<GpuVa>> = Vec::new();
         let mut kept: Vec<(u64, u64)> = Vec::new();
         let mut failure = None;
@@ -465,10 +461,10 @@ impl Vm {
                     match r {
                         Ok(inv) => {
                             bound.cleared += inv.unmapped_bytes();
-                            invs.push(inv);
-                            if keep {
+                            if inv.left_empty_tables() {
                                 kept.push((*addr, *len));
                             }
+                            invs.push(inv);
                         }
                         Err(e) => failure = Some(format!("unmap of [{addr:#x}, +{len:#x}): {e}")),
                     }
@@ -517,6 +513,12 @@ impl Vm {
         if let Some(why) = failure {
             return Err(self.fail(why));
         }
+        drop(acts);
+        bound.ops = if applied.len() == 1 {
+            applied.pop().unwrap_or_default()
+        } else {
+            applied.into_iter().flatten().collect()
+        };
         Ok(bound)
     }
 
@@ -615,20 +617,20 @@ impl Vm {
 
     /// Undoes [`Self::dma_map`] (returning a direct list for reuse); hands the mapping back
     /// with the error if the DMA layer refuses.
-    fn dma_unmap(&self, d: BoDma, size: u64) -> Result<Option<DmaVec>, (BoDma, DmaError)> {
+    fn dma_unmap(&self, d: BoDma, size: u64) -> Result<Option<DmaVec>, Box<(BoDma, DmaError)>> {
         let dir = Direction::Bidirectional;
         match d {
             BoDma::Iova(mut state) => match state.destroy(&self.dev, size, dir, Attrs::default()) {
                 Ok(()) => Ok(None),
-                Err(e) => Err((BoDma::Iova(state), e)),
+                Err(e) => Err(Box::new((BoDma::Iova(state), e))),
             },
             BoDma::DirectPages(m) => match self.dev.unmap_direct(&m, dir, Attrs::default()) {
                 Ok(()) => Ok(None),
-                Err(e) => Err((BoDma::DirectPages(m), e)),
+                Err(e) => Err(Box::new((BoDma::DirectPages(m), e))),
             },
             BoDma::Direct { list, starts } => match self.dev.unmap_sg(&list, dir, Attrs::default()) {
                 Ok(()) => Ok(Some(list)),
-                Err(e) => Err((BoDma::Direct { list, starts }, e)),
+                Err(e) => Err(Box::new((BoDma::Direct { list, starts }, e))),
             },
         }
     }
@@ -638,9 +640,9 @@ impl Vm {
         for bo in fresh {
             let b = st.bos.get_mut(bo).expect("mapped in this prepare");
             if let Some(d) = b.dma.take()
-                && let Err((d, _)) = self.dma_unmap(d, b.size)
+                && let Err(boxed) = self.dma_unmap(d, b.size)
             {
-                b.dma = Some(d);
+                b.dma = Some(boxed.0);
             }
         }
     }

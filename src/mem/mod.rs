@@ -347,6 +347,9 @@ impl PhysMem {
     /// when fewer than `n` unreserved frames are free; the token is unchanged then.
     pub fn reserve_more(&self, r: &mut Reservation, n: u64) -> Result<(), MemError> {
         self.own(r)?;
+        if n == 0 {
+            return Ok(());
+        }
         let mut b = self.frames.lock();
         b.reserve(n).map_err(|_| Self::oom(&b, n))?;
         r.frames += n;
@@ -361,6 +364,9 @@ impl PhysMem {
     pub fn unreserve(&self, r: &mut Reservation, n: u64) -> Result<u64, MemError> {
         self.own(r)?;
         let n = n.min(r.frames);
+        if n == 0 {
+            return Ok(0);
+        }
         self.frames.lock().unreserve(n);
         r.frames -= n;
         Ok(n)

@@ -53,6 +53,8 @@ pub struct Invalidation<V: Address> {
     pub(super) unmapped: u64,
     pub(super) sizes: u8,
     pub(super) freed: Vec<PhysAddr>,
+    /// An unmap that keeps tables left at least one of them empty (for [`super::PageTable::reclaim`]).
+    pub(super) emptied: bool,
     /// The span of the freed tables (`tstart >= tend` when none).
     tstart: u64,
     tend: u64,
@@ -68,6 +70,7 @@ impl<V: Address> Invalidation<V> {
             unmapped: 0,
             sizes: 0,
             freed: Vec::new(),
+            emptied: false,
             tstart: u64::MAX,
             tend: 0,
             _va: PhantomData,
@@ -86,6 +89,7 @@ impl<V: Address> Invalidation<V> {
             unmapped,
             sizes: u8::from(!none),
             freed: Vec::new(),
+            emptied: false,
             tstart: u64::MAX,
             tend: 0,
             _va: PhantomData,
@@ -114,6 +118,13 @@ impl<V: Address> Invalidation<V> {
         }
         self.freed.push(pa);
         self.cover(va, len);
+    }
+
+    /// Whether an unmap that keeps emptied tables ([`super::PageTable::unmap_keeping_tables`])
+    /// left one empty: then [`super::PageTable::reclaim`] over the range has something to free.
+    #[must_use]
+    pub fn left_empty_tables(&self) -> bool {
+        self.emptied
     }
 
     /// Bytes that were mapped in the range and are no longer.

@@ -106,10 +106,14 @@ impl<F: Format> PageTable<F> {
                 }
                 // One vectorizable pass over the list given (callers hand the window they map);
                 // the exact error comes from the loop after it.
-                let want = skip.checked_add(len).unwrap_or(u64::MAX);
+                let want = skip.saturating_add(len);
                 let (all, top, total) = segs.iter().fold((0u64, 0u64, 0u64), |(a, t, sm), g| {
                     let end = g.addr.as_u64().saturating_add(g.len);
-                    (a | g.addr.as_u64() | g.len | u64::from(g.len == 0), t.max(end), sm.saturating_add(g.len))
+                    (
+                        a | g.addr.as_u64() | g.len | u64::from(g.len == 0),
+                        t.max(end),
+                        sm.saturating_add(g.len),
+                    )
                 });
                 if all & LOW != 0 || top > Self::PA_LIMIT {
                     for (index, g) in segs.iter().enumerate() {

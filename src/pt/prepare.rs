@@ -41,8 +41,8 @@ use crate::mem::Reservation;
 #[must_use = "prepared frames stay reserved until PageTable::finish gives them back"]
 pub struct Prepared {
     res: Reservation,
-    /// The root of the table it was prepared for.
-    root: PhysAddr,
+    /// The table it was prepared for (the address of its parking lot: unique while it lives).
+    table: usize,
 }
 
 impl Prepared {
@@ -109,7 +109,7 @@ impl<F: Format> PageTable<F> {
             }
         }
         let res = self.mem.reserve(total.tables + total.reserve).map_err(MapError::OutOfMemory)?;
-        Ok(Prepared { res, root: self.root })
+        Ok(Prepared { res, table: self.id() })
     }
 
     /// Maps `src` at `va` exactly as [`PageTable::map`] does, taking table pages and split
@@ -127,10 +127,15 @@ impl<F: Format> PageTable<F> {
         prot: Prot,
         opts: MapOptions,
     ) -> Result<MapStats, MapError<F::Va, F::Out>> {
-        if prep.root != self.root {
+        if prep.table != self.id() {
             return Err(MapError::NotPrepared);
         }
         self.map_inner(va, src, prot, opts, Some(&mut prep.res))
+    }
+
+    /// Who this table is, for tokens prepared for it.
+    fn id(&self) -> usize {
+        std::sync::Arc::as_ptr(&self.parking) as usize
     }
 
     /// Gives the frames `prep` still holds back to the arena; returns how many.

@@ -50,6 +50,7 @@ impl<F: Format> PageTable<F> {
             && let Some((lo, span, unmapped)) = self.unmap_in_leaf(leaf, v, len, keep)
         {
             let mut inv = Invalidation::of_leaves(lo, span, unmapped);
+            inv.emptied = keep && self.count(leaf).load(Ordering::Relaxed) == 0;
             if F::MAX_FRAGMENT > 0 {
                 let t = self.table(leaf);
                 let i0 = index(v, 0);
@@ -275,7 +276,9 @@ impl<F: Format> PageTable<F> {
                 Pte::Table(pa) => {
                     let gone = !keep && (doomed || full);
                     self.unmap_level(level - 1, pa, gone, v, e_end, inv, reserve, unreserve, created, keep);
-                    if !keep && (gone || self.count(pa).load(Ordering::Relaxed) == 0) {
+                    let empty = self.count(pa).load(Ordering::Relaxed) == 0;
+                    inv.emptied |= keep && empty;
+                    if !keep && (gone || empty) {
                         if !doomed {
                             e.store(0, Ordering::Release);
                             self.count_add(table_pa, u16::MAX);

@@ -3,7 +3,9 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
+
+use crate::hash::FastHasher;
 
 use super::{IovaTag, MAG_SIZE, MAX_ALIGN_PAGES};
 
@@ -93,24 +95,6 @@ pub(super) fn shape(pages: u64) -> (u64, u64, Option<usize>) {
     }
 }
 
-/// A multiply-rotate hasher for page-frame keys (FxHash's recipe).
-#[derive(Default, Clone, Copy)]
-pub(super) struct PfnHasher(u64);
-
-impl Hasher for PfnHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
 /// A live allocation: its rounded size and its tag.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Live {
@@ -143,7 +127,7 @@ impl LiveLeaf {
 /// that grows with every live allocation.
 #[derive(Debug, Default)]
 pub(super) struct LiveMap {
-    leaves: HashMap<u64, Box<LiveLeaf>, BuildHasherDefault<PfnHasher>>,
+    leaves: HashMap<u64, Box<LiveLeaf>, BuildHasherDefault<FastHasher>>,
     /// One emptied leaf kept for reuse, so that an allocation churning at a leaf's edge does not
     /// allocate and free 12 KiB each time.
     spare: Option<Box<LiveLeaf>>,
