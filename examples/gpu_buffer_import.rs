@@ -1,6 +1,8 @@
 //! The main job of vmbind, end to end: a buffer's bytes are placed in scattered pages of
-//! physical memory, mapped in ONE call through the radix engine as an IOMMU table, and read back
-//! through the table (translate, then read) and verified byte for byte.
+//! physical memory, become a GPU buffer object, and are bound into a GPU VM whose GPU sits
+//! behind an IOMMU (the object's pages linked into one IOVA range in one call, the GPU table
+//! filled from it), then read back the way the GPU reads — GPU VA through the GPU table, DMA
+//! address through the IOMMU — and verified byte for byte.
 //!
 //! `cargo run --release --example gpu_buffer_import [FILE]`
 //!
@@ -12,9 +14,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use vmbind::addr::{DmaAddr, PAGE_SIZE};
-use vmbind::mem::PhysMem;
-use vmbind::pt::{MapOptions, MapSource, PageTable, Prot, X86Iommu};
+use vmbind::addr::PAGE_SIZE;
+use vmbind::dma::Device;
+use vmbind::gpuvm::{BindOp, Va, Vm};
+use vmbind::iommu::{DeviceId, DomainConfig, Iommu};
+use vmbind::mem::{BioVec, PhysMem};
 
 fn main() -> ExitCode {
     match run() {
@@ -28,7 +32,7 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     println!(
-        "vmbind gpu_buffer_import: CPU path (this build has no Vulkan backend yet; the table is walked on the CPU)"
+        "vmbind gpu_buffer_import: CPU path (this build has no Vulkan backend yet; the GPU's walk runs on the CPU)"
     );
     let arg = std::env::args().nth(1);
     let mem = Arc::new(PhysMem::new(1 << 30)?);
@@ -47,49 +51,55 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let source = arg.as_deref().unwrap_or("generated pattern");
     println!("buffer: {} bytes from {source}, in {} scattered 4 KiB pages", data.len(), bvecs.len());
 
-    // The IOMMU table the device translates through; the pages as one page list, one call.
-    let table = PageTable::<X86Iommu>::new(mem.clone())?;
-    let pages: Vec<_> = bvecs.iter().map(|b| b.phys).collect();
-    let iova = DmaAddr::new(0x10_0000_0000);
+    // The GPU sits behind an IOMMU: its DMA device is attached to a strict domain.
+    let iommu = Iommu::new(mem.clone());
+    let dom = iommu.create_domain(DomainConfig::default())?;
+    iommu.register_device(DeviceId(1), true)?;
+    iommu.attach(DeviceId(1), &dom)?;
+    let gpu = Device::translated(&iommu, DeviceId(1))?;
+    let vm = Vm::new(gpu, 1 << 40)?;
+
+    // The buffer object: its frames, whole pages (the last one's tail is padding).
+    let frames: Vec<_> = bvecs.iter().map(|b| b.phys).collect();
+    let bo = vm.create_bo(BioVec::from_frames(&frames))?;
+    let size = frames.len() as u64 * PAGE_SIZE;
+    let va = 0x10_0000_0000u64;
     let t0 = Instant::now();
-    let stats = table.map(iova, MapSource::Pages(&pages), Prot::READ, MapOptions::default())?;
-    let map_ns = t0.elapsed().as_nanos();
+    let bound = vm.bind(&[BindOp::Map(Va::object(va, size, bo, 0))])?;
+    let bind_ns = t0.elapsed().as_nanos();
+    let leaves = vm.table().leaves();
     println!(
-        "mapped at {iova}: {} leaves, {} table pages, one walk in {:.1} us ({:.2} ns/page)",
-        stats.leaves.iter().sum::<u64>(),
-        table.table_pages(),
-        map_ns as f64 / 1e3,
-        map_ns as f64 / pages.len() as f64
+        "bound at GPU VA {va:#x}: one IOVA range linked in one call, {} GPU leaves ({} of them 2 MiB or larger), {} split/merge op(s), in {:.1} us ({:.2} ns/page)",
+        leaves.len(),
+        leaves.iter().filter(|l| l.size != vmbind::addr::PageSize::Size4K).count(),
+        bound.ops.len(),
+        bind_ns as f64 / 1e3,
+        bind_ns as f64 / frames.len() as f64
     );
 
-    // The device's view: every byte through the table.
+    // The GPU's view: every byte through both stages (GPU table, then the IOMMU).
     let t0 = Instant::now();
     let mut back = vec![0u8; data.len()];
-    for (i, chunk) in back.chunks_mut(PAGE_SIZE as usize).enumerate() {
-        let va = DmaAddr::new(iova.as_u64() + i as u64 * PAGE_SIZE);
-        let t = table.translate(va).ok_or_else(|| format!("{va} does not translate"))?;
-        if !t.prot.contains(Prot::READ) {
-            return Err(format!("{va} is not readable").into());
-        }
-        mem.read(t.pa, chunk)?;
-    }
+    vm.gpu_read(va, &mut back)?;
     let read_ns = t0.elapsed().as_nanos();
     if back != data {
         let at = back.iter().zip(&data).position(|(a, b)| a != b).unwrap_or(0);
         return Err(format!("byte {at} differs after translation").into());
     }
     println!(
-        "read back through the table: {} bytes verified ({:.2} GB/s)",
+        "read back through the GPU table and the IOMMU: {} bytes verified ({:.2} GB/s)",
         back.len(),
         back.len() as f64 / read_ns as f64
     );
-    let inv = table.unmap(iova, pages.len() as u64 * PAGE_SIZE)?;
+    // A write to a GPU VA nothing maps is a typed fault, and nothing moves.
+    let fault = vm.gpu_write(va + size, b"x").expect_err("nothing is mapped past the buffer");
+    println!("write past the buffer refused: {fault}");
+    let done = vm.unbind(va, size)?;
     println!(
-        "unmapped {} bytes; {} table pages to free after the IOTLB flush",
-        inv.unmapped_bytes(),
-        inv.freed_tables()
+        "unbound {} bytes; GPU TLB flush of {:?}, {} table pages freed",
+        done.cleared, done.flush.range, done.flush.freed_tables
     );
-    inv.complete();
+    vm.destroy_bo(bo)?;
     println!("OK (CPU path)");
     Ok(())
 }
