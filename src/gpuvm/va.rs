@@ -468,10 +468,37 @@ impl<O: Clone + Eq + Hash> VaSpace<O> {
                 created.push((v.addr, v.end()));
             }
         }
+        self.apply_checked(ops);
+        Ok(())
+    }
+
+    /// Applies ops made by [`VaSpace::sm_map`] / [`VaSpace::sm_unmap`] of this space in its
+    /// current state, with nothing in between (what the GPU VM does under its lock): they fit by
+    /// construction, so the checks of [`VaSpace::apply`] are skipped (debug builds still make
+    /// them).
+    pub(crate) fn apply_fresh(&mut self, ops: &[Op<O>]) {
+        debug_assert!(self.clone().apply(ops).is_ok(), "fresh ops that do not apply");
+        self.apply_checked(ops);
+    }
+
+    /// The updates of [`VaSpace::apply`], once the list is known to fit.
+    fn apply_checked(&mut self, ops: &[Op<O>]) {
         for op in ops {
             match op {
                 Op::Map(v) => self.insert(v.clone()),
                 Op::Unmap { va, .. } => self.remove(va.addr),
+                // A `prev` piece starts where the mapping it cuts did and keeps its object: the
+                // node is updated in place (no remove and insert, no index change).
+                Op::Remap { prev: Some(p), next, unmap, .. }
+                    if p.addr == unmap.addr && p.obj == unmap.obj =>
+                {
+                    if let Some(slot) = self.map.get_mut(&p.addr) {
+                        *slot = p.clone();
+                    }
+                    if let Some(n) = next {
+                        self.insert(n.clone());
+                    }
+                }
                 Op::Remap { prev, next, unmap, .. } => {
                     self.remove(unmap.addr);
                     for v in [prev, next].into_iter().flatten() {
@@ -480,7 +507,6 @@ impl<O: Clone + Eq + Hash> VaSpace<O> {
                 }
             }
         }
-        Ok(())
     }
 
     fn insert(&mut self, v: Va<O>) {

@@ -376,8 +376,12 @@ impl Vm {
                 BindOp::Map(req) => st.space.sm_map(req),
                 BindOp::Unmap { addr, range } => st.space.sm_unmap(*addr, *range),
             };
-            let ops_of = match ops_of.and_then(|g| st.space.apply(&g).map(|()| g)) {
-                Ok(g) => g,
+            let ops_of = match ops_of {
+                Ok(g) => {
+                    // Made from the current state under the lock: it fits.
+                    st.space.apply_fresh(&g);
+                    g
+                }
                 Err(err) => {
                     Self::undo_space(&mut st.space, &applied);
                     return Err(VmError::Va { index, err });
