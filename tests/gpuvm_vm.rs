@@ -444,3 +444,26 @@ proptest! {
         prop_assert_eq!(u.reserved_frames, base_usage.reserved_frames);
     }
 }
+
+#[test]
+fn the_dump_lists_mappings_levels_leaf_sizes_fragments_and_sparse_ranges() {
+    let f = fx(Mode::Iommu, 32 << 20);
+    let run = f.mem.alloc_block(4 << 20).unwrap();
+    let obj = f.vm.create_bo(vec![BioVec { phys: run, offset: 0, len: 4 << 20 }]).unwrap();
+    let ro = VaFlags { read_only: true, no_exec: true };
+    f.vm.bind(&[
+        BindOp::Map(Va::object(1 << 30, 2 << 20, obj, 0)),
+        BindOp::Map(Va::object((2 << 30) + (1 << 20), 1 << 20, obj, 0).with_flags(ro)),
+        BindOp::Map(Va::sparse(3 << 30, 3 * P)),
+    ])
+    .unwrap();
+    let d = f.vm.dump();
+    assert!(d.starts_with("VM: 3 mapping(s), 1 object(s)"), "{d}");
+    assert!(d.contains("  [0x000040000000, 0x000040200000) bo1 @ 0x0\n"), "{d}");
+    assert!(d.contains("bo1 @ 0x0 ro nx"), "{d}");
+    assert!(d.contains("  [0x0000c0000000, 0x0000c0003000) sparse\n"), "{d}");
+    assert!(d.contains("tables per level: L3 1, L2 1, L1 3, L0 2"), "{d}");
+    assert!(d.contains(": 1 x 2MiB rwx"), "the 2 MiB-aligned run is one huge leaf: {d}");
+    assert!(d.contains("256 x 4KiB r-- frag 8"), "the 1 MiB run is one 2^8 fragment: {d}");
+    assert!(d.contains("[0xc0000000, 0xc0003000) sparse: 3 x 4KiB"), "{d}");
+}

@@ -170,7 +170,8 @@ impl Vm {
             if let Some(r) = v.repeat {
                 flags.push(format!("repeat [{:#x}, +{:#x})", r.start, r.len));
             }
-            let _ = writeln!(out, "  [{:#014x}, {:#014x}) {what} {}", v.addr, v.end(), flags.join(" "));
+            let line = format!("  [{:#014x}, {:#014x}) {what} {}", v.addr, v.end(), flags.join(" "));
+            let _ = writeln!(out, "{}", line.trim_end());
         }
         out.push_str(&self.table().dump());
         out

@@ -262,6 +262,9 @@ pub struct Leaf<V, A = PhysAddr> {
     pub prot: Prot,
     /// A sparse entry ([`Pte::Sparse`]: reads zero, writes dropped; `pa` is 0).
     pub sparse: bool,
+    /// The fragment field of a 4 KiB leaf (formats with fragments, [`Format::MAX_FRAGMENT`]):
+    /// the entry belongs to an aligned contiguous run of `4 KiB << frag`; 0 otherwise.
+    pub frag: u8,
 }
 
 /// A radix page table of format `F` living in a [`PhysMem`] arena.
@@ -570,12 +573,19 @@ impl<F: Format> PageTable<F> {
                             size,
                             prot: Prot::NONE,
                             sparse: true,
+                            frag: 0,
                         });
                     }
                 }
                 Pte::Leaf { pa, prot } => {
                     if let Some(size) = PageSize::from_level(level) {
-                        f(Leaf { va: F::Va::new(va), pa, size, prot, sparse: false });
+                        let raw = e.load(Ordering::Acquire);
+                        let frag = if level == 0 {
+                            ((raw & F::FRAGMENT_MASK) >> F::FRAGMENT_SHIFT) as u8
+                        } else {
+                            0
+                        };
+                        f(Leaf { va: F::Va::new(va), pa, size, prot, sparse: false, frag });
                     }
                 }
                 Pte::Table(child) if level > 0 => self.visit(level - 1, child, va, f),
@@ -584,8 +594,9 @@ impl<F: Format> PageTable<F> {
         }
     }
 
-    /// A text picture of the table: a header with the format and counts, then one line per run
-    /// of leaves that are contiguous in both address spaces with the same size and permissions.
+    /// A text picture of the table: a header with the format and counts, the table pages per
+    /// level, then one line per run of leaves that are contiguous in both address spaces with the
+    /// same size, permissions and fragment (`frag N`: one TLB entry covers `4 KiB << N`).
     #[must_use]
     pub fn dump(&self) -> String {
         use core::fmt::Write;
@@ -599,6 +610,14 @@ impl<F: Format> PageTable<F> {
             self.split_reserve(),
             self.parked_tables()
         );
+        let mut per_level = [0u64; 4];
+        {
+            let _guard = self.lock.lock();
+            self.count_tables(Self::ROOT_LEVEL, self.root, &mut per_level);
+        }
+        let levels: Vec<String> =
+            (0..F::LEVELS).rev().map(|l| format!("L{l} {}", per_level[usize::from(l)])).collect();
+        let _ = writeln!(out, "  tables per level: {}", levels.join(", "));
         // The first leaf of the current run and how many leaves it has.
         type Run<F> = (Leaf<<F as Format>::Va, <F as Format>::Out>, u64);
         let mut run: Option<Run<F>> = None;
@@ -608,7 +627,8 @@ impl<F: Format> PageTable<F> {
             let _ = if l.sparse {
                 writeln!(out, "  [{s:#x}, {e:#x}) sparse: {n} x {}", l.size)
             } else {
-                writeln!(out, "  [{s:#x}, {e:#x}) -> {}: {n} x {} {:?}", l.pa, l.size, l.prot)
+                let frag = if l.frag > 0 { format!(" frag {}", l.frag) } else { String::new() };
+                writeln!(out, "  [{s:#x}, {e:#x}) -> {}: {n} x {} {:?}{frag}", l.pa, l.size, l.prot)
             };
         };
         self.for_each_leaf(|l| {
@@ -618,6 +638,7 @@ impl<F: Format> PageTable<F> {
                 if l.size == first.size
                     && l.prot == first.prot
                     && l.sparse == first.sparse
+                    && l.frag == first.frag
                     && l.va.as_u64() == first.va.as_u64() + span
                     && l.pa.as_u64() == first.pa.as_u64() + step
                 {
@@ -632,6 +653,18 @@ impl<F: Format> PageTable<F> {
             line(&mut out, &first, n);
         }
         out
+    }
+
+    /// Counts the table pages of the subtree at `pa` (a table of `level`) per level.
+    fn count_tables(&self, level: u8, pa: PhysAddr, out: &mut [u64; 4]) {
+        out[usize::from(level)] += 1;
+        if level > 0 {
+            for e in self.table(pa) {
+                if let Pte::Table(child) = F::decode(e.load(Ordering::Relaxed), level) {
+                    self.count_tables(level - 1, child, out);
+                }
+            }
+        }
     }
 
     fn free_subtree(&self, level: u8, pa: PhysAddr, out: &mut Vec<PhysAddr>) {
