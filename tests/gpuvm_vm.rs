@@ -248,6 +248,15 @@ fn bad_binds_are_refused_whole_and_change_nothing() {
     f.vm.unbind_bo(a).unwrap();
     f.vm.destroy_bo(a).unwrap();
     assert_eq!(f.vm.create_bo(vec![]), Err(VmError::BadBacking { index: 0 }));
+    // A page-aligned offset is a page like any other (phys + offset is its first byte).
+    for mode in [Mode::Iommu, Mode::Direct] {
+        let g = fx(mode, 32 << 20);
+        let frame = g.mem.alloc_block(2 * P).unwrap();
+        g.mem.write(PhysAddr::new(frame.as_u64() + P), &pattern(3, 1)).unwrap();
+        let shifted = g.vm.create_bo(vec![BioVec { phys: frame, offset: P as u32, len: P as u32 }]).unwrap();
+        g.vm.bind(&[map(0x1000, P, shifted, 0)]).unwrap();
+        assert_eq!(read16(&g.vm, 0x1000).unwrap(), pattern(3, 1), "{mode:?}");
+    }
     let odd = BioVec { phys: PhysAddr::new(0x1000), offset: 8, len: 4096 };
     assert_eq!(f.vm.create_bo(vec![odd]), Err(VmError::BadBacking { index: 0 }));
 }

@@ -254,6 +254,18 @@ impl Vm {
         // One vectorizable pass: offsets, addresses and lengths page aligned, no empty segment,
         // none near the top of the address space (lengths are below 2^32); the exact index of a
         // bad one from the loop after it.
+        let mut pages = pages;
+        // Page-aligned offsets are folded into the address (`phys` = first byte, offset 0), the
+        // form the GPU table's page-array fill and the DMA layer's page checks expect.
+        if pages.iter().any(|b| b.offset != 0) {
+            for b in &mut pages {
+                if let Some(start) = b.start()
+                    && start.as_u64() % PAGE_SIZE == 0
+                {
+                    *b = BioVec { phys: start, offset: 0, len: b.len };
+                }
+            }
+        }
         let pages = PageArray::new(pages);
         let sum = *pages.summary();
         let size = sum.total;
