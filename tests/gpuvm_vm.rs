@@ -476,3 +476,40 @@ fn the_dump_lists_mappings_levels_leaf_sizes_fragments_and_sparse_ranges() {
     assert!(d.contains("256 x 4KiB r-- frag 8"), "the 1 MiB run is one 2^8 fragment: {d}");
     assert!(d.contains("[0xc0000000, 0xc0003000) sparse: 3 x 4KiB"), "{d}");
 }
+
+#[test]
+fn a_direct_gpu_maps_multi_page_segments_from_any_object_offset() {
+    let f = fx(Mode::Direct, 32 << 20);
+    // Three segments: 2 MiB + 8 KiB contiguous, one page, 3 pages.
+    let a = f.mem.alloc_block(4 << 20).unwrap();
+    let b = f.mem.alloc_frame().unwrap();
+    let c = f.mem.alloc_block(4 * P).unwrap();
+    let segs = vec![
+        BioVec { phys: a, offset: 0, len: (MIB2 + 2 * P) as u32 },
+        BioVec::page(b),
+        BioVec { phys: c, offset: 0, len: (3 * P) as u32 },
+    ];
+    let pages: Vec<PhysAddr> = (0..(MIB2 / P + 2))
+        .map(|i| PhysAddr::new(a.as_u64() + i * P))
+        .chain([b])
+        .chain((0..3).map(|i| PhysAddr::new(c.as_u64() + i * P)))
+        .collect();
+    for (i, pg) in pages.iter().enumerate() {
+        f.mem.write(*pg, &pattern(9, i as u64)).unwrap();
+    }
+    let n = pages.len() as u64;
+    let obj = f.vm.create_bo(segs).unwrap();
+    // The whole object 2 MiB aligned (one huge leaf where DMA and VA align), then a window that
+    // starts inside the first segment and ends inside the last.
+    f.vm.bind(&[map(1 << 30, n * P, obj, 0), map(2 << 30, (n - 3) * P, obj, 2 * P)]).unwrap();
+    assert_eq!(f.vm.leaf_size(1 << 30), Some(PageSize::Size2M));
+    for i in 0..n {
+        assert_eq!(read16(&f.vm, (1 << 30) + i * P).unwrap(), pattern(9, i), "page {i}");
+    }
+    for i in 0..n - 3 {
+        assert_eq!(read16(&f.vm, (2 << 30) + i * P).unwrap(), pattern(9, i + 2), "window page {i}");
+    }
+    f.vm.unbind_bo(obj).unwrap();
+    f.vm.destroy_bo(obj).unwrap();
+    assert_eq!(f.vm.table().table_pages(), 1);
+}
