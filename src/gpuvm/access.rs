@@ -106,7 +106,7 @@ impl Vm {
         let mut out: Vec<Piece> = Vec::new();
         let mut at = va;
         while at < end {
-            let n = ((at | (PAGE_SIZE - 1)) + 1).min(end) - at;
+            let n = (PAGE_SIZE - (at & (PAGE_SIZE - 1))).min(end - at);
             match self.table_probe(at) {
                 Probe::Empty => return Err(fault(at, FaultStage::NotMapped)),
                 Probe::Sparse { .. } => match out.last_mut() {

@@ -65,7 +65,8 @@ pub enum VmError {
         /// The object's size.
         size: u64,
     },
-    /// An object's backing page is not one whole, aligned 4 KiB page multiple, or there is none.
+    /// An object's backing segment is not a whole, aligned page run inside the arena, or there
+    /// is none (or the VM has made all the objects its ids can name).
     #[error("backing segment {index} of a buffer object is not a whole, aligned page run")]
     BadBacking {
         /// Index of the offending segment (0 for an empty list).
@@ -79,6 +80,10 @@ pub enum VmError {
         /// How many.
         mappings: usize,
     },
+    /// The GPU table refused a map the bind planned (a DMA address beyond what the GPU
+    /// format holds); nothing changed.
+    #[error("the GPU page table refused the bind: {0}")]
+    Table(String),
     /// DMA-mapping an object's pages for the GPU failed.
     #[error("DMA mapping of {bo} failed: {err}")]
     Dma {
@@ -269,11 +274,14 @@ impl Vm {
         let pages = PageArray::new(pages);
         let sum = *pages.summary();
         let size = sum.total;
-        if sum.bits % PAGE_SIZE != 0 || sum.min_len == 0 || sum.max_phys >= 1 << 63 {
+        let arena = self.dev.mem().size();
+        if sum.bits % PAGE_SIZE != 0 || sum.min_len == 0 || sum.max_phys.saturating_add(1 << 33) > arena {
             for (index, b) in pages.pages().iter().enumerate() {
                 let len = u64::from(b.len);
                 let bad = b.start().is_none_or(|s| {
-                    len == 0 || (s.as_u64() | len) % PAGE_SIZE != 0 || s.as_u64().checked_add(len).is_none()
+                    len == 0
+                        || (s.as_u64() | len) % PAGE_SIZE != 0
+                        || s.as_u64().checked_add(len).is_none_or(|e| e > arena)
                 });
                 if bad {
                     return Err(VmError::BadBacking { index });
@@ -282,7 +290,7 @@ impl Vm {
         }
         let mut st = self.state.lock();
         let id = BoId(st.next);
-        st.next += 1;
+        st.next = st.next.checked_add(1).ok_or(VmError::BadBacking { index: 0 })?;
         st.bos.insert(id, Bo { size, pages, dma: None });
         Ok(id)
     }
@@ -451,7 +459,7 @@ impl Vm {
                 Self::undo_space(&mut st.space, &applied);
                 return Err(match e {
                     MapError::OutOfMemory(m) => VmError::OutOfMemory(m),
-                    other => self.fail(format!("prepare refused a planned map: {other}")),
+                    other => VmError::Table(other.to_string()),
                 });
             }
         };

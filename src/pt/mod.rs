@@ -502,7 +502,10 @@ impl<F: Format> PageTable<F> {
                     if level == 0 {
                         return Probe::Empty;
                     }
-                    t = self.table(pa);
+                    // A table freed and reused under a lock-free walk reads as nothing, never
+                    // a panic.
+                    let Some(next) = self.mem.table(pa) else { return Probe::Empty };
+                    t = next;
                     level -= 1;
                 }
             }
