@@ -152,7 +152,7 @@ impl BioVec {
         let mut out = acc[0];
         for a in &acc[1..] {
             out.bits |= a.bits;
-            out.max_phys = out.max_phys.max(a.max_phys);
+            out.max_end = out.max_end.max(a.max_end);
             out.min_len = out.min_len.min(a.min_len);
             out.total += a.total;
         }
@@ -172,9 +172,9 @@ impl BioVec {
 pub struct BvecSummary {
     /// The OR of every `phys`, `offset` and `len` (low bits set: something is not page aligned).
     pub bits: u64,
-    /// The largest `phys` (offsets and lengths are below 2^32 each, so every segment ends below
-    /// `max_phys + 2^33`).
-    pub max_phys: u64,
+    /// The largest end (`phys + offset + len`, saturating at `u64::MAX`: a segment that wraps
+    /// ends "at" `u64::MAX`).
+    pub max_end: u64,
     /// The smallest `len` (`u32::MAX` for an empty array).
     pub min_len: u32,
     /// The sum of the lengths.
@@ -182,20 +182,21 @@ pub struct BvecSummary {
 }
 
 impl BvecSummary {
-    const EMPTY: BvecSummary = BvecSummary { bits: 0, max_phys: 0, min_len: u32::MAX, total: 0 };
+    const EMPTY: BvecSummary = BvecSummary { bits: 0, max_end: 0, min_len: u32::MAX, total: 0 };
 
     #[inline]
     fn add(&mut self, b: &BioVec) {
         self.bits |= b.phys.as_u64() | u64::from(b.offset) | u64::from(b.len);
-        self.max_phys = self.max_phys.max(b.phys.as_u64());
+        let end = b.phys.as_u64().saturating_add(u64::from(b.offset) + u64::from(b.len));
+        self.max_end = self.max_end.max(end);
         self.min_len = self.min_len.min(b.len);
         self.total += u64::from(b.len);
     }
 
-    /// Whether every segment ends at or below `limit` (conservative: `false` may still hold).
+    /// Whether every segment ends at or below `limit` without wrapping (`limit < u64::MAX`).
     #[must_use]
     pub fn all_below(&self, limit: u64) -> bool {
-        self.max_phys.checked_add(2 << 32).is_some_and(|e| e <= limit)
+        self.max_end <= limit && self.max_end < u64::MAX
     }
 }
 

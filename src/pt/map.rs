@@ -16,6 +16,9 @@ use crate::mem::Reservation;
 pub(super) struct Plan {
     pub(super) tables: u64,
     pub(super) reserve: u64,
+    /// Planning a bind ahead of its unmaps ([`PageTable::prepare`]): every present entry but a
+    /// table counts as empty (the bind's unmaps remove it first), so nothing is an overlap.
+    pub(super) ahead: bool,
 }
 
 impl<F: Format> PageTable<F> {
@@ -35,6 +38,23 @@ impl<F: Format> PageTable<F> {
         self.plan(Self::ROOT_LEVEL, Some(root), v, v + len, &mut cur, 0, &mut Plan::default())
             .err()
             .map(F::Va::new)
+    }
+
+    /// Validates a map request, its source and where it goes (aligned, inside the input space,
+    /// not wrapping), without touching the table; returns its length.
+    pub(super) fn check_request(
+        va: F::Va,
+        src: &MapSource<'_, F::Out>,
+    ) -> Result<u64, MapError<F::Va, F::Out>> {
+        let len = Self::check_source(src)?;
+        if va.as_u64() & (PAGE_SIZE - 1) != 0 {
+            return Err(MapError::UnalignedVa { va });
+        }
+        match Self::span(va, len) {
+            Ok(_) => Ok(len),
+            Err(SpanError::Overflow { .. }) => Err(MapError::Overflow { va, len }),
+            Err(_) => Err(MapError::OutOfRange { va, len }),
+        }
     }
 
     /// Validates a source (page lists and page arrays are checked during the walk instead) and
@@ -197,16 +217,8 @@ impl<F: Format> PageTable<F> {
         opts: MapOptions,
         prep: Option<&mut Reservation>,
     ) -> Result<MapStats, MapError<F::Va, F::Out>> {
-        let len = Self::check_source(&src)?;
+        let len = Self::check_request(va, &src)?;
         let v = va.as_u64();
-        if v & (PAGE_SIZE - 1) != 0 {
-            return Err(MapError::UnalignedVa { va });
-        }
-        match Self::span(va, len) {
-            Ok(_) => {}
-            Err(SpanError::Overflow { .. }) => return Err(MapError::Overflow { va, len }),
-            Err(_) => return Err(MapError::OutOfRange { va, len }),
-        }
         let sparse = matches!(src, MapSource::Sparse { .. });
         let bits_at = |level: u8| match sparse {
             // `check_source` refused formats without sparse entries.
@@ -410,9 +422,10 @@ impl<F: Format> PageTable<F> {
         ((end - v) / s).min(left / s).min(in_table) as usize
     }
 
-    /// Read-only descent: counts tables and reserve, finds overlaps (returns the mapped address).
+    /// Read-only descent: counts tables and reserve, finds overlaps (returns the mapped address;
+    /// never with `plan.ahead`, see [`Plan`]).
     #[allow(clippy::too_many_arguments)]
-    fn plan(
+    pub(super) fn plan(
         &self,
         level: u8,
         table: Option<&[AtomicU64; ENTRIES]>,
@@ -423,7 +436,7 @@ impl<F: Format> PageTable<F> {
         plan: &mut Plan,
     ) -> Result<(), u64> {
         if level == 0 {
-            if let Some(t) = table {
+            if let (Some(t), false) = (table, plan.ahead) {
                 let (i0, i1) = (index(va, 0), index(va, 0) + ((end - va) / PAGE_SIZE) as usize);
                 if let Some(k) = t[i0..i1].iter().position(|e| F::is_present(e.load(Ordering::Acquire))) {
                     return Err(va + k as u64 * PAGE_SIZE);
@@ -439,7 +452,17 @@ impl<F: Format> PageTable<F> {
             let i = index(v, level);
             let mut n = Self::huge_run(level, max_level, v, end, cur);
             if let (Some(t), true) = (table, n > 0) {
-                n = t[i..i + n].iter().take_while(|e| !F::is_present(e.load(Ordering::Acquire))).count();
+                // What stops a run of huge leaves: any present entry, or ahead of the unmaps
+                // only a table (which stays through the bind).
+                let free = |e: &AtomicU64| {
+                    let raw = e.load(Ordering::Acquire);
+                    if plan.ahead {
+                        !matches!(F::decode(raw, level), Pte::Table(_))
+                    } else {
+                        !F::is_present(raw)
+                    }
+                };
+                n = t[i..i + n].iter().take_while(|e| free(e)).count();
             }
             if n > 0 {
                 plan.reserve += n as u64 * split_cost(level);
@@ -451,15 +474,17 @@ impl<F: Format> PageTable<F> {
             // A table where a huge leaf could go is descended into: it holds at least one present
             // entry (emptied tables are freed), which the descent reports exactly.
             match table.map_or(Pte::Empty, |t| F::decode(t[i].load(Ordering::Acquire), level)) {
-                Pte::Empty => {
-                    plan.tables += 1;
-                    self.plan(level - 1, None, v, e_end, cur, max_level, plan)?;
-                }
                 Pte::Table(pa) => {
                     let child = self.table(pa);
                     self.plan(level - 1, Some(child), v, e_end, cur, max_level, plan)?;
                 }
-                Pte::Leaf { .. } | Pte::Sparse => return Err(v),
+                Pte::Leaf { .. } | Pte::Sparse if !plan.ahead => return Err(v),
+                // Empty, or (ahead) a leaf the bind's unmaps remove or split: a new table, planned
+                // as a fresh subtree.
+                _ => {
+                    plan.tables += 1;
+                    self.plan(level - 1, None, v, e_end, cur, max_level, plan)?;
+                }
             }
             v = e_end;
         }

@@ -24,13 +24,13 @@
 //! [`PageTable::finish`].
 #![forbid(unsafe_code)]
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 
 use super::map::Plan;
 use super::source::{Cursor, Frag};
-use super::{ENTRIES, Format, Invalidation, MapError, MapOptions, MapSource, MapStats, PageTable, Prot, Pte};
-use super::{index, span, split_cost};
-use crate::addr::{Address, PAGE_SIZE, PhysAddr, SpanError};
+use super::{Format, Invalidation, MapError, MapOptions, MapSource, MapStats, PageTable, Prot, Pte};
+use super::{index, span};
+use crate::addr::{Address, PAGE_SIZE, PhysAddr};
 use crate::mem::Reservation;
 
 /// Frames set aside by [`PageTable::prepare`] for the maps of one bind: drawn on by
@@ -77,18 +77,9 @@ impl<F: Format> PageTable<F> {
         &self,
         maps: &[PlannedMap<'_, F::Va, F::Out>],
     ) -> Result<Prepared, MapError<F::Va, F::Out>> {
-        let mut total = Plan::default();
+        let mut total = Plan { ahead: true, ..Plan::default() };
         for m in maps {
-            let len = Self::check_source(&m.src)?;
-            let v = m.va.as_u64();
-            if v & (PAGE_SIZE - 1) != 0 {
-                return Err(MapError::UnalignedVa { va: m.va });
-            }
-            match Self::span(m.va, len) {
-                Ok(_) => {}
-                Err(SpanError::Overflow { .. }) => return Err(MapError::Overflow { va: m.va, len }),
-                Err(_) => return Err(MapError::OutOfRange { va: m.va, len }),
-            }
+            Self::check_request(m.va, &m.src)?;
         }
         {
             let _guard = self.lock.lock();
@@ -97,7 +88,8 @@ impl<F: Format> PageTable<F> {
                 let v = m.va.as_u64();
                 let len = m.src.len();
                 let mut cur = Cursor::new(m.src, Self::PA_LIMIT, Frag::default());
-                self.plan_ahead(
+                // Ahead of the unmaps nothing is an overlap: the walk cannot fail.
+                let _ = self.plan(
                     Self::ROOT_LEVEL,
                     Some(root),
                     v,
@@ -141,55 +133,6 @@ impl<F: Format> PageTable<F> {
     /// Gives the frames `prep` still holds back to the arena; returns how many.
     pub fn finish(&self, mut prep: Prepared) -> u64 {
         self.mem.unreserve(&mut prep.res, u64::MAX).unwrap_or(0)
-    }
-
-    /// The planning walk of [`Self::prepare`]: what filling `[va, end)` from `cur` may take,
-    /// treating every present entry but a table as empty (module docs).
-    #[allow(clippy::too_many_arguments)]
-    fn plan_ahead(
-        &self,
-        level: u8,
-        table: Option<&[AtomicU64; ENTRIES]>,
-        va: u64,
-        end: u64,
-        cur: &mut Cursor<'_, F::Out>,
-        max_level: u8,
-        plan: &mut Plan,
-    ) {
-        if level == 0 {
-            cur.advance(end - va);
-            return;
-        }
-        let s = span(level);
-        let mut v = va;
-        while v < end {
-            let i = index(v, level);
-            let mut n = Self::huge_run(level, max_level, v, end, cur);
-            if let (Some(t), true) = (table, n > 0) {
-                n = t[i..i + n]
-                    .iter()
-                    .take_while(|e| !matches!(F::decode(e.load(Ordering::Acquire), level), Pte::Table(_)))
-                    .count();
-            }
-            if n > 0 {
-                plan.reserve += n as u64 * split_cost(level);
-                cur.advance(n as u64 * s);
-                v += n as u64 * s;
-                continue;
-            }
-            let e_end = ((v & !(s - 1)) + s).min(end);
-            match table.map(|t| F::decode(t[i].load(Ordering::Acquire), level)) {
-                Some(Pte::Table(pa)) => {
-                    let child = self.table(pa);
-                    self.plan_ahead(level - 1, Some(child), v, e_end, cur, max_level, plan);
-                }
-                _ => {
-                    plan.tables += 1;
-                    self.plan_ahead(level - 1, None, v, e_end, cur, max_level, plan);
-                }
-            }
-            v = e_end;
-        }
     }
 
     /// Unmaps exactly `[va, va + len)` as [`PageTable::unmap`] does, but leaves the table pages

@@ -179,14 +179,9 @@ impl<'a, A: Address> Cursor<'a, A> {
             MapSource::Pages(p) => (p[self.idx].as_u64(), PAGE_SIZE),
             MapSource::PageVecs(b) | MapSource::DirectPageVecs(b) => (b[self.idx].phys.as_u64(), PAGE_SIZE),
             MapSource::PageSegments(g) => (g[self.idx].addr.as_u64(), PAGE_SIZE),
-            MapSource::BioVecs(b) => {
-                let v = &b[self.idx];
-                let start = v.phys.as_u64() + u64::from(v.offset);
-                (start + self.off, u64::from(v.len) - self.off)
-            }
+            MapSource::BioVecs(b) => (b[self.idx].first() + self.off, b[self.idx].bytes() - self.off),
             MapSource::Segments { segs, .. } => {
-                let g = &segs[self.idx];
-                (g.addr.as_u64() + self.off, g.len - self.off)
+                (segs[self.idx].first() + self.off, segs[self.idx].bytes() - self.off)
             }
         }
     }
@@ -200,37 +195,15 @@ impl<'a, A: Address> Cursor<'a, A> {
 
     /// Moves `bytes` forward (within the source).
     #[inline]
-    pub(super) fn advance(&mut self, mut bytes: u64) {
+    pub(super) fn advance(&mut self, bytes: u64) {
         match self.src {
             MapSource::Range { .. } | MapSource::Sparse { .. } => self.off += bytes,
             MapSource::Pages(_) => self.idx += (bytes / PAGE_SIZE) as usize,
             MapSource::PageVecs(_) | MapSource::DirectPageVecs(_) | MapSource::PageSegments(_) => {
                 self.idx += (bytes / PAGE_SIZE) as usize;
             }
-            MapSource::BioVecs(b) => {
-                while bytes > 0 {
-                    let left = u64::from(b[self.idx].len) - self.off;
-                    if bytes < left {
-                        self.off += bytes;
-                        return;
-                    }
-                    bytes -= left;
-                    self.idx += 1;
-                    self.off = 0;
-                }
-            }
-            MapSource::Segments { segs, .. } => {
-                while bytes > 0 {
-                    let left = segs[self.idx].len - self.off;
-                    if bytes < left {
-                        self.off += bytes;
-                        return;
-                    }
-                    bytes -= left;
-                    self.idx += 1;
-                    self.off = 0;
-                }
-            }
+            MapSource::BioVecs(b) => self.advance_runs(b, bytes),
+            MapSource::Segments { segs, .. } => self.advance_runs(segs, bytes),
         }
     }
 
@@ -324,62 +297,55 @@ impl<'a, A: Address> Cursor<'a, A> {
                 }
                 self.off += entries.len() as u64 * PAGE_SIZE;
             }
-            MapSource::BioVecs(b) => {
-                let mut done = 0;
-                while done < entries.len() {
-                    // Single-page segments (the common bio_vec array) in a tight loop.
-                    if self.off == 0 {
-                        let run = &b[self.idx..(self.idx + entries.len() - done).min(b.len())];
-                        let n = run.iter().take_while(|v| u64::from(v.len) == PAGE_SIZE).count();
-                        for (e, v) in entries[done..done + n].iter().zip(run) {
-                            e.store((v.phys.as_u64() + u64::from(v.offset)) | bits, Ordering::Relaxed);
-                        }
-                        self.idx += n;
-                        done += n;
-                        if done == entries.len() {
-                            break;
-                        }
-                    }
-                    let (pa, left) = self.run();
-                    let n = ((left / PAGE_SIZE) as usize).min(entries.len() - done);
-                    let mut at = pa | bits;
-                    for e in &entries[done..done + n] {
-                        e.store(at, Ordering::Relaxed);
-                        at += PAGE_SIZE;
-                    }
-                    done += n;
-                    self.advance(n as u64 * PAGE_SIZE);
-                }
-            }
-            MapSource::Segments { segs, .. } => {
-                let mut done = 0;
-                while done < entries.len() {
-                    // Single-page segments (a scattered DMA list) in a tight loop.
-                    if self.off == 0 {
-                        let run = &segs[self.idx..(self.idx + entries.len() - done).min(segs.len())];
-                        let n = run.iter().take_while(|g| g.len == PAGE_SIZE).count();
-                        for (e, g) in entries[done..done + n].iter().zip(run) {
-                            e.store(g.addr.as_u64() | bits, Ordering::Relaxed);
-                        }
-                        self.idx += n;
-                        done += n;
-                        if done == entries.len() {
-                            break;
-                        }
-                    }
-                    let (pa, left) = self.run();
-                    let n = ((left / PAGE_SIZE) as usize).min(entries.len() - done);
-                    let mut at = pa | bits;
-                    for e in &entries[done..done + n] {
-                        e.store(at, Ordering::Relaxed);
-                        at += PAGE_SIZE;
-                    }
-                    done += n;
-                    self.advance(n as u64 * PAGE_SIZE);
-                }
-            }
+            MapSource::BioVecs(b) => self.fill_runs(b, entries, bits),
+            MapSource::Segments { segs, .. } => self.fill_runs(segs, entries, bits),
         }
         Ok(())
+    }
+
+    /// Moves `bytes` forward through a list of runs.
+    #[inline]
+    fn advance_runs<R: Run>(&mut self, runs: &[R], mut bytes: u64) {
+        while bytes > 0 {
+            let left = runs[self.idx].bytes() - self.off;
+            if bytes < left {
+                self.off += bytes;
+                return;
+            }
+            bytes -= left;
+            self.idx += 1;
+            self.off = 0;
+        }
+    }
+
+    /// [`Self::fill_4k`] from a list of runs (validated before the walk): single-page runs in a
+    /// tight loop, longer ones page by page.
+    #[inline]
+    fn fill_runs<R: Run>(&mut self, runs: &[R], entries: &[AtomicU64], bits: u64) {
+        let mut done = 0;
+        while done < entries.len() {
+            if self.off == 0 {
+                let run = &runs[self.idx..(self.idx + entries.len() - done).min(runs.len())];
+                let n = run.iter().take_while(|r| r.bytes() == PAGE_SIZE).count();
+                for (e, r) in entries[done..done + n].iter().zip(run) {
+                    e.store(r.first() | bits, Ordering::Relaxed);
+                }
+                self.idx += n;
+                done += n;
+                if done == entries.len() {
+                    break;
+                }
+            }
+            let (pa, left) = self.run();
+            let n = ((left / PAGE_SIZE) as usize).min(entries.len() - done);
+            let mut at = pa | bits;
+            for e in &entries[done..done + n] {
+                e.store(at, Ordering::Relaxed);
+                at += PAGE_SIZE;
+            }
+            done += n;
+            self.advance(n as u64 * PAGE_SIZE);
+        }
     }
 
     /// Validates the next `n` pages of a page list without writing anything (ranges and bio_vec
@@ -425,4 +391,34 @@ fn first_bad_pageseg<A: Address>(run: &[Segment<A>], reject: u64) -> usize {
 
 fn first_bad_page<A: Address>(pages: &[A], reject: u64) -> usize {
     pages.iter().position(|p| p.as_u64() & reject != 0).unwrap_or(0)
+}
+
+/// A contiguous run of a source list: a `bio_vec` or a segment.
+trait Run {
+    /// Output address of its first byte.
+    fn first(&self) -> u64;
+    /// Its length in bytes.
+    fn bytes(&self) -> u64;
+}
+
+impl Run for BioVec {
+    #[inline]
+    fn first(&self) -> u64 {
+        self.phys.as_u64() + u64::from(self.offset)
+    }
+    #[inline]
+    fn bytes(&self) -> u64 {
+        u64::from(self.len)
+    }
+}
+
+impl<A: Address> Run for Segment<A> {
+    #[inline]
+    fn first(&self) -> u64 {
+        self.addr.as_u64()
+    }
+    #[inline]
+    fn bytes(&self) -> u64 {
+        self.len
+    }
 }
