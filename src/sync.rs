@@ -38,28 +38,31 @@ pub(crate) mod atomic {
 pub(crate) enum Rank {
     /// `gpuvm::Vm`: the VM's state (its VA space and objects), held across a whole bind.
     Vm = 0,
+    /// `gpuvm::Vm`: the access gate (`RwLock`): GPU accesses hold it shared across a whole
+    /// translate-and-copy, a bind's commit exclusive.
+    VmAccess = 1,
     /// `Iommu`: the background flusher's handle.
-    Flusher = 1,
+    Flusher = 2,
     /// `Iommu`: the domain registry (`RwLock`).
-    Registry = 2,
+    Registry = 3,
     /// `Domain`: the lazy flush queue.
-    FlushQueue = 3,
+    FlushQueue = 4,
     /// `Domain`: the invalidation lock (`RwLock`; walks that fill the IOTLB the locked way hold
     /// it shared, invalidations exclusive).
-    Invalidation = 4,
+    Invalidation = 5,
     /// `PageTable`: the mutation lock (one map or unmap walk at a time).
-    Table = 5,
+    Table = 6,
     /// `IovaAllocator`: a per-CPU slot (its caches and live records).
-    IovaSlot = 6,
+    IovaSlot = 7,
     /// `IovaAllocator`: the magazine depot of one order.
-    IovaDepot = 7,
+    IovaDepot = 8,
     /// `IovaAllocator`: the free-range tree.
-    IovaTree = 8,
+    IovaTree = 9,
     /// `PhysMem`: the frame allocator.
-    Frames = 9,
+    Frames = 10,
     /// Leaf locks that never take another: fault logs, a table's parked pages, a device's DMA
     /// records.
-    Leaf = 10,
+    Leaf = 11,
 }
 
 #[cfg(all(debug_assertions, not(loom)))]

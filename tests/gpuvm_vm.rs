@@ -513,3 +513,70 @@ fn a_direct_gpu_maps_multi_page_segments_from_any_object_offset() {
     f.vm.destroy_bo(obj).unwrap();
     assert_eq!(f.vm.table().table_pages(), 1);
 }
+
+#[test]
+fn a_repeat_mapping_s_period_pieces_share_their_table_pages_in_prepare() {
+    // 16 MiB arena; a 4 KiB period repeated over 64 MiB is 16 384 pieces. Counted apart they
+    // would ask for three new tables each (192 MiB); shared, they need 35 frames.
+    let f = fx(Mode::Direct, 16 << 20);
+    let (a, _) = bo(&f, 1, 4, 8);
+    let before = f.mem.usage().free_frames;
+    f.vm.bind(&[BindOp::Map(Va::object(1 << 30, 64 << 20, a, 0).repeating(P))]).unwrap();
+    assert_eq!(read16(&f.vm, (1 << 30) + (63 << 20)).unwrap(), pattern(4, 0));
+    assert_eq!(before - f.mem.usage().free_frames, f.vm.table().table_pages() - 1, "only the tables used");
+    f.vm.unbind(1 << 30, 64 << 20).unwrap();
+    assert_eq!(f.vm.table().table_pages(), 1);
+}
+
+#[test]
+fn gpu_reads_racing_binds_see_one_mapping_or_the_other_whole() {
+    for mode in [Mode::Iommu, Mode::Direct] {
+        let f = fx(mode, 32 << 20);
+        let (a, _) = bo(&f, 4, 1, 21);
+        let (b, _) = bo(&f, 4, 2, 22);
+        let va = 0x40_0000u64;
+        f.vm.bind(&[map(va, 4 * P, a, 0)]).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for i in 0..2000 {
+                    let (o, _) = if i % 2 == 0 { (b, 2) } else { (a, 1) };
+                    f.vm.bind(&[map(va, 4 * P, o, 0)]).unwrap();
+                    if i % 7 == 0 {
+                        f.vm.unbind(va, 4 * P).unwrap();
+                        f.vm.bind(&[map(va, 4 * P, a, 0)]).unwrap();
+                    }
+                }
+                stop.store(true, std::sync::atomic::Ordering::Release);
+            });
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let mut buf = vec![0u8; 4 * P as usize];
+                match f.vm.gpu_read(va, &mut buf) {
+                    Ok(()) => {
+                        // One whole access sees one mapping: all four pages of one object.
+                        let tag = buf[0];
+                        assert!(tag == 1 || tag == 2, "{mode:?}: {tag}");
+                        for pg in 0..4u64 {
+                            let at = (pg * P) as usize;
+                            assert_eq!(&buf[at..at + 16], &pattern(tag, pg), "{mode:?} page {pg}");
+                        }
+                        reads += 1;
+                    }
+                    Err(e) => assert_eq!((e.va, e.stage), (va, FaultStage::NotMapped), "{mode:?}"),
+                }
+            }
+            assert!(reads > 0);
+        });
+    }
+}
+
+#[test]
+fn va_helpers_on_hand_built_mappings_clamp_instead_of_panicking() {
+    let v = Va { repeat: Some(vmbind::gpuvm::Repeat { start: 8 * P, len: 0 }), ..Va::object(P, P, 1u32, 0) };
+    assert_eq!(v.offset_at(0), 0);
+    let w = Va::object(u64::MAX - P, 4 * P, 1u32, 0);
+    assert_eq!(w.end(), u64::MAX);
+    let r = Va::object(P, 4 * P, 1u32, 0).repeating(2 * P);
+    assert_eq!(r.offset_at(P + 3 * P), P);
+}

@@ -51,6 +51,7 @@ impl Vm {
     /// # Errors
     /// [`GpuFault`] naming the first refused address and stage; `buf` is untouched then.
     pub fn gpu_read(&self, va: u64, buf: &mut [u8]) -> Result<(), GpuFault> {
+        let _gate = self.access_gate();
         let pieces = self.resolve(va, buf.len() as u64, Access::Read)?;
         let mut at = 0usize;
         for p in pieces {
@@ -79,6 +80,7 @@ impl Vm {
     /// # Errors
     /// [`GpuFault`] (also for a read-only mapping); memory is untouched then.
     pub fn gpu_write(&self, va: u64, data: &[u8]) -> Result<(), GpuFault> {
+        let _gate = self.access_gate();
         let pieces = self.resolve(va, data.len() as u64, Access::Write)?;
         let mut at = 0usize;
         for p in pieces {

@@ -81,7 +81,7 @@ impl<O: Clone> Va<O> {
     /// One past the last byte.
     #[must_use]
     pub fn end(&self) -> u64 {
-        self.addr + self.range
+        self.addr.saturating_add(self.range)
     }
 
     /// Whether it is sparse.
@@ -92,11 +92,19 @@ impl<O: Clone> Va<O> {
 
     /// Object offset of the byte at VA `va` (inside the mapping).
     #[must_use]
+    ///
+    /// For an address outside the mapping, or a hand-built mapping the VA space would refuse (a
+    /// zero period, an offset outside the repeated range), the result is clamped, never a panic.
     pub fn offset_at(&self, va: u64) -> u64 {
-        let x = va - self.addr;
+        let x = va.saturating_sub(self.addr);
         match self.repeat {
-            None => self.offset + x,
-            Some(r) => r.start + (self.offset - r.start + x) % r.len,
+            None => self.offset.saturating_add(x),
+            Some(r) if r.len == 0 => self.offset,
+            Some(r) => {
+                let phase =
+                    (u128::from(self.offset.saturating_sub(r.start)) + u128::from(x)) % u128::from(r.len);
+                r.start.saturating_add(phase as u64)
+            }
         }
     }
 

@@ -11,7 +11,7 @@ use crate::addr::{DmaAddr, GpuVa, PAGE_SIZE, PageSize};
 use crate::dma::{Attrs, Device, DirectMap, Direction, DmaError, DmaVec, IovaState};
 use crate::mem::{BioVec, MemError, PageArray, PhysMem};
 use crate::pt::{GpuGfx9, Invalidation, MapError, MapOptions, MapSource, PageTable, PlannedMap, Prot};
-use crate::sync::{Mutex, Rank};
+use crate::sync::{Mutex, Rank, ReadGuard, RwLock};
 
 /// A buffer object's handle in its [`Vm`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -194,6 +194,9 @@ pub struct Vm {
     table: PageTable<GpuGfx9>,
     dev: Device,
     unusable: AtomicBool,
+    /// GPU accesses hold it shared from translation to the last byte; a bind's commit and an
+    /// object's DMA unmap hold it exclusive, so no access straddles them.
+    gate: RwLock<()>,
 }
 
 /// A page-table action of a bind's commit.
@@ -219,6 +222,7 @@ impl Vm {
             table,
             dev,
             unusable: AtomicBool::new(false),
+            gate: RwLock::new((), Rank::VmAccess),
         })
     }
 
@@ -317,6 +321,7 @@ impl Vm {
             return Err(VmError::BoMapped { bo, mappings });
         }
         if let Some(d) = b.dma.take() {
+            let _gate = self.gate.write();
             match self.dma_unmap(d, b.size) {
                 Ok(Some(list)) if st.spare.len() < SPARE_LISTS => st.spare.push(list),
                 Ok(_) => {}
@@ -336,14 +341,15 @@ impl Vm {
     /// # Errors
     /// [`VmError::NoSuchBo`], [`VmError::Unusable`].
     pub fn unbind_bo(&self, bo: BoId) -> Result<Bound, VmError> {
-        let ops: Vec<BindOp> = {
-            let st = self.state.lock();
-            if !st.bos.contains_key(&bo) {
-                return Err(VmError::NoSuchBo(bo));
-            }
-            st.space.obj_mappings(&bo).map(|v| BindOp::Unmap { addr: v.addr, range: v.range }).collect()
-        };
-        self.bind(&ops)
+        let mut guard = self.state.lock();
+        if !guard.bos.contains_key(&bo) {
+            return Err(VmError::NoSuchBo(bo));
+        }
+        // Gathered and applied under one hold of the lock: a concurrent bind cannot slip a
+        // mapping of another object into one of these ranges in between.
+        let ops: Vec<BindOp> =
+            guard.space.obj_mappings(&bo).map(|v| BindOp::Unmap { addr: v.addr, range: v.range }).collect();
+        self.bind_locked(&mut guard, &ops)
     }
 
     /// Unmaps `[addr, addr + range)` (one [`BindOp::Unmap`]). Never fails for lack of memory.
@@ -369,11 +375,15 @@ impl Vm {
     /// as they were then; [`VmError::Unusable`] once a commit has failed (which a correct
     /// engine never does). A bind of only unmaps never fails for lack of memory.
     pub fn bind(&self, ops: &[BindOp]) -> Result<Bound, VmError> {
+        let mut guard = self.state.lock();
+        self.bind_locked(&mut guard, ops)
+    }
+
+    /// [`Vm::bind`] with the state lock held.
+    fn bind_locked(&self, st: &mut State, ops: &[BindOp]) -> Result<Bound, VmError> {
         if self.unusable.load(Ordering::Acquire) {
             return Err(VmError::Unusable { why: "an earlier commit failed".into() });
         }
-        let mut guard = self.state.lock();
-        let st = &mut *guard;
         // Prepare, 1: every op against the objects.
         for (index, op) in ops.iter().enumerate() {
             if let BindOp::Map(req) = op
@@ -464,7 +474,10 @@ impl Vm {
             }
         };
         drop(planned);
-        // Commit: nothing below allocates (table pages and split reserve come from `prep`).
+        // Commit: nothing below allocates (table pages and split reserve come from `prep`). No
+        // GPU access runs meanwhile, and none that starts after `bind` returns sees the old
+        // tables (the table pages freed below go only once the gate is held).
+        let _gate = self.gate.write();
         let last_fill = acts.iter().rposition(|a| matches!(a, Act::Fill(_)));
         let mut bound = Bound { ops: Vec::new(), flush: TlbFlush::default(), mapped: 0, cleared: 0 };
         let mut invs: Vec<Invalidation<GpuVa>> = Vec::new();
@@ -678,6 +691,11 @@ impl Vm {
             // The inverse of what was just applied always fits.
             let _ = space.apply(&inv);
         }
+    }
+
+    /// The shared side of the access gate, for the GPU-side access paths.
+    pub(super) fn access_gate(&self) -> ReadGuard<'_, ()> {
+        self.gate.read()
     }
 
     /// How many objects the VM holds.

@@ -19,6 +19,10 @@ pub(super) struct Plan {
     /// Planning a bind ahead of its unmaps ([`PageTable::prepare`]): every present entry but a
     /// table counts as empty (the bind's unmaps remove it first), so nothing is an overlap.
     pub(super) ahead: bool,
+    /// Planning several maps of one bind: the slots whose new table is already counted, as
+    /// `(level, va >> shift(level))` (tables are not freed during a bind, so one new table per
+    /// slot serves every map that needs it).
+    pub(super) counted: Option<std::collections::HashSet<(u8, u64)>>,
 }
 
 impl<F: Format> PageTable<F> {
@@ -482,7 +486,8 @@ impl<F: Format> PageTable<F> {
                 // Empty, or (ahead) a leaf the bind's unmaps remove or split: a new table, planned
                 // as a fresh subtree.
                 _ => {
-                    plan.tables += 1;
+                    let first = plan.counted.as_mut().is_none_or(|c| c.insert((level, v >> shift(level))));
+                    plan.tables += u64::from(first);
                     self.plan(level - 1, None, v, e_end, cur, max_level, plan)?;
                 }
             }

@@ -20,7 +20,9 @@
 //! - where prepare planned a new table and the commit finds one, it needs one frame fewer.
 //!
 //! Table pages and split reserve come out of one token, so whichever way the commit goes, the
-//! sum of the per-range plans covers it. What a bind does not use goes back with
+//! sum of the per-range plans covers it. A new table is counted once per slot across the maps of
+//! one prepare: tables are not freed during a bind, so whichever map needs the slot first builds
+//! it and the others find it (a repeat mapping's thousands of period pieces share their tables). What a bind does not use goes back with
 //! [`PageTable::finish`].
 #![forbid(unsafe_code)]
 
@@ -77,7 +79,8 @@ impl<F: Format> PageTable<F> {
         &self,
         maps: &[PlannedMap<'_, F::Va, F::Out>],
     ) -> Result<Prepared, MapError<F::Va, F::Out>> {
-        let mut total = Plan { ahead: true, ..Plan::default() };
+        let counted = (maps.len() > 1).then(std::collections::HashSet::new);
+        let mut total = Plan { ahead: true, counted, ..Plan::default() };
         for m in maps {
             Self::check_request(m.va, &m.src)?;
         }
