@@ -126,7 +126,14 @@ fn a_remap_that_cuts_a_huge_leaf_and_a_fragment_run_keeps_every_survivor() {
     gpu::fragments_are_sound(&f.mem, root, va0, va0 + (4 << 20)).unwrap();
     // The survivors next to the hole claim no fragment across it.
     let (r, _) = gpu::raw_entry(&f.mem, root, hole - P).unwrap();
-    assert!(gpu::frag(r) <= 2, "page 99 sits in a run of 4 at most: {}", gpu::frag(r));
+    assert_eq!(gpu::frag(r), 2, "page 99 ends the survivors [0, 100): block [96, 100)");
+    // The rest of the split leaf keeps fragments: the buddy decomposition of [101, 512).
+    let frag_of = |page: u64| gpu::frag(gpu::raw_entry(&f.mem, root, va0 + page * P).unwrap().0);
+    for (page, want) in
+        [(0, 6), (64, 5), (101, 0), (102, 1), (104, 3), (112, 4), (128, 7), (256, 8), (511, 8)]
+    {
+        assert_eq!(frag_of(page), want, "page {page} of the split leaf");
+    }
 
     // A fragment run: 1 MiB contiguous at a 1 MiB-aligned VA that is not 2 MiB aligned, so
     // 4 KiB leaves with fragments (256 pages: one 2^8 block where IOVA and VA align alike).

@@ -323,6 +323,14 @@ impl<F: Format> PageTable<F> {
             "the levels must index the VA space"
         );
         assert!(F::PA_BITS > 12 && F::PA_BITS <= 63, "entries hold 4 KiB-aligned output addresses");
+        assert!(
+            ((F::MAX_FRAGMENT as u64) << F::FRAGMENT_SHIFT) & !F::FRAGMENT_MASK == 0,
+            "the largest fragment fits the fragment field"
+        );
+        assert!(
+            F::FRAGMENT_MASK & (((1u64 << F::PA_BITS) - 1) & !0xfff) == 0,
+            "the fragment field lies outside the address"
+        );
     };
     const ROOT_LEVEL: u8 = F::LEVELS - 1;
     const VA_LIMIT: u64 = 1u64 << F::VA_BITS;

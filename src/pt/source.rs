@@ -51,9 +51,10 @@ pub enum MapSource<'a, A: Address = PhysAddr> {
     PageSegments(&'a [Segment<A>]),
     /// A list of contiguous segments of the output space (a DMA list: what a `dma::DmaVec`
     /// holds), mapped back to back from `skip` bytes into the first segment, `len` bytes in all.
-    /// Every segment read must start and end on a 4 KiB boundary and lie below the format's
-    /// limit, and `skip` and `len` are 4 KiB multiples with `skip + len` within the list; all
-    /// checked before anything is written (segments past `skip + len` are not read). Long aligned segments get huge leaves; 4 KiB leaves of a
+    /// Every segment of the list must start and end on a 4 KiB boundary and lie below the
+    /// format's limit (the whole list is checked: hand over the window the map reads), and `skip`
+    /// and `len` are 4 KiB multiples with `skip + len` within the list; all checked before
+    /// anything is written. Long aligned segments get huge leaves; 4 KiB leaves of a
     /// segment get fragment 0 (the fragment rule serves [`MapSource::Range`]).
     Segments {
         /// The segments.

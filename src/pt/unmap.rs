@@ -241,7 +241,14 @@ impl<F: Format> PageTable<F> {
                     // the rest of it (split_cost(level) = 1 + 512 * split_cost(level - 1)).
                     let (first, step) = match F::decode(e.load(Ordering::Acquire), level) {
                         Pte::Leaf { pa, prot } => {
-                            (pa.as_u64() | F::leaf_bits(level - 1, prot), span(level - 1))
+                            // The 512 children of a 2 MiB leaf are one aligned contiguous block:
+                            // they start as one fragment, which the cut below re-decomposes.
+                            let frag = if level == 1 {
+                                u64::from(F::MAX_FRAGMENT.min(9)) << F::FRAGMENT_SHIFT
+                            } else {
+                                0
+                            };
+                            (pa.as_u64() | F::leaf_bits(level - 1, prot) | frag, span(level - 1))
                         }
                         // A sparse entry splits into sparse entries (its format has them).
                         _ => (F::sparse_bits(level - 1).unwrap_or(0), 0),
