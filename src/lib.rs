@@ -16,7 +16,9 @@
 //! - [`nvme`]: PRP lists (and SGLs) built from a `DmaVec`, and controller-side decoders;
 //! - [`gpuvm`]: the GPU VM manager: its pure core, [`gpuvm::VaSpace`] (drm_gpuvm's
 //!   split/merge), and [`gpuvm::Vm`] (buffer objects, prepare-then-commit binds into a GPU page
-//!   table, the two-stage GPU access).
+//!   table, the two-stage GPU access);
+//! - [`service`]: the population service: independent bind queues over GPU VMs, worker threads
+//!   that coalesce them, fences that signal when a change is visible, metrics.
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
@@ -28,6 +30,7 @@ pub mod iommu;
 pub mod mem;
 pub mod nvme;
 pub mod pt;
+pub mod service;
 mod sync;
 
 /// The README's examples, compiled and run as doc tests so the README stays true.

@@ -99,5 +99,5 @@ mod va;
 mod vm;
 
 pub use access::{FaultStage, GpuFault};
-pub use va::{GPU_PAGE, Op, Repeat, Va, VaError, VaFlags, VaSpace};
+pub use va::{GPU_PAGE, Op, Repeat, Va, VaBounds, VaError, VaFlags, VaSpace};
 pub use vm::{BindOp, BoId, Bound, TlbFlush, Vm, VmError};

@@ -240,6 +240,74 @@ pub enum VaError {
     },
 }
 
+/// The bounds of a [`VaSpace`]: its range and reserved hole, everything a request is checked
+/// against before any mapping is looked at (so a submitter can validate without the space).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VaBounds {
+    start: u64,
+    end: u64,
+    reserved: Option<(u64, u64)>,
+}
+
+impl VaBounds {
+    /// Checks a range request: page aligned, non-empty, not wrapping, inside the space, clear of
+    /// the reserved range; returns its end.
+    ///
+    /// # Errors
+    /// [`VaError::ZeroSize`], [`VaError::Unaligned`], [`VaError::Overflow`],
+    /// [`VaError::OutOfRange`], [`VaError::Reserved`].
+    pub fn check_range(&self, addr: u64, range: u64, offset: u64) -> Result<u64, VaError> {
+        if range == 0 {
+            return Err(VaError::ZeroSize { addr });
+        }
+        if (addr | range | offset) % GPU_PAGE != 0 {
+            return Err(VaError::Unaligned { addr, range, offset });
+        }
+        let end = addr.checked_add(range).ok_or(VaError::Overflow { addr, range })?;
+        if addr < self.start || end > self.end {
+            return Err(VaError::OutOfRange { addr, range, start: self.start, end: self.end });
+        }
+        if let Some((s, e)) = self.reserved
+            && addr < e
+            && s < end
+        {
+            return Err(VaError::Reserved { addr, range, start: s, end: e });
+        }
+        Ok(end)
+    }
+
+    /// Checks a map request as [`VaSpace::sm_map`] does; returns its end.
+    ///
+    /// # Errors
+    /// As [`VaBounds::check_range`], and [`VaError::Overflow`] / [`VaError::BadRepeat`] for
+    /// the object range.
+    pub fn check_map<O>(&self, req: &Va<O>) -> Result<u64, VaError> {
+        let end = self.check_range(req.addr, req.range, req.offset)?;
+        match req.repeat {
+            None => {
+                if req.obj.is_some() && req.offset.checked_add(req.range).is_none() {
+                    return Err(VaError::Overflow { addr: req.addr, range: req.range });
+                }
+            }
+            Some(_) if req.obj.is_none() => {
+                return Err(VaError::BadRepeat { why: "a sparse mapping cannot repeat" });
+            }
+            Some(r) => {
+                if r.len == 0 || r.len % GPU_PAGE != 0 || r.start % GPU_PAGE != 0 {
+                    return Err(VaError::BadRepeat { why: "the period must be a non-zero page multiple" });
+                }
+                if req.range % r.len != 0 {
+                    return Err(VaError::BadRepeat { why: "the range must be a multiple of the period" });
+                }
+                if r.start.checked_add(r.len).is_none_or(|e| req.offset < r.start || req.offset >= e) {
+                    return Err(VaError::BadRepeat { why: "the offset must lie in the repeated range" });
+                }
+            }
+        }
+        Ok(end)
+    }
+}
+
 /// A GPU VA space: drm_gpuvm's core, generic over the object handle `O` (anything cheap to clone
 /// and compare: an id, an `Arc`). No page tables, no memory: see the module docs.
 #[derive(Debug, Clone)]
@@ -318,58 +386,46 @@ impl<O: Clone + Eq + Hash> VaSpace<O> {
         first.into_iter().chain(self.map.range(addr..end.max(addr)).map(|(_, v)| v))
     }
 
+    /// [`VaSpace::overlapping`] in one range query, for the op generators: walking down from
+    /// the last mapping that starts below `end`, the first one that ends at or below `addr`
+    /// ends the search (mappings do not overlap). `f` sees them in address order.
+    fn each_overlapping<'a>(&'a self, addr: u64, end: u64, mut f: impl FnMut(&'a Va<O>)) {
+        let mut found: [Option<&'a Va<O>>; 4] = [None; 4];
+        let mut n = 0;
+        let mut rest: Vec<&'a Va<O>> = Vec::new();
+        for (_, v) in self.map.range(..end).rev().take_while(|(_, v)| v.end() > addr) {
+            if n < found.len() {
+                found[n] = Some(v);
+                n += 1;
+            } else {
+                rest.push(v);
+            }
+        }
+        for v in rest.into_iter().rev() {
+            f(v);
+        }
+        for v in found[..n].iter().rev().flatten() {
+            f(v);
+        }
+    }
+
     /// The mappings of `obj`, in address order.
     pub fn obj_mappings<'a>(&'a self, obj: &O) -> impl Iterator<Item = &'a Va<O>> + 'a {
         self.objs.get(obj).into_iter().flat_map(|s| s.iter()).filter_map(|a| self.map.get(a))
     }
 
-    /// Checks a range request: page aligned, non-empty, not wrapping, inside the space, clear of
-    /// the reserved range.
-    fn check_range(&self, addr: u64, range: u64, offset: u64) -> Result<u64, VaError> {
-        if range == 0 {
-            return Err(VaError::ZeroSize { addr });
-        }
-        if (addr | range | offset) % GPU_PAGE != 0 {
-            return Err(VaError::Unaligned { addr, range, offset });
-        }
-        let end = addr.checked_add(range).ok_or(VaError::Overflow { addr, range })?;
-        if addr < self.start || end > self.end {
-            return Err(VaError::OutOfRange { addr, range, start: self.start, end: self.end });
-        }
-        if let Some((s, e)) = self.reserved
-            && addr < e
-            && s < end
-        {
-            return Err(VaError::Reserved { addr, range, start: s, end: e });
-        }
-        Ok(end)
+    /// The space's bounds (what requests are checked against).
+    #[must_use]
+    pub fn bounds(&self) -> VaBounds {
+        VaBounds { start: self.start, end: self.end, reserved: self.reserved }
     }
 
-    /// Checks a map request (see [`VaSpace::sm_map`]).
+    fn check_range(&self, addr: u64, range: u64, offset: u64) -> Result<u64, VaError> {
+        self.bounds().check_range(addr, range, offset)
+    }
+
     fn check_map(&self, req: &Va<O>) -> Result<u64, VaError> {
-        let end = self.check_range(req.addr, req.range, req.offset)?;
-        match req.repeat {
-            None => {
-                if req.obj.is_some() && req.offset.checked_add(req.range).is_none() {
-                    return Err(VaError::Overflow { addr: req.addr, range: req.range });
-                }
-            }
-            Some(_) if req.obj.is_none() => {
-                return Err(VaError::BadRepeat { why: "a sparse mapping cannot repeat" });
-            }
-            Some(r) => {
-                if r.len == 0 || r.len % GPU_PAGE != 0 || r.start % GPU_PAGE != 0 {
-                    return Err(VaError::BadRepeat { why: "the period must be a non-zero page multiple" });
-                }
-                if req.range % r.len != 0 {
-                    return Err(VaError::BadRepeat { why: "the range must be a multiple of the period" });
-                }
-                if r.start.checked_add(r.len).is_none_or(|e| req.offset < r.start || req.offset >= e) {
-                    return Err(VaError::BadRepeat { why: "the offset must lie in the repeated range" });
-                }
-            }
-        }
-        Ok(end)
+        self.bounds().check_map(req)
     }
 
     /// The ops that map `req` (drm_gpuvm's `sm_map`), without changing anything: for each
@@ -380,9 +436,15 @@ impl<O: Clone + Eq + Hash> VaSpace<O> {
     /// [`VaError::ZeroSize`], [`VaError::Unaligned`], [`VaError::Overflow`],
     /// [`VaError::OutOfRange`], [`VaError::Reserved`], [`VaError::BadRepeat`].
     pub fn sm_map(&self, req: &Va<O>) -> Result<Vec<Op<O>>, VaError> {
+        let mut ops = Vec::with_capacity(2);
+        self.sm_map_into(req, &mut ops)?;
+        Ok(ops)
+    }
+
+    /// [`VaSpace::sm_map`] appending to `ops` (nothing appended on error).
+    pub(crate) fn sm_map_into(&self, req: &Va<O>, ops: &mut Vec<Op<O>>) -> Result<(), VaError> {
         let (a0, e0) = (req.addr, self.check_map(req)?);
-        let mut ops = Vec::new();
-        for va in self.overlapping(a0, e0) {
+        self.each_overlapping(a0, e0, |va| {
             let (a, e) = (va.addr, va.end());
             let keep = va.keeps_for(req);
             let prev = (a < a0).then(|| va.piece(a, a0 - a));
@@ -392,9 +454,9 @@ impl<O: Clone + Eq + Hash> VaSpace<O> {
             } else {
                 ops.push(Op::Remap { prev, next, unmap: va.clone(), keep });
             }
-        }
+        });
         ops.push(Op::Map(req.clone()));
-        Ok(ops)
+        Ok(())
     }
 
     /// The ops that unmap `[addr, addr + range)` (drm_gpuvm's `sm_unmap`): per overlapping
@@ -404,9 +466,15 @@ impl<O: Clone + Eq + Hash> VaSpace<O> {
     /// # Errors
     /// As [`VaSpace::sm_map`] for the range.
     pub fn sm_unmap(&self, addr: u64, range: u64) -> Result<Vec<Op<O>>, VaError> {
-        let e0 = self.check_range(addr, range, 0)?;
         let mut ops = Vec::new();
-        for va in self.overlapping(addr, e0) {
+        self.sm_unmap_into(addr, range, &mut ops)?;
+        Ok(ops)
+    }
+
+    /// [`VaSpace::sm_unmap`] appending to `ops` (nothing appended on error).
+    pub(crate) fn sm_unmap_into(&self, addr: u64, range: u64, ops: &mut Vec<Op<O>>) -> Result<(), VaError> {
+        let e0 = self.check_range(addr, range, 0)?;
+        self.each_overlapping(addr, e0, |va| {
             let (a, e) = (va.addr, va.end());
             let prev = (a < addr).then(|| va.piece(a, addr - a));
             let next = (e > e0).then(|| va.piece(e0, e - e0));
@@ -415,8 +483,8 @@ impl<O: Clone + Eq + Hash> VaSpace<O> {
             } else {
                 ops.push(Op::Remap { prev, next, unmap: va.clone(), keep: false });
             }
-        }
-        Ok(ops)
+        });
+        Ok(())
     }
 
     /// The ops that remove every mapping of `obj` (drm_gpuvm's `bo_unmap`), in address order.
@@ -491,10 +559,24 @@ impl<O: Clone + Eq + Hash> VaSpace<O> {
 
     /// The updates of [`VaSpace::apply`], once the list is known to fit.
     fn apply_checked(&mut self, ops: &[Op<O>]) {
-        for op in ops {
+        let mut i = 0;
+        while i < ops.len() {
+            let op = &ops[i];
+            i += 1;
             match op {
                 Op::Map(v) => self.insert(v.clone()),
-                Op::Unmap { va, .. } => self.remove(va.addr),
+                // The mapping removed is replaced at its address by the next op's (a rebind of
+                // the same range, the common case of page churn): one node update in place.
+                Op::Unmap { va, .. } => {
+                    if let Some(Op::Map(n)) = ops.get(i)
+                        && n.addr == va.addr
+                    {
+                        i += 1;
+                        self.replace(n.clone());
+                    } else {
+                        self.remove(va.addr);
+                    }
+                }
                 // A `prev` piece starts where the mapping it cuts did and keeps its object: the
                 // node is updated in place (no remove and insert, no index change).
                 Op::Remap { prev: Some(p), next, unmap, .. }
@@ -514,6 +596,32 @@ impl<O: Clone + Eq + Hash> VaSpace<O> {
                     }
                 }
             }
+        }
+    }
+
+    /// Puts `v` in the node at its address (which holds a mapping being removed).
+    fn replace(&mut self, v: Va<O>) {
+        let Some(slot) = self.map.get_mut(&v.addr) else {
+            self.insert(v);
+            return;
+        };
+        if slot.obj != v.obj {
+            let (old, new) = (slot.obj.clone(), v.obj.clone());
+            *slot = v;
+            let addr = slot.addr;
+            if let Some(o) = old
+                && let Some(set) = self.objs.get_mut(&o)
+            {
+                set.remove(&addr);
+                if set.is_empty() {
+                    self.objs.remove(&o);
+                }
+            }
+            if let Some(o) = new {
+                self.objs.entry(o).or_default().insert(addr);
+            }
+        } else {
+            *slot = v;
         }
     }
 

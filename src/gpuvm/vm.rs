@@ -6,7 +6,7 @@ use crate::hash::FastMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::va::{Op, Va, VaError, VaFlags, VaSpace};
+use super::va::{Op, Va, VaBounds, VaError, VaFlags, VaSpace};
 use crate::addr::{DmaAddr, GpuVa, PAGE_SIZE, PageSize};
 use crate::dma::{Attrs, Device, DirectMap, Direction, DmaError, DmaVec, IovaState};
 use crate::mem::{BioVec, MemError, PageArray, PhysMem};
@@ -197,6 +197,7 @@ pub struct Vm {
     /// GPU accesses hold it shared from translation to the last byte; a bind's commit and an
     /// object's DMA unmap hold it exclusive, so no access straddles them.
     gate: RwLock<()>,
+    bounds: VaBounds,
 }
 
 /// A page-table action of a bind's commit.
@@ -217,7 +218,9 @@ impl Vm {
             return Err(VmError::Va { index: 0, err: VaError::BadSpace { start: 0, range } });
         }
         let table = PageTable::new(dev.mem().clone()).map_err(VmError::OutOfMemory)?;
+        let bounds = space.bounds();
         Ok(Vm {
+            bounds,
             state: Mutex::new(State { space, bos: FastMap::default(), next: 1, spare: Vec::new() }, Rank::Vm),
             table,
             dev,
@@ -390,38 +393,30 @@ impl Vm {
                 && let Some(bo) = req.obj
             {
                 let size = st.bos.get(&bo).ok_or(VmError::NoSuchBo(bo))?.size;
-                let need = match req.repeat {
-                    None => req.offset.checked_add(req.range),
-                    Some(r) => r.start.checked_add(r.len),
-                };
-                if need.is_none_or(|n| n > size) {
-                    return Err(VmError::BeyondBo { index, bo, offset: req.offset, range: req.range, size });
-                }
+                Self::check_reach(index, req, bo, size)?;
             }
         }
-        // 2: split/merge, each op against what the earlier ones leave (undone on failure).
-        let mut applied: Vec<Vec<Op<BoId>>> = Vec::with_capacity(ops.len());
+        // 2: split/merge, each op against what the earlier ones leave (undone on failure). The
+        // generated ops of all bind ops in one list; `starts[i]`: where op i's begin.
+        let mut applied: Vec<Op<BoId>> = Vec::with_capacity(ops.len() * 2);
+        let mut starts: Vec<usize> = Vec::with_capacity(ops.len());
         for (index, op) in ops.iter().enumerate() {
-            let ops_of = match op {
-                BindOp::Map(req) => st.space.sm_map(req),
-                BindOp::Unmap { addr, range } => st.space.sm_unmap(*addr, *range),
+            let at = applied.len();
+            let made = match op {
+                BindOp::Map(req) => st.space.sm_map_into(req, &mut applied),
+                BindOp::Unmap { addr, range } => st.space.sm_unmap_into(*addr, *range, &mut applied),
             };
-            let ops_of = match ops_of {
-                Ok(g) => {
-                    // Made from the current state under the lock: it fits.
-                    st.space.apply_fresh(&g);
-                    g
-                }
-                Err(err) => {
-                    Self::undo_space(&mut st.space, &applied);
-                    return Err(VmError::Va { index, err });
-                }
-            };
-            applied.push(ops_of);
+            if let Err(err) = made {
+                Self::undo_space(&mut st.space, &applied, &starts);
+                return Err(VmError::Va { index, err });
+            }
+            // Made from the current state under the lock: they fit.
+            st.space.apply_fresh(&applied[at..]);
+            starts.push(at);
         }
         // 3: DMA-map the objects mapped for the first time.
         let mut fresh: Vec<BoId> = Vec::new();
-        for op in applied.iter().flatten() {
+        for op in &applied {
             let Op::Map(Va { obj: Some(bo), .. }) = op else { continue };
             let b = st.bos.get_mut(bo).expect("checked in step 1");
             if b.dma.is_some() {
@@ -434,14 +429,14 @@ impl Vm {
                 }
                 Err(err) => {
                     self.undo_dma(st, &fresh);
-                    Self::undo_space(&mut st.space, &applied);
+                    Self::undo_space(&mut st.space, &applied, &starts);
                     return Err(VmError::Dma { bo: *bo, err });
                 }
             }
         }
         // 4: the page-table actions and every table page they may take.
         let mut acts = Vec::new();
-        for op in applied.iter().flatten() {
+        for op in &applied {
             match op {
                 Op::Unmap { va, .. } => acts.push(Act::Clear(va.addr, va.range)),
                 Op::Remap { prev, next, unmap, .. } => {
@@ -466,7 +461,7 @@ impl Vm {
             Ok(p) => p,
             Err(e) => {
                 self.undo_dma(st, &fresh);
-                Self::undo_space(&mut st.space, &applied);
+                Self::undo_space(&mut st.space, &applied, &starts);
                 return Err(match e {
                     MapError::OutOfMemory(m) => VmError::OutOfMemory(m),
                     other => VmError::Table(other.to_string()),
@@ -551,12 +546,55 @@ impl Vm {
             return Err(self.fail(why));
         }
         drop(acts);
-        bound.ops = if applied.len() == 1 {
-            applied.pop().unwrap_or_default()
-        } else {
-            applied.into_iter().flatten().collect()
-        };
+        bound.ops = applied;
         Ok(bound)
+    }
+
+    /// Whether a map reads only inside its object.
+    fn check_reach(index: usize, req: &Va<BoId>, bo: BoId, size: u64) -> Result<(), VmError> {
+        let need = match req.repeat {
+            None => req.offset.checked_add(req.range),
+            Some(r) => r.start.checked_add(r.len),
+        };
+        if need.is_none_or(|n| n > size) {
+            return Err(VmError::BeyondBo { index, bo, offset: req.offset, range: req.range, size });
+        }
+        Ok(())
+    }
+
+    /// The VA space's bounds.
+    #[must_use]
+    pub fn bounds(&self) -> VaBounds {
+        self.bounds
+    }
+
+    /// Checks an op array as [`Vm::bind`]'s prepare does before it looks at the mappings —
+    /// every range against the space's bounds, every object (its size from `size_of`, `None`
+    /// for no such object) against the range it maps — without taking the VM's lock: what a
+    /// bind queue checks at submit, so that a bad op is refused before anything is queued.
+    ///
+    /// # Errors
+    /// [`VmError::Va`] naming the op, [`VmError::NoSuchBo`], [`VmError::BeyondBo`].
+    pub fn check_ops(
+        &self,
+        ops: &[BindOp],
+        mut size_of: impl FnMut(BoId) -> Option<u64>,
+    ) -> Result<(), VmError> {
+        for (index, op) in ops.iter().enumerate() {
+            match op {
+                BindOp::Map(req) => {
+                    self.bounds.check_map(req).map_err(|err| VmError::Va { index, err })?;
+                    if let Some(bo) = req.obj {
+                        let size = size_of(bo).ok_or(VmError::NoSuchBo(bo))?;
+                        Self::check_reach(index, req, bo, size)?;
+                    }
+                }
+                BindOp::Unmap { addr, range } => {
+                    self.bounds.check_range(*addr, *range, 0).map_err(|err| VmError::Va { index, err })?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Marks the VM unusable (§6: an unexpected commit failure) and says why.
@@ -685,9 +723,10 @@ impl Vm {
     }
 
     /// Undoes applied op lists, last first.
-    fn undo_space(space: &mut VaSpace<BoId>, applied: &[Vec<Op<BoId>>]) {
-        for ops_of in applied.iter().rev() {
-            let inv = super::va::inverse(ops_of);
+    fn undo_space(space: &mut VaSpace<BoId>, applied: &[Op<BoId>], starts: &[usize]) {
+        for (i, &s) in starts.iter().enumerate().rev() {
+            let e = starts.get(i + 1).copied().unwrap_or(applied.len());
+            let inv = super::va::inverse(&applied[s..e]);
             // The inverse of what was just applied always fits.
             let _ = space.apply(&inv);
         }

@@ -198,6 +198,8 @@ pub struct Iotlb {
     /// fence), and invalidations read it after their fence, so a `false` they see means no fill
     /// of the domain can have walked the table before their update.
     filled: Box<[AtomicBool]>,
+    /// Invalidation requests made (range, domain or global), for metrics.
+    invalidations: AtomicU64,
 }
 
 impl Default for Iotlb {
@@ -219,9 +221,16 @@ impl Iotlb {
         let v: Vec<AtomicU64> = (0..IOTLB_ENTRIES).map(|_| AtomicU64::new(EMPTY)).collect();
         let filled = (0..FILLED_FLAGS).map(|_| AtomicBool::new(false)).collect();
         match v.into_boxed_slice().try_into() {
-            Ok(entries) => Iotlb { entries, filled },
+            Ok(entries) => Iotlb { entries, filled, invalidations: AtomicU64::new(0) },
             Err(_) => unreachable!("the vector has exactly the array length"),
         }
+    }
+
+    /// How many invalidations (of a range, a domain, or everything) the IOMMU has sent this
+    /// cache so far, each counted once whether or not it found entries to drop.
+    #[must_use]
+    pub fn invalidations(&self) -> u64 {
+        self.invalidations.load(Ordering::Relaxed)
     }
 
     /// Number of entries.
@@ -331,6 +340,7 @@ impl Iotlb {
     /// Drops the translations of `[iova, iova + len)` in `domain`.
     pub(crate) fn invalidate_range(&self, domain: u16, iova: DmaAddr, len: u64) {
         let iova = iova.as_u64();
+        self.invalidations.fetch_add(1, Ordering::Relaxed);
         // Orders the caller's table update before every read below (see `reserve`).
         fence(Ordering::SeqCst);
         if !self.may_hold(domain) {
@@ -352,6 +362,7 @@ impl Iotlb {
 
     /// Drops every translation of `domain`.
     pub(crate) fn invalidate_domain(&self, domain: u16) {
+        self.invalidations.fetch_add(1, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         if !self.may_hold(domain) {
             return;
@@ -371,6 +382,7 @@ impl Iotlb {
 
     /// Drops everything.
     pub(crate) fn invalidate_all(&self) {
+        self.invalidations.fetch_add(1, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         for idx in 0..self.entries.len() {
             self.clear_if(idx, |_, _| true);

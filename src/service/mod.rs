@@ -1,0 +1,1135 @@
+//! The population service: GPU VMs behind independent **bind queues** (VM_BIND's model,
+//! REFERENCES.md §6), worker threads that coalesce what the queues have ready into few
+//! prepare/commit passes and few TLB flushes, and [`Fence`]s that signal only when a change is
+//! visible to every device access.
+//!
+//! # Model
+//!
+//! A [`Service`] owns the IOMMU (over one arena), the GPUs' DMA devices and their
+//! [`Vm`]s. Each VM has any number of [`BindQueue`]s. [`BindQueue::submit`] takes an op array, the
+//! fences it must wait for and host fences it should signal, checks the ops (ranges against the
+//! VM's bounds, objects against their sizes) **before anything is queued** — a bad op is a typed
+//! error at submit — and returns the submission's [`Fence`]. Then:
+//!
+//! - **Order.** Submissions of one queue take effect in submission order; there is no order
+//!   across queues (use fences for that).
+//! - **In-fences.** A submission touches no table before every fence it waits for has
+//!   completed, so an unbind cannot pull pages from under work still using them. A submission
+//!   whose in-fence *failed* does nothing and fails with [`ServiceError::WaitFailed`]; the
+//!   queue goes on.
+//! - **No head-of-line blocking.** A queue whose head waits delays only itself: the workers
+//!   take the ready heads of every other queue.
+//! - **Coalescing.** A worker takes, from every queue of a VM, the ready prefix (up to
+//!   [`ServiceConfig::max_batch_ops`] ops in all), and applies it as **one** [`Vm::bind`]:
+//!   one split/merge pass, one prepare, one commit, one GPU-TLB flush. Order within each queue
+//!   is kept (each queue's submissions stay in order in the array). Adjacent ops that continue
+//!   each other — maps of the same object and flags with contiguous VA and object offset,
+//!   contiguous sparse maps, contiguous unmaps — merge into one op first. A merged map makes
+//!   one mapping where separate ops would have made two adjacent ones; page by page the VM is
+//!   the same.
+//! - **Visibility.** A fence signals after the commit is written and the bind returned: the
+//!   VM's GPU walk ([`Vm::gpu_read`]) holds the VM's access gate across each access, the commit
+//!   holds it exclusive, and the IOMMU's IOTLB is invalidated by the DMA layer before an
+//!   object's DMA mapping changes. A `gpu_read` issued after [`Fence::wait`] returns `Ok` never
+//!   sees a replaced translation.
+//! - **Failure.** Validation errors return at submit. A failure inside an asynchronous batch
+//!   (which validation makes unexpected: an object destroyed behind the service's back, memory
+//!   for tables exhausted) is isolated first: the batch is retried submission by submission, in
+//!   order. The first submission that still fails **marks its VM lost**: that fence fails with
+//!   the cause, every later and pending fence of the VM fails with [`ServiceError::VmLost`],
+//!   and later submissions to it are refused. Other VMs keep working. A synchronous
+//!   [`BindQueue::bind`] that fails returns its error and leaves the VM as it was (its
+//!   prepare undid everything), as VM_BIND's synchronous binds do.
+//! - **Backpressure.** Each queue holds at most [`ServiceConfig::queue_depth`] submissions
+//!   not yet taken by a worker. [`BindQueue::submit`] then blocks until a worker takes some;
+//!   [`BindQueue::try_submit`] returns the ops back instead.
+//! - **Shutdown.** [`Service::shutdown`] refuses new work, then drains (runs what can run, up
+//!   to a deadline) or cancels; every fence pending at that moment is in its
+//!   [`ShutdownReport`], signaled, cancelled ([`ServiceError::Cancelled`]) or failed. Dropping
+//!   the service cancels likewise. Nothing is dropped silently.
+//!
+//! A synchronous [`BindQueue::bind`] on a queue with nothing pending runs on the calling thread
+//! (no hand-off to a worker: a blocking map costs a bind, not a thread round trip); otherwise it
+//! submits and waits.
+//!
+//! # Locking
+//!
+//! The service's own locks (`parking_lot`, with condition variables: a VM's scheduler state,
+//! its object registry, the VM registry, each fence's slow path) are never held across a call
+//! into the VM, the DMA layer or the IOMMU, and never while a fence's callbacks run; the
+//! scheduler lock is taken before a fence's lock, never after. So they sit above every ranked
+//! lock of the lower layers (DESIGN.md: service → vm → domain → table → arena).
+#![forbid(unsafe_code)]
+
+mod fence;
+mod metrics;
+
+pub use fence::{Fence, FenceError, FenceStatus};
+pub use metrics::{Metrics, QueueMetrics};
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::addr::PAGE_SIZE;
+use crate::dma::{Device, DmaError};
+use crate::gpuvm::{BindOp, BoId, Vm, VmError};
+use crate::hash::FastMap;
+use crate::iommu::{DeviceId, DomainConfig, Iommu, IommuError};
+use crate::mem::{BioVec, PhysMem};
+use metrics::{Counters, Histogram};
+
+/// A VM's id in its [`Service`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VmId(pub u32);
+
+impl core::fmt::Display for VmId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "vm{}", self.0)
+    }
+}
+
+/// A bind queue's id: its VM and its index there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueId {
+    /// The VM.
+    pub vm: VmId,
+    /// Its index among the VM's queues.
+    pub index: u32,
+}
+
+impl core::fmt::Display for QueueId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}.q{}", self.vm, self.index)
+    }
+}
+
+/// How a VM's GPU reaches memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gpu {
+    /// Behind the service's IOMMU, in a new domain of its own.
+    BehindIommu {
+        /// The device id (registered with the IOMMU as a trusted, built-in device).
+        id: DeviceId,
+        /// The domain.
+        domain: DomainConfig,
+    },
+    /// No IOMMU: the GPU uses physical addresses, reaching `addr_bits` of them.
+    Direct {
+        /// The device id.
+        id: DeviceId,
+        /// Address bits the device drives.
+        addr_bits: u32,
+    },
+}
+
+/// The service's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// Worker threads (at least 1). One VM is worked on by one worker at a time; more workers
+    /// serve more VMs in parallel.
+    pub workers: usize,
+    /// Submissions a queue holds before [`BindQueue::submit`] blocks (at least 1).
+    pub queue_depth: usize,
+    /// Ops one submission may carry (NVK's VM_BIND limit is 4096).
+    pub max_ops: usize,
+    /// Ops one coalesced batch may carry (a single submission may exceed it, alone).
+    pub max_batch_ops: usize,
+    /// Whether workers coalesce submissions and merge adjacent ops. Off: one submission per
+    /// prepare/commit, ops as submitted (the unbatched baseline).
+    pub coalesce: bool,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig { workers: 1, queue_depth: 128, max_ops: 4096, max_batch_ops: 4096, coalesce: true }
+    }
+}
+
+/// Errors of the service. Every refused submission leaves its queue and VM as they were.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceError {
+    /// No such VM in this service.
+    #[error("no VM {0} in this service")]
+    NoSuchVm(VmId),
+    /// The VM refused: an op or object is invalid (at submit), or a bind failed (the message
+    /// names the op).
+    #[error("{vm}: {err}")]
+    Vm {
+        /// The VM.
+        vm: VmId,
+        /// Why.
+        err: VmError,
+    },
+    /// A submission carries more ops than [`ServiceConfig::max_ops`].
+    #[error("a submission of {ops} ops exceeds the limit of {max}")]
+    TooManyOps {
+        /// Ops submitted.
+        ops: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The VM is lost: an asynchronous batch failed in it; it takes no more work.
+    #[error("{vm} is lost: {why}")]
+    VmLost {
+        /// The VM.
+        vm: VmId,
+        /// The failure that lost it.
+        why: String,
+    },
+    /// A fence this work waited for failed; the work did nothing.
+    #[error("in-fence {fence} failed: {err}")]
+    WaitFailed {
+        /// The fence waited for.
+        fence: u64,
+        /// Its error.
+        err: Box<ServiceError>,
+    },
+    /// A host fence handed as a signal is not a pending, unowned host fence.
+    #[error("fence {fence} cannot be signaled by a submission (not a pending host fence, or already owned)")]
+    BadSignal {
+        /// The fence.
+        fence: u64,
+    },
+    /// The service shut down (or the VM was destroyed) before the work ran.
+    #[error("cancelled: the service shut down before the work ran")]
+    Cancelled,
+    /// The service is shut down: no new work.
+    #[error("the service is shut down")]
+    ShutDown,
+    /// Creating the VM's device failed in the IOMMU.
+    #[error("IOMMU: {0}")]
+    Iommu(#[from] IommuError),
+    /// Creating the VM's device failed in the DMA layer.
+    #[error("DMA: {0}")]
+    Dma(#[from] DmaError),
+}
+
+/// [`BindQueue::try_submit`]'s refusal: the ops come back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrySubmitError {
+    /// The queue holds [`ServiceConfig::queue_depth`] submissions; nothing was queued.
+    #[error("queue {queue} is full")]
+    Full {
+        /// The queue.
+        queue: QueueId,
+        /// The ops, unqueued.
+        ops: Vec<BindOp>,
+    },
+    /// Refused for another reason, as [`BindQueue::submit`] would.
+    #[error("{err}")]
+    Refused {
+        /// Why.
+        err: ServiceError,
+        /// The ops, unqueued.
+        ops: Vec<BindOp>,
+    },
+}
+
+/// How [`Service::shutdown`] ends queued work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Run what can run until every queue is empty or the deadline passes, then cancel the
+    /// rest (work waiting on fences nobody will signal).
+    Drain(Duration),
+    /// Cancel everything not yet taken by a worker; batches running finish.
+    Cancel,
+}
+
+/// How each fence pending at shutdown ended ([`Service::shutdown`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Fences that signaled (their work ran).
+    pub signaled: Vec<u64>,
+    /// Fences failed with [`ServiceError::Cancelled`] (their work never ran).
+    pub cancelled: Vec<u64>,
+    /// Fences failed otherwise, with the error.
+    pub failed: Vec<(u64, ServiceError)>,
+}
+
+/// One submission.
+struct Work {
+    ops: Vec<BindOp>,
+    waits: Vec<Fence>,
+    fence: Fence,
+    signals: Vec<Fence>,
+    at: Instant,
+}
+
+impl Work {
+    fn complete(&self, r: &Result<(), ServiceError>) {
+        for s in &self.signals {
+            s.complete(r.clone());
+        }
+        self.fence.complete(r.clone());
+    }
+
+    /// Whether every in-fence has completed.
+    fn ready(&self) -> bool {
+        self.waits.iter().all(Fence::is_done)
+    }
+
+    /// The first failed in-fence.
+    fn failed_wait(&self) -> Option<ServiceError> {
+        self.waits
+            .iter()
+            .find_map(|f| f.error().map(|e| ServiceError::WaitFailed { fence: f.id(), err: Box::new(e) }))
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    items: VecDeque<Work>,
+    /// Submissions taken out and not yet completed (a worker's batch, a synchronous bind).
+    inflight: usize,
+    /// The in-fence a callback is registered on (0: none).
+    armed: u64,
+    /// The queue's latest fence (what object destruction waits for).
+    last: Option<Fence>,
+    lat: Histogram,
+}
+
+#[derive(Default)]
+struct Sched {
+    queues: Vec<Slot>,
+    /// Sent to the workers or being worked on.
+    scheduled: bool,
+    /// Where the next collection starts (round robin over queues).
+    rr: usize,
+    lost: Option<String>,
+    /// No new submissions (shutdown or VM destruction).
+    closing: bool,
+    /// The fences of the batch being worked on.
+    running: Vec<Fence>,
+}
+
+enum Msg {
+    Run(Arc<VmEntry>),
+    Stop,
+}
+
+/// A VM and its queues.
+struct VmEntry {
+    id: VmId,
+    vm: Arc<Vm>,
+    cfg: ServiceConfig,
+    /// Object sizes, for checks at submit without the VM's lock.
+    bos: RwLock<FastMap<BoId, u64>>,
+    sched: Mutex<Sched>,
+    /// Submitters waiting for room in a queue; synchronous binds waiting for their turn.
+    room: Condvar,
+    tx: Sender<Msg>,
+    counters: Arc<Counters>,
+}
+
+/// A bind queue of a VM: submissions on it take effect in order. Cheap to clone (clones are
+/// the same queue).
+#[derive(Clone)]
+pub struct BindQueue {
+    entry: Arc<VmEntry>,
+    slot: usize,
+    id: QueueId,
+}
+
+impl core::fmt::Debug for BindQueue {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("BindQueue").field("id", &self.id).finish()
+    }
+}
+
+/// The population service (module docs).
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use vmbind::gpuvm::{BindOp, Va};
+/// use vmbind::iommu::{DeviceId, DomainConfig};
+/// use vmbind::mem::{BioVec, PhysMem};
+/// use vmbind::service::{Fence, Gpu, Service, ServiceConfig};
+///
+/// let mem = Arc::new(PhysMem::new(64 << 20)?);
+/// let svc = Service::new(mem.clone(), ServiceConfig::default());
+/// let vm = svc.create_vm(Gpu::BehindIommu { id: DeviceId(1), domain: DomainConfig::default() }, 1 << 40)?;
+/// let frames = mem.alloc_scattered(16, 3)?;
+/// mem.write(frames[5], b"visible")?;
+/// let bo = svc.create_bo(vm, BioVec::from_frames(&frames))?;
+/// let (a, b) = (svc.create_queue(vm)?, svc.create_queue(vm)?);
+///
+/// // Queue A waits for a host fence; queue B's bind does not wait behind it.
+/// let gate = Fence::new();
+/// let fa = a.submit(vec![BindOp::Map(Va::object(0x20_0000, 16 * 4096, bo, 0))], &[gate.clone()], &[])?;
+/// let fb = b.submit(vec![BindOp::Map(Va::object(0x40_0000, 16 * 4096, bo, 0))], &[], &[])?;
+/// fb.wait(Duration::from_secs(5))?;
+/// assert!(!fa.is_done());
+/// let mut buf = [0u8; 7];
+/// svc.vm(vm)?.gpu_read(0x40_5000, &mut buf)?;
+/// assert_eq!(&buf, b"visible");
+/// gate.signal()?;
+/// fa.wait(Duration::from_secs(5))?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Service {
+    mem: Arc<PhysMem>,
+    iommu: Iommu,
+    cfg: ServiceConfig,
+    vms: RwLock<FastMap<VmId, Arc<VmEntry>>>,
+    next_vm: AtomicU32,
+    tx: Sender<Msg>,
+    rx: Receiver<Msg>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    counters: Arc<Counters>,
+    closed: AtomicBool,
+}
+
+impl core::fmt::Debug for Service {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Service").field("cfg", &self.cfg).field("vms", &self.vms.read().len()).finish()
+    }
+}
+
+impl Service {
+    /// A service over `mem`, with its own IOMMU and `cfg.workers` worker threads.
+    #[must_use]
+    pub fn new(mem: Arc<PhysMem>, cfg: ServiceConfig) -> Self {
+        let cfg = ServiceConfig {
+            workers: cfg.workers.max(1),
+            queue_depth: cfg.queue_depth.max(1),
+            max_ops: cfg.max_ops.max(1),
+            max_batch_ops: cfg.max_batch_ops.max(1),
+            ..cfg
+        };
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let workers = (0..cfg.workers)
+            .map(|i| {
+                let rx: Receiver<Msg> = rx.clone();
+                std::thread::Builder::new()
+                    .name(format!("vmbind-bind-{i}"))
+                    .spawn(move || worker(&rx))
+                    .expect("spawning a bind worker thread")
+            })
+            .collect();
+        Service {
+            iommu: Iommu::new(mem.clone()),
+            mem,
+            cfg,
+            vms: RwLock::new(FastMap::default()),
+            next_vm: AtomicU32::new(1),
+            tx,
+            rx,
+            workers: Mutex::new(workers),
+            counters: Arc::new(Counters::default()),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// The arena.
+    #[must_use]
+    pub fn mem(&self) -> &Arc<PhysMem> {
+        &self.mem
+    }
+
+    /// The service's IOMMU.
+    #[must_use]
+    pub fn iommu(&self) -> &Iommu {
+        &self.iommu
+    }
+
+    /// The settings in force.
+    #[must_use]
+    pub fn config(&self) -> ServiceConfig {
+        self.cfg
+    }
+
+    /// A VM over `[0, range)` of GPU VA for a GPU reaching memory as `gpu` says.
+    ///
+    /// # Errors
+    /// [`ServiceError::Iommu`] / [`ServiceError::Dma`] when the device cannot be set up (an id
+    /// in use, a bad domain config), [`ServiceError::Vm`] for a bad range or no memory for the
+    /// table root, [`ServiceError::ShutDown`].
+    pub fn create_vm(&self, gpu: Gpu, range: u64) -> Result<VmId, ServiceError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(ServiceError::ShutDown);
+        }
+        let id = VmId(self.next_vm.fetch_add(1, Ordering::Relaxed));
+        let dev = match gpu {
+            Gpu::BehindIommu { id: dev, domain } => {
+                let d = self.iommu.create_domain(domain)?;
+                let made = self.iommu.register_device(dev, true).and_then(|()| self.iommu.attach(dev, &d));
+                if let Err(e) = made {
+                    let _ = self.iommu.destroy_domain(&d);
+                    return Err(e.into());
+                }
+                Device::translated(&self.iommu, dev)?
+            }
+            Gpu::Direct { id, addr_bits } => Device::direct(self.mem.clone(), id, addr_bits, true)?,
+        };
+        let vm = Vm::new(dev, range).map_err(|err| ServiceError::Vm { vm: id, err })?;
+        let entry = Arc::new(VmEntry {
+            id,
+            vm: Arc::new(vm),
+            cfg: self.cfg,
+            bos: RwLock::new(FastMap::default()),
+            sched: Mutex::new(Sched::default()),
+            room: Condvar::new(),
+            tx: self.tx.clone(),
+            counters: self.counters.clone(),
+        });
+        self.vms.write().insert(id, entry);
+        Ok(id)
+    }
+
+    fn entry(&self, vm: VmId) -> Result<Arc<VmEntry>, ServiceError> {
+        self.vms.read().get(&vm).cloned().ok_or(ServiceError::NoSuchVm(vm))
+    }
+
+    /// The VM itself: for device-side access ([`Vm::gpu_read`]), dumps and inspection. Binds made
+    /// on it directly bypass the queues (and their order).
+    ///
+    /// # Errors
+    /// [`ServiceError::NoSuchVm`].
+    pub fn vm(&self, vm: VmId) -> Result<Arc<Vm>, ServiceError> {
+        Ok(self.entry(vm)?.vm.clone())
+    }
+
+    /// A new bind queue on `vm`.
+    ///
+    /// # Errors
+    /// [`ServiceError::NoSuchVm`], [`ServiceError::ShutDown`].
+    pub fn create_queue(&self, vm: VmId) -> Result<BindQueue, ServiceError> {
+        let entry = self.entry(vm)?;
+        let mut s = entry.sched.lock();
+        if s.closing {
+            return Err(ServiceError::ShutDown);
+        }
+        let slot = s.queues.len();
+        s.queues.push(Slot::default());
+        drop(s);
+        let id = QueueId { vm, index: slot as u32 };
+        Ok(BindQueue { entry, slot, id })
+    }
+
+    /// A buffer object of `vm` backed by `pages` ([`Vm::create_bo`]).
+    ///
+    /// # Errors
+    /// [`ServiceError::NoSuchVm`]; [`ServiceError::Vm`] as [`Vm::create_bo`].
+    pub fn create_bo(&self, vm: VmId, pages: Vec<BioVec>) -> Result<BoId, ServiceError> {
+        let e = self.entry(vm)?;
+        let bo = e.vm.create_bo(pages).map_err(|err| ServiceError::Vm { vm, err })?;
+        let size = e.vm.bo_size(bo).map_err(|err| ServiceError::Vm { vm, err })?;
+        e.bos.write().insert(bo, size);
+        Ok(bo)
+    }
+
+    /// Destroys an object once the work already submitted on `vm` has completed. From this
+    /// call on, submissions naming it are refused; if it still has mappings then, it stays and
+    /// the error says so.
+    ///
+    /// # Errors
+    /// [`ServiceError::NoSuchVm`]; [`ServiceError::Vm`] with [`VmError::NoSuchBo`] or
+    /// [`VmError::BoMapped`].
+    pub fn destroy_bo(&self, vm: VmId, bo: BoId) -> Result<(), ServiceError> {
+        let e = self.entry(vm)?;
+        let size = e.bos.write().remove(&bo).ok_or(ServiceError::Vm { vm, err: VmError::NoSuchBo(bo) })?;
+        let last: Vec<Fence> = e.sched.lock().queues.iter().filter_map(|q| q.last.clone()).collect();
+        for f in last {
+            let _ = f.wait_forever();
+        }
+        e.vm.destroy_bo(bo).map_err(|err| {
+            e.bos.write().insert(bo, size);
+            ServiceError::Vm { vm, err }
+        })
+    }
+
+    /// [`BindQueue::submit`] on `queue`.
+    ///
+    /// # Errors
+    /// As [`BindQueue::submit`].
+    pub fn submit(
+        &self,
+        queue: &BindQueue,
+        ops: Vec<BindOp>,
+        waits: &[Fence],
+        signals: &[Fence],
+    ) -> Result<Fence, ServiceError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(ServiceError::ShutDown);
+        }
+        queue.submit(ops, waits, signals)
+    }
+
+    /// [`BindQueue::bind`] on `queue`.
+    ///
+    /// # Errors
+    /// As [`BindQueue::bind`].
+    pub fn bind(&self, queue: &BindQueue, ops: &[BindOp]) -> Result<(), ServiceError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(ServiceError::ShutDown);
+        }
+        queue.bind(ops)
+    }
+
+    /// The counters so far and every queue's latency percentiles.
+    #[must_use]
+    pub fn metrics(&self) -> Metrics {
+        let c = &self.counters;
+        let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let (ops, batches) = (ld(&c.ops), ld(&c.batches));
+        let mut queues = Vec::new();
+        let mut entries: Vec<Arc<VmEntry>> = self.vms.read().values().cloned().collect();
+        entries.sort_by_key(|e| e.id);
+        for e in entries {
+            let s = e.sched.lock();
+            for (i, q) in s.queues.iter().enumerate() {
+                queues.push(QueueMetrics {
+                    queue: QueueId { vm: e.id, index: i as u32 },
+                    completed: q.lat.count(),
+                    p50: Duration::from_nanos(q.lat.quantile(0.5)),
+                    p99: Duration::from_nanos(q.lat.quantile(0.99)),
+                    max: Duration::from_nanos(q.lat.max()),
+                });
+            }
+        }
+        Metrics {
+            submissions: ld(&c.submissions),
+            ops,
+            pages: ld(&c.pages),
+            batches,
+            mean_batch: if batches == 0 { 0.0 } else { ops as f64 / batches as f64 },
+            merged: ld(&c.merged),
+            iotlb_flushes: self.iommu.iotlb().invalidations(),
+            gpu_tlb_flushes: ld(&c.gpu_tlb_flushes),
+            failed: ld(&c.failed),
+            queues,
+        }
+    }
+
+    /// Whether `vm` is lost, and why.
+    ///
+    /// # Errors
+    /// [`ServiceError::NoSuchVm`].
+    pub fn lost(&self, vm: VmId) -> Result<Option<String>, ServiceError> {
+        Ok(self.entry(vm)?.sched.lock().lost.clone())
+    }
+
+    /// Stops the service: refuses new work, drains or cancels what is queued (`how`), lets
+    /// running batches finish and stops the workers. The report says how every fence pending
+    /// at the call ended. Later calls find nothing pending.
+    pub fn shutdown(&self, how: Shutdown) -> ShutdownReport {
+        self.closed.store(true, Ordering::Release);
+        let entries: Vec<Arc<VmEntry>> = self.vms.read().values().cloned().collect();
+        // Close every VM to new work and note what is pending.
+        let mut pending: Vec<Fence> = Vec::new();
+        for e in &entries {
+            let mut s = e.sched.lock();
+            s.closing = true;
+            pending.extend(s.running.iter().cloned());
+            for q in &s.queues {
+                pending.extend(q.items.iter().map(|w| w.fence.clone()));
+            }
+            drop(s);
+            e.room.notify_all();
+        }
+        if let Shutdown::Drain(limit) = how {
+            let deadline = Instant::now() + limit;
+            for f in &pending {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if f.wait(left).is_err() && Instant::now() >= deadline {
+                    break;
+                }
+            }
+        }
+        for e in &entries {
+            let cancelled: Vec<Work> = {
+                let mut s = e.sched.lock();
+                s.queues.iter_mut().flat_map(|q| q.items.drain(..)).collect()
+            };
+            for w in &cancelled {
+                w.complete(&Err(ServiceError::Cancelled));
+            }
+            e.room.notify_all();
+        }
+        let workers: Vec<JoinHandle<()>> = std::mem::take(&mut *self.workers.lock());
+        for _ in &workers {
+            let _ = self.tx.send(Msg::Stop);
+        }
+        for w in workers {
+            let _ = w.join();
+        }
+        // Messages left in the channel hold VM entries: drop them.
+        while self.rx.try_recv().is_ok() {}
+        let mut report = ShutdownReport::default();
+        for f in pending {
+            match f.poll() {
+                FenceStatus::Signaled => report.signaled.push(f.id()),
+                FenceStatus::Failed(ServiceError::Cancelled) => report.cancelled.push(f.id()),
+                FenceStatus::Failed(e) => report.failed.push((f.id(), e)),
+                // Only a synchronous bind can be running now; it completes by itself.
+                FenceStatus::Pending => {
+                    let _ = f.wait_forever();
+                    match f.poll() {
+                        FenceStatus::Failed(e) => report.failed.push((f.id(), e)),
+                        _ => report.signaled.push(f.id()),
+                    }
+                }
+            }
+        }
+        report
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if !self.workers.lock().is_empty() {
+            let _ = self.shutdown(Shutdown::Cancel);
+        }
+    }
+}
+
+impl BindQueue {
+    /// The queue's id.
+    #[must_use]
+    pub fn id(&self) -> QueueId {
+        self.id
+    }
+
+    /// The VM it binds into.
+    #[must_use]
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.entry.vm
+    }
+
+    /// Submits `ops` (one VM_BIND array, all or nothing) to run after every fence in `waits`
+    /// has completed, signaling the returned fence and every host fence in `signals` when the
+    /// change is visible (module docs). Blocks while the queue is full.
+    ///
+    /// # Errors
+    /// At submit, with nothing queued: [`ServiceError::Vm`] for an invalid op or object (the
+    /// error names the op), [`ServiceError::TooManyOps`], [`ServiceError::BadSignal`],
+    /// [`ServiceError::VmLost`], [`ServiceError::ShutDown`].
+    pub fn submit(
+        &self,
+        ops: Vec<BindOp>,
+        waits: &[Fence],
+        signals: &[Fence],
+    ) -> Result<Fence, ServiceError> {
+        self.enqueue(ops, waits, signals, true).map_err(|(e, _)| match e {
+            Enqueue::Refused(e) => e,
+            Enqueue::Full => ServiceError::ShutDown,
+        })
+    }
+
+    /// [`BindQueue::submit`] that never blocks: a full queue hands the ops back.
+    ///
+    /// # Errors
+    /// [`TrySubmitError::Full`]; [`TrySubmitError::Refused`] as [`BindQueue::submit`].
+    pub fn try_submit(
+        &self,
+        ops: Vec<BindOp>,
+        waits: &[Fence],
+        signals: &[Fence],
+    ) -> Result<Fence, TrySubmitError> {
+        self.enqueue(ops, waits, signals, false).map_err(|(e, ops)| match e {
+            Enqueue::Full => TrySubmitError::Full { queue: self.id, ops },
+            Enqueue::Refused(err) => TrySubmitError::Refused { err, ops },
+        })
+    }
+
+    fn enqueue(
+        &self,
+        ops: Vec<BindOp>,
+        waits: &[Fence],
+        signals: &[Fence],
+        block: bool,
+    ) -> Result<Fence, (Enqueue, Vec<BindOp>)> {
+        let e = &*self.entry;
+        let refuse = |err, ops| Err((Enqueue::Refused(err), ops));
+        if ops.len() > e.cfg.max_ops {
+            return refuse(ServiceError::TooManyOps { ops: ops.len(), max: e.cfg.max_ops }, ops);
+        }
+        let checked = {
+            let bos = e.bos.read();
+            e.vm.check_ops(&ops, |bo| bos.get(&bo).copied())
+        };
+        if let Err(err) = checked {
+            return refuse(ServiceError::Vm { vm: e.id, err }, ops);
+        }
+        for (i, s) in signals.iter().enumerate() {
+            if let Err(err) = s.attach() {
+                signals[..i].iter().for_each(Fence::detach);
+                return refuse(err, ops);
+            }
+        }
+        let mut s = e.sched.lock();
+        loop {
+            let gone = if s.closing {
+                Some(ServiceError::ShutDown)
+            } else {
+                s.lost.as_ref().map(|why| ServiceError::VmLost { vm: e.id, why: why.clone() })
+            };
+            if let Some(err) = gone {
+                drop(s);
+                signals.iter().for_each(Fence::detach);
+                return refuse(err, ops);
+            }
+            if s.queues[self.slot].items.len() < e.cfg.queue_depth {
+                break;
+            }
+            if !block {
+                drop(s);
+                signals.iter().for_each(Fence::detach);
+                return Err((Enqueue::Full, ops));
+            }
+            e.room.wait(&mut s);
+        }
+        let fence = Fence::queue();
+        let q = &mut s.queues[self.slot];
+        q.items.push_back(Work {
+            ops,
+            waits: waits.to_vec(),
+            fence: fence.clone(),
+            signals: signals.to_vec(),
+            at: Instant::now(),
+        });
+        q.last = Some(fence.clone());
+        // A queue that was empty has no armed head: the VM must be looked at (otherwise its
+        // head is being worked on, or waits with a callback that reschedules).
+        let wake = q.items.len() == 1 && q.inflight == 0 && !s.scheduled;
+        if wake {
+            s.scheduled = true;
+        }
+        drop(s);
+        if wake {
+            let _ = e.tx.send(Msg::Run(self.entry.clone()));
+        }
+        Ok(fence)
+    }
+
+    /// Binds `ops` and returns once the change is visible (a synchronous VM_BIND). On a queue
+    /// with nothing pending it runs on the calling thread; otherwise it is submitted behind the
+    /// queue's work and waited for.
+    ///
+    /// # Errors
+    /// As [`BindQueue::submit`] for what it checks first, and the bind's own failure
+    /// ([`ServiceError::Vm`]: out of memory for tables, an object gone), after which the VM is
+    /// as it was.
+    pub fn bind(&self, ops: &[BindOp]) -> Result<(), ServiceError> {
+        let e = &*self.entry;
+        if ops.len() > e.cfg.max_ops {
+            return Err(ServiceError::TooManyOps { ops: ops.len(), max: e.cfg.max_ops });
+        }
+        {
+            let bos = e.bos.read();
+            e.vm.check_ops(ops, |bo| bos.get(&bo).copied())
+                .map_err(|err| ServiceError::Vm { vm: e.id, err })?;
+        }
+        let inline = {
+            let mut s = e.sched.lock();
+            if s.closing {
+                return Err(ServiceError::ShutDown);
+            }
+            if let Some(why) = &s.lost {
+                return Err(ServiceError::VmLost { vm: e.id, why: why.clone() });
+            }
+            let q = &mut s.queues[self.slot];
+            let idle = q.items.is_empty() && q.inflight == 0;
+            if idle {
+                q.inflight = 1;
+            }
+            idle
+        };
+        if !inline {
+            let f = self.submit(ops.to_vec(), &[], &[])?;
+            return f.wait_forever().map_err(|err| match err {
+                FenceError::Failed { err, .. } => err,
+                FenceError::Timeout { .. } | FenceError::NotHost { .. } | FenceError::Completed { .. } => {
+                    ServiceError::Cancelled
+                }
+            });
+        }
+        let t0 = Instant::now();
+        let r = e.vm.bind(ops);
+        let c = &e.counters;
+        Counters::add(&c.submissions, 1);
+        Counters::add(&c.batches, 1);
+        Counters::add(&c.ops, ops.len() as u64);
+        let out = match r {
+            Ok(b) => {
+                Counters::add(&c.pages, b.mapped / PAGE_SIZE);
+                Counters::add(&c.gpu_tlb_flushes, u64::from(b.flush.range.is_some()));
+                Ok(())
+            }
+            Err(err) => {
+                Counters::add(&c.failed, 1);
+                Err(err)
+            }
+        };
+        let mut s = e.sched.lock();
+        if let Err(VmError::Unusable { why }) = &out {
+            s.lost = Some(why.clone());
+        }
+        let q = &mut s.queues[self.slot];
+        q.inflight = 0;
+        q.lat.record(t0.elapsed().as_nanos() as u64);
+        let wake = !q.items.is_empty() && !s.scheduled;
+        if wake {
+            s.scheduled = true;
+        }
+        let lost = s.lost.is_some();
+        drop(s);
+        if wake {
+            let _ = e.tx.send(Msg::Run(self.entry.clone()));
+        }
+        if lost {
+            e.fail_queued();
+        }
+        out.map_err(|err| ServiceError::Vm { vm: e.id, err })
+    }
+}
+
+enum Enqueue {
+    Full,
+    Refused(ServiceError),
+}
+
+/// A worker: works on the VMs sent to it until told to stop.
+fn worker(rx: &Receiver<Msg>) {
+    while let Ok(Msg::Run(entry)) = rx.recv() {
+        entry.run_once();
+    }
+}
+
+impl VmEntry {
+    /// Takes one batch of ready work, runs it, and reschedules the VM if more is ready (behind
+    /// other VMs sent meanwhile: round robin), or goes idle with callbacks armed on the fences
+    /// its queue heads wait for.
+    fn run_once(self: &Arc<Self>) {
+        let Some(batch) = self.collect() else { return };
+        let outcomes = self.execute(&batch);
+        let now = Instant::now();
+        for ((_, w), r) in batch.iter().zip(&outcomes) {
+            w.complete(r);
+        }
+        let lost = {
+            let mut s = self.sched.lock();
+            for (slot, w) in &batch {
+                let q = &mut s.queues[*slot];
+                q.inflight -= 1;
+                q.lat.record(now.saturating_duration_since(w.at).as_nanos() as u64);
+            }
+            s.running.clear();
+            s.lost.is_some()
+        };
+        if lost {
+            self.fail_queued();
+        }
+        // Still scheduled: look again, behind whatever else is waiting.
+        let _ = self.tx.send(Msg::Run(self.clone()));
+    }
+
+    /// The ready prefixes of the queues (round robin from `rr`, within the batch limit), or
+    /// `None` after going idle.
+    fn collect(self: &Arc<Self>) -> Option<Vec<(usize, Work)>> {
+        let mut s = self.sched.lock();
+        loop {
+            let n = s.queues.len();
+            let start = if n == 0 { 0 } else { s.rr % n };
+            let (coalesce, limit) = (self.cfg.coalesce, self.cfg.max_batch_ops);
+            let mut out: Vec<(usize, Work)> = Vec::new();
+            let mut ops = 0usize;
+            'queues: for k in 0..n {
+                let qi = (start + k) % n;
+                let q = &mut s.queues[qi];
+                if q.inflight > 0 {
+                    continue;
+                }
+                while let Some(w) = q.items.front() {
+                    if !w.ready() {
+                        break;
+                    }
+                    if !out.is_empty() && (!coalesce || ops + w.ops.len() > limit) {
+                        break 'queues;
+                    }
+                    ops += w.ops.len();
+                    let w = q.items.pop_front().expect("front exists");
+                    out.push((qi, w));
+                    if !coalesce {
+                        break 'queues;
+                    }
+                }
+            }
+            if n > 0 {
+                s.rr = (start + 1) % n;
+            }
+            if !out.is_empty() {
+                for (qi, w) in &out {
+                    s.queues[*qi].inflight += 1;
+                    s.running.push(w.fence.clone());
+                }
+                drop(s);
+                // Room was made: submitters blocked on a full queue refill it while the batch
+                // runs.
+                self.room.notify_all();
+                return Some(out);
+            }
+            // Nothing ready: arm a callback on the first pending in-fence of each waiting head.
+            let mut raced = false;
+            for q in s.queues.iter_mut() {
+                if q.inflight > 0 {
+                    continue;
+                }
+                let Some(f) = q.items.front().and_then(|w| w.waits.iter().find(|f| !f.is_done())) else {
+                    continue;
+                };
+                if q.armed == f.id() {
+                    continue;
+                }
+                let weak: Weak<VmEntry> = Arc::downgrade(self);
+                let cb = Box::new(move || {
+                    if let Some(e) = weak.upgrade() {
+                        e.reschedule();
+                    }
+                });
+                match f.on_done(cb) {
+                    Ok(()) => q.armed = f.id(),
+                    Err(_) => raced = true,
+                }
+            }
+            if !raced {
+                s.scheduled = false;
+                return None;
+            }
+        }
+    }
+
+    /// Sends the VM to the workers unless it is scheduled already.
+    fn reschedule(self: &Arc<Self>) {
+        let mut s = self.sched.lock();
+        if s.scheduled {
+            return;
+        }
+        s.scheduled = true;
+        drop(s);
+        let _ = self.tx.send(Msg::Run(self.clone()));
+    }
+
+    /// Runs a batch: failed in-fences fail their work; the rest is merged and bound as one
+    /// array; if that fails, submission by submission, the first failure losing the VM.
+    fn execute(&self, batch: &[(usize, Work)]) -> Vec<Result<(), ServiceError>> {
+        let c = &self.counters;
+        Counters::add(&c.submissions, batch.len() as u64);
+        let mut out: Vec<Result<(), ServiceError>> =
+            batch.iter().map(|(_, w)| w.failed_wait().map_or(Ok(()), Err)).collect();
+        let waits_failed = out.iter().filter(|r| r.is_err()).count() as u64;
+        if let Some(why) = self.sched.lock().lost.clone() {
+            for r in &mut out {
+                *r = Err(ServiceError::VmLost { vm: self.id, why: why.clone() });
+            }
+            Counters::add(&c.failed, out.len() as u64);
+            return out;
+        }
+        let live: Vec<usize> = (0..batch.len()).filter(|&i| out[i].is_ok()).collect();
+        let n_ops: usize = live.iter().map(|&i| batch[i].1.ops.len()).sum();
+        Counters::add(&c.ops, n_ops as u64);
+        let whole = if self.cfg.coalesce && live.len() > 1 {
+            let (ops, merged) = merge(live.iter().flat_map(|&i| batch[i].1.ops.iter()), n_ops);
+            Counters::add(&c.merged, merged);
+            Some(self.vm.bind(&ops))
+        } else if self.cfg.coalesce && live.len() == 1 {
+            let (ops, merged) = merge(batch[live[0]].1.ops.iter(), n_ops);
+            Counters::add(&c.merged, merged);
+            Some(self.vm.bind(&ops))
+        } else {
+            None
+        };
+        let note = |b: &crate::gpuvm::Bound| {
+            Counters::add(&c.batches, 1);
+            Counters::add(&c.pages, b.mapped / PAGE_SIZE);
+            Counters::add(&c.gpu_tlb_flushes, u64::from(b.flush.range.is_some()));
+        };
+        if let Some(Ok(b)) = whole {
+            note(&b);
+            Counters::add(&c.failed, waits_failed);
+            return out;
+        }
+        // One by one, in order: isolates the submission that fails.
+        let mut lost: Option<String> = None;
+        for &i in &live {
+            let w = &batch[i].1;
+            if let Some(why) = &lost {
+                out[i] = Err(ServiceError::VmLost { vm: self.id, why: why.clone() });
+                continue;
+            }
+            match self.vm.bind(&w.ops) {
+                Ok(b) => note(&b),
+                Err(err) => {
+                    lost = Some(format!("submission of fence {} failed: {err}", w.fence.id()));
+                    out[i] = Err(ServiceError::Vm { vm: self.id, err });
+                }
+            }
+        }
+        if let Some(why) = lost {
+            self.sched.lock().lost = Some(why);
+        }
+        Counters::add(&c.failed, out.iter().filter(|r| r.is_err()).count() as u64);
+        out
+    }
+
+    /// Fails every queued submission of a lost VM.
+    fn fail_queued(&self) {
+        let (gone, why): (Vec<Work>, String) = {
+            let mut s = self.sched.lock();
+            let why = s.lost.clone().unwrap_or_default();
+            (s.queues.iter_mut().flat_map(|q| q.items.drain(..)).collect(), why)
+        };
+        Counters::add(&self.counters.failed, gone.len() as u64);
+        for w in &gone {
+            w.complete(&Err(ServiceError::VmLost { vm: self.id, why: why.clone() }));
+        }
+        self.room.notify_all();
+    }
+}
+
+/// The ops with each run of adjacent, continuing ops merged into one (module docs), and how
+/// many ops merged away.
+fn merge<'a>(ops: impl Iterator<Item = &'a BindOp>, n: usize) -> (Vec<BindOp>, u64) {
+    let mut out: Vec<BindOp> = Vec::with_capacity(n);
+    let mut merged = 0;
+    for op in ops {
+        if let Some(last) = out.last_mut()
+            && extend(last, op)
+        {
+            merged += 1;
+            continue;
+        }
+        out.push(op.clone());
+    }
+    (out, merged)
+}
+
+/// Grows `last` by `op` when `op` continues it exactly.
+fn extend(last: &mut BindOp, op: &BindOp) -> bool {
+    match (last, op) {
+        (BindOp::Unmap { addr, range }, BindOp::Unmap { addr: a2, range: r2 }) if *addr + *range == *a2 => {
+            *range += *r2;
+            true
+        }
+        (BindOp::Map(a), BindOp::Map(b)) => {
+            let continues = a.repeat.is_none()
+                && b.repeat.is_none()
+                && a.obj == b.obj
+                && a.flags == b.flags
+                && a.end() == b.addr
+                && (a.obj.is_none() || a.offset + a.range == b.offset);
+            if continues {
+                a.range += b.range;
+            }
+            continues
+        }
+        _ => false,
+    }
+}
