@@ -18,7 +18,9 @@
 //!   split/merge), and [`gpuvm::Vm`] (buffer objects, prepare-then-commit binds into a GPU page
 //!   table, the two-stage GPU access);
 //! - [`service`]: the population service: independent bind queues over GPU VMs, worker threads
-//!   that coalesce them, fences that signal when a change is visible, metrics.
+//!   that coalesce them, fences that signal when a change is visible, metrics;
+//! - [`runtime`]: the API compute runtimes know (reserve, granularity, memory handles,
+//!   map-with-access, sub-range unmap, sparse, repeat), blocking or on a stream.
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
@@ -30,6 +32,7 @@ pub mod iommu;
 pub mod mem;
 pub mod nvme;
 pub mod pt;
+pub mod runtime;
 pub mod service;
 mod sync;
 

@@ -250,6 +250,18 @@ pub struct VaBounds {
 }
 
 impl VaBounds {
+    /// First byte of the space.
+    #[must_use]
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// One past its last byte.
+    #[must_use]
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
     /// Checks a range request: page aligned, non-empty, not wrapping, inside the space, clear of
     /// the reserved range; returns its end.
     ///

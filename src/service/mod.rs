@@ -262,11 +262,13 @@ struct Work {
 }
 
 impl Work {
+    /// Completes the submission's fence, then its host signals (so a waiter on a signal finds
+    /// the submission's fence complete).
     fn complete(&self, r: &Result<(), ServiceError>) {
+        self.fence.complete(r.clone());
         for s in &self.signals {
             s.complete(r.clone());
         }
-        self.fence.complete(r.clone());
     }
 
     /// Whether every in-fence has completed.
@@ -304,7 +306,7 @@ struct Sched {
     lost: Option<String>,
     /// No new submissions (shutdown or VM destruction).
     closing: bool,
-    /// The fences of the batch being worked on.
+    /// The fences (and host signals) of the batch being worked on.
     running: Vec<Fence>,
 }
 
@@ -545,6 +547,17 @@ impl Service {
         })
     }
 
+    /// Destroys an object the caller knows no queued work names (the runtime's released,
+    /// unmapped memory), without waiting for the queues.
+    pub(crate) fn destroy_idle_bo(&self, vm: VmId, bo: BoId) -> Result<(), ServiceError> {
+        let e = self.entry(vm)?;
+        let size = e.bos.write().remove(&bo).ok_or(ServiceError::Vm { vm, err: VmError::NoSuchBo(bo) })?;
+        e.vm.destroy_bo(bo).map_err(|err| {
+            e.bos.write().insert(bo, size);
+            ServiceError::Vm { vm, err }
+        })
+    }
+
     /// [`BindQueue::submit`] on `queue`.
     ///
     /// # Errors
@@ -629,7 +642,7 @@ impl Service {
             s.closing = true;
             pending.extend(s.running.iter().cloned());
             for q in &s.queues {
-                pending.extend(q.items.iter().map(|w| w.fence.clone()));
+                pending.extend(q.items.iter().flat_map(|w| std::iter::once(&w.fence).chain(&w.signals)).cloned());
             }
             drop(s);
             e.room.notify_all();
@@ -899,7 +912,16 @@ enum Enqueue {
 /// A worker: works on the VMs sent to it until told to stop.
 fn worker(rx: &Receiver<Msg>) {
     while let Ok(Msg::Run(entry)) = rx.recv() {
-        entry.run_once();
+        // A panic below is a bug; it must not leave fences pending forever or take the worker
+        // down with it: the VM is lost, with the panic's message.
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| entry.run_once())) {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            entry.lose(format!("a bind worker panicked: {msg}"));
+        }
     }
 }
 
@@ -911,9 +933,7 @@ impl VmEntry {
         let Some(batch) = self.collect() else { return };
         let outcomes = self.execute(&batch);
         let now = Instant::now();
-        for ((_, w), r) in batch.iter().zip(&outcomes) {
-            w.complete(r);
-        }
+        // Counted before the fences complete, so that metrics read after a wait include it.
         let lost = {
             let mut s = self.sched.lock();
             for (slot, w) in &batch {
@@ -921,9 +941,13 @@ impl VmEntry {
                 q.inflight -= 1;
                 q.lat.record(now.saturating_duration_since(w.at).as_nanos() as u64);
             }
-            s.running.clear();
             s.lost.is_some()
         };
+        for ((_, w), r) in batch.iter().zip(&outcomes) {
+            w.complete(r);
+        }
+        // Only this worker collects for the VM until the message below: no new batch yet.
+        self.sched.lock().running.clear();
         if lost {
             self.fail_queued();
         }
@@ -969,6 +993,7 @@ impl VmEntry {
                 for (qi, w) in &out {
                     s.queues[*qi].inflight += 1;
                     s.running.push(w.fence.clone());
+                    s.running.extend(w.signals.iter().cloned());
                 }
                 drop(s);
                 // Room was made: submitters blocked on a full queue refill it while the batch
@@ -982,7 +1007,10 @@ impl VmEntry {
                 if q.inflight > 0 {
                     continue;
                 }
-                let Some(f) = q.items.front().and_then(|w| w.waits.iter().find(|f| !f.is_done())) else {
+                let Some(head) = q.items.front() else { continue };
+                let Some(f) = head.waits.iter().find(|f| !f.is_done()) else {
+                    // Its last in-fence completed since the pass above: it is ready now.
+                    raced = true;
                     continue;
                 };
                 if q.armed == f.id() {
@@ -1077,6 +1105,24 @@ impl VmEntry {
         }
         Counters::add(&c.failed, out.iter().filter(|r| r.is_err()).count() as u64);
         out
+    }
+
+    /// Marks the VM lost after a worker panic: the batch it was running and everything queued
+    /// fail with the reason.
+    fn lose(&self, why: String) {
+        let running = {
+            let mut s = self.sched.lock();
+            s.lost = Some(why.clone());
+            s.scheduled = false;
+            for q in &mut s.queues {
+                q.inflight = 0;
+            }
+            std::mem::take(&mut s.running)
+        };
+        for f in running {
+            f.complete(Err(ServiceError::VmLost { vm: self.id, why: why.clone() }));
+        }
+        self.fail_queued();
     }
 
     /// Fails every queued submission of a lost VM.
