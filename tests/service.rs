@@ -198,13 +198,22 @@ fn four_clients_of_random_binds_end_where_the_oracle_does() {
                         let (ops, effect): (Vec<BindOp>, Vec<Option<Page>>) = match rng.below(10) {
                             0..=5 => {
                                 let off = rng.below(1024 - n);
-                                (vec![map(va, n, bo, off)], (0..n).map(|k| Some(Page::Obj(off + k))).collect())
+                                (
+                                    vec![map(va, n, bo, off)],
+                                    (0..n).map(|k| Some(Page::Obj(off + k))).collect(),
+                                )
                             }
-                            6 => (vec![BindOp::Map(Va::sparse(va, n * PAGE))], vec![Some(Page::Sparse); n as usize]),
+                            6 => (
+                                vec![BindOp::Map(Va::sparse(va, n * PAGE))],
+                                vec![Some(Page::Sparse); n as usize],
+                            ),
                             7 => {
                                 // Two adjacent, continuing maps in one submission: merged.
                                 let off = rng.below(1024 - 2 * n);
-                                let ops = vec![map(va, n, bo, off), map(va + n * PAGE, n.min(WINDOW - first - n), bo, off + n)];
+                                let ops = vec![
+                                    map(va, n, bo, off),
+                                    map(va + n * PAGE, n.min(WINDOW - first - n), bo, off + n),
+                                ];
                                 let m = n + n.min(WINDOW - first - n);
                                 (ops, (0..m).map(|k| Some(Page::Obj(off + k))).collect())
                             }
@@ -260,15 +269,24 @@ fn bad_ops_are_refused_at_submit_and_nothing_is_queued() {
     let q = svc.create_queue(vm).unwrap();
     let cases: Vec<(Vec<BindOp>, fn(&ServiceError) -> bool)> = vec![
         (vec![map(0x1000, 1, bo, 0), map(0x1234, 1, bo, 0)], |e| {
-            matches!(e, ServiceError::Vm { err: VmError::Va { index: 1, err: VaError::Unaligned { .. } }, .. })
+            matches!(
+                e,
+                ServiceError::Vm { err: VmError::Va { index: 1, err: VaError::Unaligned { .. } }, .. }
+            )
         }),
         (vec![BindOp::Unmap { addr: 0x1000, range: 0 }], |e| {
             matches!(e, ServiceError::Vm { err: VmError::Va { index: 0, err: VaError::ZeroSize { .. } }, .. })
         }),
         (vec![map(1 << 40, 1, bo, 0)], |e| matches!(e, ServiceError::Vm { err: VmError::Va { .. }, .. })),
-        (vec![map(0x1000, 2, bo, 15)], |e| matches!(e, ServiceError::Vm { err: VmError::BeyondBo { index: 0, .. }, .. })),
-        (vec![map(0x1000, 1, BoId(999), 0)], |e| matches!(e, ServiceError::Vm { err: VmError::NoSuchBo(BoId(999)), .. })),
-        (vec![map(u64::MAX & !0xfff, 2, bo, 0)], |e| matches!(e, ServiceError::Vm { err: VmError::Va { .. }, .. })),
+        (vec![map(0x1000, 2, bo, 15)], |e| {
+            matches!(e, ServiceError::Vm { err: VmError::BeyondBo { index: 0, .. }, .. })
+        }),
+        (vec![map(0x1000, 1, BoId(999), 0)], |e| {
+            matches!(e, ServiceError::Vm { err: VmError::NoSuchBo(BoId(999)), .. })
+        }),
+        (vec![map(u64::MAX & !0xfff, 2, bo, 0)], |e| {
+            matches!(e, ServiceError::Vm { err: VmError::Va { .. }, .. })
+        }),
     ];
     for (ops, is) in cases {
         let err = q.submit(ops.clone(), &[], &[]).unwrap_err();
@@ -358,7 +376,9 @@ fn a_failure_inside_a_batch_loses_only_its_own_vm() {
     svc.vm(vm).unwrap().destroy_bo(victim).unwrap();
     gate.signal().unwrap();
     match doomed.wait(SEC) {
-        Err(FenceError::Failed { err: ServiceError::Vm { err: VmError::NoSuchBo(b), .. }, .. }) => assert_eq!(b, victim),
+        Err(FenceError::Failed { err: ServiceError::Vm { err: VmError::NoSuchBo(b), .. }, .. }) => {
+            assert_eq!(b, victim)
+        }
         other => panic!("{other:?}"),
     }
     assert!(matches!(after.wait(SEC), Err(FenceError::Failed { err: ServiceError::VmLost { .. }, .. })));
@@ -399,8 +419,9 @@ fn shutdown_drains_what_can_run_and_names_every_fence_it_cancels() {
     let (_mem, svc, vm, bo) = setup(ServiceConfig::default(), 64);
     let (a, b) = (svc.create_queue(vm).unwrap(), svc.create_queue(vm).unwrap());
     let never = Fence::new();
-    let stuck: Vec<Fence> =
-        (0..5u64).map(|k| a.submit(vec![map(0x10_0000 + k * PAGE, 1, bo, k)], &[never.clone()], &[]).unwrap()).collect();
+    let stuck: Vec<Fence> = (0..5u64)
+        .map(|k| a.submit(vec![map(0x10_0000 + k * PAGE, 1, bo, k)], &[never.clone()], &[]).unwrap())
+        .collect();
     let ready: Vec<Fence> =
         (0..20u64).map(|k| b.submit(vec![map(0x100_0000 + k * PAGE, 1, bo, k)], &[], &[]).unwrap()).collect();
     let report = svc.shutdown(Shutdown::Drain(Duration::from_millis(300)));

@@ -458,11 +458,9 @@ impl Runtime {
         });
         let at = match hinted {
             Some(h) => h,
-            None => st
-                .free
-                .iter()
-                .find_map(|(&s, &e)| fits(s, e))
-                .ok_or(RuntimeError::OutOfVa { size, align })?,
+            None => {
+                st.free.iter().find_map(|(&s, &e)| fits(s, e)).ok_or(RuntimeError::OutOfVa { size, align })?
+            }
         };
         // Cut [at, at + size) out of the free range holding it.
         let (&s, &e) = st.free.range(..=at).next_back().expect("the range was found free");
@@ -544,7 +542,8 @@ impl Runtime {
                         }
                     }
                 }
-                let pages = blocks.iter().map(|&b| BioVec { phys: b, offset: 0, len: chunk as u32 }).collect();
+                let pages =
+                    blocks.iter().map(|&b| BioVec { phys: b, offset: 0, len: chunk as u32 }).collect();
                 (pages, Owned::Blocks(blocks))
             }
         };
@@ -713,7 +712,14 @@ impl Runtime {
     /// [`RuntimeError::AlreadyMapped`], [`RuntimeError::Released`],
     /// [`RuntimeError::NoSuchMemory`], [`RuntimeError::BeyondMemory`],
     /// [`RuntimeError::Service`] (no memory for the tables; nothing changed).
-    pub fn map(&self, va: u64, memory: &Memory, offset: u64, len: u64, access: Access) -> Result<(), RuntimeError> {
+    pub fn map(
+        &self,
+        va: u64,
+        memory: &Memory,
+        offset: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<(), RuntimeError> {
         self.map_any(None, va, len, Some((memory, offset, None)), access).map(drop)
     }
 
@@ -964,7 +970,13 @@ impl Runtime {
     ///
     /// # Errors
     /// As [`Runtime::set_access`], at the call.
-    pub fn set_access_async(&self, stream: &Stream, va: u64, len: u64, access: Access) -> Result<Fence, RuntimeError> {
+    pub fn set_access_async(
+        &self,
+        stream: &Stream,
+        va: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Fence, RuntimeError> {
         self.set_access_any(Some(stream), va, len, access).map(visible)
     }
 

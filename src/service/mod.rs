@@ -642,7 +642,9 @@ impl Service {
             s.closing = true;
             pending.extend(s.running.iter().cloned());
             for q in &s.queues {
-                pending.extend(q.items.iter().flat_map(|w| std::iter::once(&w.fence).chain(&w.signals)).cloned());
+                pending.extend(
+                    q.items.iter().flat_map(|w| std::iter::once(&w.fence).chain(&w.signals)).cloned(),
+                );
             }
             drop(s);
             e.room.notify_all();
