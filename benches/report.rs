@@ -19,6 +19,8 @@ mod mem_cases;
 mod peers;
 #[path = "../tests/common/rng.rs"]
 mod rng;
+#[path = "common/service_cases.rs"]
+mod service_cases;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -50,6 +52,7 @@ fn main() {
     dma_cases::dma_cases(&mut r);
     mem_cases::mem_cases(&mut r);
     gpuvm_cases::gpuvm_cases(&mut r);
+    service_cases::service_cases(&mut r);
     println!("\nratios (higher = vmbind faster unless noted):");
     for peer in ["x86_64", "aarch64-paging"] {
         let label = format!("pt/map_4k_scattered {peer} / vmbind");
@@ -104,6 +107,8 @@ fn main() {
     r.ratio(label, ("gpuvm/bind_1g_direct", "vmbind"), ("gpuvm/bind_1g_contiguous", "vmbind"));
     let label = "gpuvm/remap_1page_in_16g / gpuvm/remap_1page_in_1g (lower better)";
     r.ratio(label, ("gpuvm/remap_1page_in_16g", "vmbind"), ("gpuvm/remap_1page_in_1g", "vmbind"));
+    let label = "service/bind_64k_unbatched / service/bind_64k_batched";
+    r.ratio(label, ("service/bind_64k_unbatched", "vmbind"), ("service/bind_64k_batched", "vmbind"));
     let label = "mem/copy vmbind / memcpy (lower better)";
     r.ratio(label, ("mem/copy", "vmbind"), ("mem/copy", "memcpy"));
     if let Some(path) = json {

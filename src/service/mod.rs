@@ -385,6 +385,8 @@ pub struct Service {
     rx: Receiver<Msg>,
     workers: Mutex<Vec<JoinHandle<()>>>,
     counters: Arc<Counters>,
+    /// The IOTLB's invalidation count at the last [`Service::reset_metrics`].
+    iotlb_base: std::sync::atomic::AtomicU64,
     closed: AtomicBool,
 }
 
@@ -425,6 +427,7 @@ impl Service {
             rx,
             workers: Mutex::new(workers),
             counters: Arc::new(Counters::default()),
+            iotlb_base: std::sync::atomic::AtomicU64::new(0),
             closed: AtomicBool::new(false),
         }
     }
@@ -614,10 +617,26 @@ impl Service {
             batches,
             mean_batch: if batches == 0 { 0.0 } else { ops as f64 / batches as f64 },
             merged: ld(&c.merged),
-            iotlb_flushes: self.iommu.iotlb().invalidations(),
+            iotlb_flushes: self.iommu.iotlb().invalidations() - self.iotlb_base.load(Ordering::Relaxed),
             gpu_tlb_flushes: ld(&c.gpu_tlb_flushes),
             failed: ld(&c.failed),
             queues,
+        }
+    }
+
+    /// Zeroes the counters and every queue's latency histogram (to measure one phase of a
+    /// workload). The IOTLB's count is the IOMMU's and keeps running: [`Metrics::iotlb_flushes`]
+    /// then counts from here.
+    pub fn reset_metrics(&self) {
+        let c = &self.counters;
+        for a in [&c.submissions, &c.ops, &c.pages, &c.batches, &c.merged, &c.gpu_tlb_flushes, &c.failed] {
+            a.store(0, Ordering::Relaxed);
+        }
+        self.iotlb_base.store(self.iommu.iotlb().invalidations(), Ordering::Relaxed);
+        for e in self.vms.read().values() {
+            for q in &mut e.sched.lock().queues {
+                q.lat = Histogram::default();
+            }
         }
     }
 
