@@ -151,13 +151,13 @@ fn every_misuse_of_mapping_is_a_typed_error_and_changes_nothing() {
         Err(RuntimeError::BeyondMemory { .. })
     ));
     assert!(matches!(
-        rt.map(r.addr + 2 * PAGE, &m, u64::MAX & !0xfff, PAGE, rw),
+        rt.map(r.addr + 2 * PAGE, &m, !0xfffu64, PAGE, rw),
         Err(RuntimeError::BeyondMemory { .. })
     ));
     // Outside any reservation, or straddling its end.
     assert!(matches!(rt.map(r.end(), &m, 0, PAGE, rw), Err(RuntimeError::NotReserved { .. })));
     assert!(matches!(rt.map(r.end() - PAGE, &m, 0, 2 * PAGE, rw), Err(RuntimeError::NotReserved { .. })));
-    assert!(matches!(rt.map(u64::MAX & !0xfff, &m, 0, 2 * PAGE, rw), Err(RuntimeError::NotReserved { .. })));
+    assert!(matches!(rt.map(!0xfffu64, &m, 0, 2 * PAGE, rw), Err(RuntimeError::NotReserved { .. })));
     assert!(matches!(rt.unmap(r.end(), PAGE), Err(RuntimeError::NotReserved { .. })));
     // Repeat periods.
     assert!(matches!(

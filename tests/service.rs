@@ -98,11 +98,11 @@ fn an_in_fence_orders_work_across_queues_and_across_vms() {
     for round in 0..50u64 {
         let va = 0x4000_0000 + round * 0x20_0000;
         let gate = Fence::new();
-        let fa = a.submit(vec![map(va, 1, bo, 1)], &[gate.clone()], &[]).unwrap();
+        let fa = a.submit(vec![map(va, 1, bo, 1)], std::slice::from_ref(&gate), &[]).unwrap();
         // B replaces A's mapping, but only after A: the last word is B's.
-        let fb = b.submit(vec![map(va, 1, bo, 2)], &[fa.clone()], &[]).unwrap();
+        let fb = b.submit(vec![map(va, 1, bo, 2)], std::slice::from_ref(&fa), &[]).unwrap();
         // Another VM waits for B.
-        let fo = other.submit(vec![map(va, 1, bo2, 3)], &[fb.clone()], &[]).unwrap();
+        let fo = other.submit(vec![map(va, 1, bo2, 3)], std::slice::from_ref(&fb), &[]).unwrap();
         assert!(!fa.is_done() && !fb.is_done() && !fo.is_done());
         gate.signal().unwrap();
         fo.wait(SEC).unwrap();
@@ -117,7 +117,7 @@ fn a_queue_waiting_on_its_head_never_delays_another_queues_ready_work() {
     let (_mem, svc, vm, bo) = setup(ServiceConfig::default(), 64);
     let (a, b) = (svc.create_queue(vm).unwrap(), svc.create_queue(vm).unwrap());
     let never = Fence::new();
-    let blocked = a.submit(vec![map(0x10_0000, 1, bo, 0)], &[never.clone()], &[]).unwrap();
+    let blocked = a.submit(vec![map(0x10_0000, 1, bo, 0)], std::slice::from_ref(&never), &[]).unwrap();
     let behind_it = a.submit(vec![map(0x20_0000, 1, bo, 0)], &[], &[]).unwrap();
     for k in 0..100u64 {
         let f = b.submit(vec![map(0x100_0000 + k * PAGE, 1, bo, k % 64)], &[], &[]).unwrap();
@@ -267,7 +267,8 @@ fn four_clients_of_random_binds_end_where_the_oracle_does() {
 fn bad_ops_are_refused_at_submit_and_nothing_is_queued() {
     let (_mem, svc, vm, bo) = setup(ServiceConfig::default(), 16);
     let q = svc.create_queue(vm).unwrap();
-    let cases: Vec<(Vec<BindOp>, fn(&ServiceError) -> bool)> = vec![
+    type Check = fn(&ServiceError) -> bool;
+    let cases: Vec<(Vec<BindOp>, Check)> = vec![
         (vec![map(0x1000, 1, bo, 0), map(0x1234, 1, bo, 0)], |e| {
             matches!(
                 e,
@@ -284,9 +285,7 @@ fn bad_ops_are_refused_at_submit_and_nothing_is_queued() {
         (vec![map(0x1000, 1, BoId(999), 0)], |e| {
             matches!(e, ServiceError::Vm { err: VmError::NoSuchBo(BoId(999)), .. })
         }),
-        (vec![map(u64::MAX & !0xfff, 2, bo, 0)], |e| {
-            matches!(e, ServiceError::Vm { err: VmError::Va { .. }, .. })
-        }),
+        (vec![map(!0xfffu64, 2, bo, 0)], |e| matches!(e, ServiceError::Vm { err: VmError::Va { .. }, .. })),
     ];
     for (ops, is) in cases {
         let err = q.submit(ops.clone(), &[], &[]).unwrap_err();
@@ -305,7 +304,7 @@ fn bad_ops_are_refused_at_submit_and_nothing_is_queued() {
     assert!(matches!(q.submit(too_many, &[], &[]), Err(ServiceError::TooManyOps { ops: 4097, max: 4096 })));
     // Host fences as signals: a queue's own fence cannot be one.
     let f = q.submit(vec![], &[], &[]).unwrap();
-    assert!(matches!(q.submit(vec![], &[], &[f.clone()]), Err(ServiceError::BadSignal { .. })));
+    assert!(matches!(q.submit(vec![], &[], std::slice::from_ref(&f)), Err(ServiceError::BadSignal { .. })));
     assert_eq!(svc.vm(vm).unwrap().mappings().len(), 0);
     let m = svc.metrics();
     assert_eq!(m.ops, 0);
@@ -318,10 +317,15 @@ fn host_fences_handed_as_signals_complete_with_the_work() {
     let q = svc.create_queue(vm).unwrap();
     let done = Fence::new();
     let gate = Fence::new();
-    let f = q.submit(vec![map(0x10_0000, 1, bo, 3)], &[gate.clone()], &[done.clone()]).unwrap();
+    let f = q
+        .submit(vec![map(0x10_0000, 1, bo, 3)], std::slice::from_ref(&gate), std::slice::from_ref(&done))
+        .unwrap();
     // Owned by the submission now: the host cannot signal it, nor hand it out twice.
     assert!(matches!(done.signal(), Err(FenceError::NotHost { .. })));
-    assert!(matches!(q.submit(vec![], &[], &[done.clone()]), Err(ServiceError::BadSignal { .. })));
+    assert!(matches!(
+        q.submit(vec![], &[], std::slice::from_ref(&done)),
+        Err(ServiceError::BadSignal { .. })
+    ));
     assert!(matches!(done.wait(Duration::from_millis(20)), Err(FenceError::Timeout { .. })));
     gate.signal().unwrap();
     assert!(matches!(gate.signal(), Err(FenceError::Completed { .. })));
@@ -335,7 +339,7 @@ fn a_full_queue_blocks_submit_and_hands_try_submit_its_ops_back() {
     let (_mem, svc, vm, bo) = setup(ServiceConfig { queue_depth: 2, ..ServiceConfig::default() }, 16);
     let q = svc.create_queue(vm).unwrap();
     let gate = Fence::new();
-    let f1 = q.submit(vec![map(0x10_0000, 1, bo, 1)], &[gate.clone()], &[]).unwrap();
+    let f1 = q.submit(vec![map(0x10_0000, 1, bo, 1)], std::slice::from_ref(&gate), &[]).unwrap();
     let f2 = q.submit(vec![map(0x20_0000, 1, bo, 2)], &[], &[]).unwrap();
     let ops = vec![map(0x30_0000, 1, bo, 3)];
     match q.try_submit(ops.clone(), &[], &[]) {
@@ -369,7 +373,7 @@ fn a_failure_inside_a_batch_loses_only_its_own_vm() {
     let (q, q2) = (svc.create_queue(vm).unwrap(), svc.create_queue(vm2).unwrap());
     q.bind(&[map(0x10_0000, 1, bo, 1)]).unwrap();
     let gate = Fence::new();
-    let doomed = q.submit(vec![map(0x20_0000, 1, victim, 0)], &[gate.clone()], &[]).unwrap();
+    let doomed = q.submit(vec![map(0x20_0000, 1, victim, 0)], std::slice::from_ref(&gate), &[]).unwrap();
     let after = q.submit(vec![map(0x30_0000, 1, bo, 2)], &[], &[]).unwrap();
     // The object goes behind the service's back (through the VM itself): the queued bind that
     // names it can only fail when it runs.
@@ -402,8 +406,8 @@ fn a_failed_in_fence_fails_the_work_that_waited_and_the_queue_goes_on() {
     let victim = stamped_bo(&mem, &svc, vm2, 4, 3);
     let (q, q2) = (svc.create_queue(vm).unwrap(), svc.create_queue(vm2).unwrap());
     let gate = Fence::new();
-    let bad = q2.submit(vec![map(0x20_0000, 1, victim, 0)], &[gate.clone()], &[]).unwrap();
-    let waiter = q.submit(vec![map(0x10_0000, 1, bo, 1)], &[bad.clone()], &[]).unwrap();
+    let bad = q2.submit(vec![map(0x20_0000, 1, victim, 0)], std::slice::from_ref(&gate), &[]).unwrap();
+    let waiter = q.submit(vec![map(0x10_0000, 1, bo, 1)], std::slice::from_ref(&bad), &[]).unwrap();
     let next = q.submit(vec![map(0x20_0000, 1, bo, 2)], &[], &[]).unwrap();
     svc.vm(vm2).unwrap().destroy_bo(victim).unwrap();
     gate.signal().unwrap();
@@ -420,7 +424,9 @@ fn shutdown_drains_what_can_run_and_names_every_fence_it_cancels() {
     let (a, b) = (svc.create_queue(vm).unwrap(), svc.create_queue(vm).unwrap());
     let never = Fence::new();
     let stuck: Vec<Fence> = (0..5u64)
-        .map(|k| a.submit(vec![map(0x10_0000 + k * PAGE, 1, bo, k)], &[never.clone()], &[]).unwrap())
+        .map(|k| {
+            a.submit(vec![map(0x10_0000 + k * PAGE, 1, bo, k)], std::slice::from_ref(&never), &[]).unwrap()
+        })
         .collect();
     let ready: Vec<Fence> =
         (0..20u64).map(|k| b.submit(vec![map(0x100_0000 + k * PAGE, 1, bo, k)], &[], &[]).unwrap()).collect();
