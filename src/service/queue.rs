@@ -1,0 +1,217 @@
+//! [`BindQueue`]: submission (checked, then queued under backpressure) and synchronous binds.
+#![forbid(unsafe_code)]
+
+use std::time::Instant;
+
+use super::metrics::Counters;
+use super::sched::{Msg, Work};
+use super::{BindQueue, Fence, FenceError, QueueId, ServiceError, TrySubmitError};
+use crate::addr::PAGE_SIZE;
+use crate::gpuvm::{BindOp, Vm, VmError};
+use std::sync::Arc;
+
+impl BindQueue {
+    /// The queue's id.
+    #[must_use]
+    pub fn id(&self) -> QueueId {
+        self.id
+    }
+
+    /// The VM it binds into.
+    #[must_use]
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.entry.vm
+    }
+
+    /// Submits `ops` (one VM_BIND array, all or nothing) to run after every fence in `waits`
+    /// has completed, signaling the returned fence and every host fence in `signals` when the
+    /// change is visible (module docs). Blocks while the queue is full.
+    ///
+    /// # Errors
+    /// At submit, with nothing queued: [`ServiceError::Vm`] for an invalid op or object (the
+    /// error names the op), [`ServiceError::TooManyOps`], [`ServiceError::BadSignal`],
+    /// [`ServiceError::VmLost`], [`ServiceError::ShutDown`].
+    pub fn submit(
+        &self,
+        ops: Vec<BindOp>,
+        waits: &[Fence],
+        signals: &[Fence],
+    ) -> Result<Fence, ServiceError> {
+        self.enqueue(ops, waits, signals, true).map_err(|(e, _)| match e {
+            Enqueue::Refused(e) => e,
+            Enqueue::Full => ServiceError::ShutDown,
+        })
+    }
+
+    /// [`BindQueue::submit`] that never blocks: a full queue hands the ops back.
+    ///
+    /// # Errors
+    /// [`TrySubmitError::Full`]; [`TrySubmitError::Refused`] as [`BindQueue::submit`].
+    pub fn try_submit(
+        &self,
+        ops: Vec<BindOp>,
+        waits: &[Fence],
+        signals: &[Fence],
+    ) -> Result<Fence, TrySubmitError> {
+        self.enqueue(ops, waits, signals, false).map_err(|(e, ops)| match e {
+            Enqueue::Full => TrySubmitError::Full { queue: self.id, ops },
+            Enqueue::Refused(err) => TrySubmitError::Refused { err, ops },
+        })
+    }
+
+    fn enqueue(
+        &self,
+        ops: Vec<BindOp>,
+        waits: &[Fence],
+        signals: &[Fence],
+        block: bool,
+    ) -> Result<Fence, (Enqueue, Vec<BindOp>)> {
+        let e = &*self.entry;
+        let refuse = |err, ops| Err((Enqueue::Refused(err), ops));
+        if ops.len() > e.cfg.max_ops {
+            return refuse(ServiceError::TooManyOps { ops: ops.len(), max: e.cfg.max_ops }, ops);
+        }
+        let checked = {
+            let bos = e.bos.read();
+            e.vm.check_ops(&ops, |bo| bos.get(&bo).copied())
+        };
+        if let Err(err) = checked {
+            return refuse(ServiceError::Vm { vm: e.id, err }, ops);
+        }
+        for (i, s) in signals.iter().enumerate() {
+            if let Err(err) = s.attach() {
+                signals[..i].iter().for_each(Fence::detach);
+                return refuse(err, ops);
+            }
+        }
+        let mut s = e.sched.lock();
+        loop {
+            let gone = if s.closing {
+                Some(ServiceError::ShutDown)
+            } else {
+                s.lost.as_ref().map(|why| ServiceError::VmLost { vm: e.id, why: why.clone() })
+            };
+            if let Some(err) = gone {
+                drop(s);
+                signals.iter().for_each(Fence::detach);
+                return refuse(err, ops);
+            }
+            if s.queues[self.slot].items.len() < e.cfg.queue_depth {
+                break;
+            }
+            if !block {
+                drop(s);
+                signals.iter().for_each(Fence::detach);
+                return Err((Enqueue::Full, ops));
+            }
+            e.room.wait(&mut s);
+        }
+        let fence = Fence::queue();
+        let q = &mut s.queues[self.slot];
+        q.items.push_back(Work {
+            ops,
+            waits: waits.to_vec(),
+            fence: fence.clone(),
+            signals: signals.to_vec(),
+            at: Instant::now(),
+        });
+        q.last = Some(fence.clone());
+        // A queue that was empty has no armed head: the VM must be looked at (otherwise its
+        // head is being worked on, or waits with a callback that reschedules).
+        let wake = q.items.len() == 1 && q.inflight == 0 && !s.scheduled;
+        if wake {
+            s.scheduled = true;
+        }
+        drop(s);
+        if wake {
+            let _ = e.tx.send(Msg::Run(self.entry.clone()));
+        }
+        Ok(fence)
+    }
+
+    /// Binds `ops` and returns once the change is visible (a synchronous VM_BIND). On a queue
+    /// with nothing pending it runs on the calling thread; otherwise it is submitted behind the
+    /// queue's work and waited for.
+    ///
+    /// # Errors
+    /// As [`BindQueue::submit`] for what it checks first, and the bind's own failure
+    /// ([`ServiceError::Vm`]: out of memory for tables, an object gone), after which the VM is
+    /// as it was.
+    pub fn bind(&self, ops: &[BindOp]) -> Result<(), ServiceError> {
+        let e = &*self.entry;
+        if ops.len() > e.cfg.max_ops {
+            return Err(ServiceError::TooManyOps { ops: ops.len(), max: e.cfg.max_ops });
+        }
+        {
+            let bos = e.bos.read();
+            e.vm.check_ops(ops, |bo| bos.get(&bo).copied())
+                .map_err(|err| ServiceError::Vm { vm: e.id, err })?;
+        }
+        let inline = {
+            let mut s = e.sched.lock();
+            if s.closing {
+                return Err(ServiceError::ShutDown);
+            }
+            if let Some(why) = &s.lost {
+                return Err(ServiceError::VmLost { vm: e.id, why: why.clone() });
+            }
+            let q = &mut s.queues[self.slot];
+            let idle = q.items.is_empty() && q.inflight == 0;
+            if idle {
+                q.inflight = 1;
+            }
+            idle
+        };
+        if !inline {
+            let f = self.submit(ops.to_vec(), &[], &[])?;
+            return f.wait_forever().map_err(|err| match err {
+                FenceError::Failed { err, .. } => err,
+                FenceError::Timeout { .. } | FenceError::NotHost { .. } | FenceError::Completed { .. } => {
+                    ServiceError::Cancelled
+                }
+            });
+        }
+        let t0 = Instant::now();
+        let r = e.vm.bind(ops);
+        let c = &e.counters;
+        Counters::add(&c.submissions, 1);
+        Counters::add(&c.batches, 1);
+        Counters::add(&c.ops, ops.len() as u64);
+        let out = match r {
+            Ok(b) => {
+                Counters::add(&c.pages, b.mapped / PAGE_SIZE);
+                Counters::add(&c.gpu_tlb_flushes, u64::from(b.flush.range.is_some()));
+                Ok(())
+            }
+            Err(err) => {
+                Counters::add(&c.failed, 1);
+                Err(err)
+            }
+        };
+        let mut s = e.sched.lock();
+        if let Err(VmError::Unusable { why }) = &out {
+            s.lost = Some(why.clone());
+        }
+        let q = &mut s.queues[self.slot];
+        q.inflight = 0;
+        q.lat.record(t0.elapsed().as_nanos() as u64);
+        let wake = !q.items.is_empty() && !s.scheduled;
+        if wake {
+            s.scheduled = true;
+        }
+        let lost = s.lost.is_some();
+        drop(s);
+        if wake {
+            let _ = e.tx.send(Msg::Run(self.entry.clone()));
+        }
+        if lost {
+            e.fail_queued();
+        }
+        out.map_err(|err| ServiceError::Vm { vm: e.id, err })
+    }
+}
+
+enum Enqueue {
+    Full,
+    Refused(ServiceError),
+}
