@@ -26,6 +26,15 @@
 //!   unmapping what is not mapped (a double unmap), using or releasing a released handle,
 //!   freeing a reservation that still has mappings, ranges outside any reservation.
 //!
+//! # Locking
+//!
+//! One lock guards the runtime's view (reservations, mapping pieces, memories). A blocking
+//! verb holds it from its checks to its bind's return, including any wait for work queued
+//! ahead of it on the default stream or for another stream's op on the same addresses, so
+//! blocking verbs are atomic with respect to each other. The service's workers never take it,
+//! and nothing else is held meanwhile, so that wait cannot deadlock. Asynchronous verbs hold it
+//! only to check, submit and record.
+//!
 //! # An allocator on it
 //!
 //! A runtime's caching allocator reserves one big range, backs it on demand in 2 MiB chunks,
