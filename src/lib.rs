@@ -20,7 +20,9 @@
 //! - [`service`]: the population service: independent bind queues over GPU VMs, worker threads
 //!   that coalesce them, fences that signal when a change is visible, metrics;
 //! - [`runtime`]: the API compute runtimes know (reserve, granularity, memory handles,
-//!   map-with-access, sub-range unmap, sparse, repeat), blocking or on a stream.
+//!   map-with-access, sub-range unmap, sparse, repeat), blocking or on a stream;
+//! - `vk` (feature `vulkan`): the arena imported into a real Vulkan device, and the GPU's
+//!   two-stage walk in a compute shader.
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
@@ -35,6 +37,8 @@ pub mod pt;
 pub mod runtime;
 pub mod service;
 mod sync;
+#[cfg(feature = "vulkan")]
+pub mod vk;
 
 /// The README's examples, compiled and run as doc tests so the README stays true.
 #[cfg(doctest)]

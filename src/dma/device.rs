@@ -131,6 +131,15 @@ impl Device {
         &self.mem
     }
 
+    /// The address width of a direct device (`None` for one behind an IOMMU).
+    #[must_use]
+    pub fn direct_bits(&self) -> Option<u32> {
+        match &self.path {
+            Path::Direct { bits } => Some(*bits),
+            Path::Translated { .. } => None,
+        }
+    }
+
     /// Whether the device reaches memory through an IOMMU (a translated handle).
     #[must_use]
     pub fn is_translated(&self) -> bool {
