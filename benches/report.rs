@@ -21,6 +21,9 @@ mod peers;
 mod rng;
 #[path = "common/service_cases.rs"]
 mod service_cases;
+#[cfg(feature = "vulkan")]
+#[path = "common/vk_cases.rs"]
+mod vk_cases;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -53,6 +56,8 @@ fn main() {
     mem_cases::mem_cases(&mut r);
     gpuvm_cases::gpuvm_cases(&mut r);
     service_cases::service_cases(&mut r);
+    #[cfg(feature = "vulkan")]
+    vk_cases::vk_cases(&mut r);
     println!("\nratios (higher = vmbind faster unless noted):");
     for peer in ["x86_64", "aarch64-paging"] {
         let label = format!("pt/map_4k_scattered {peer} / vmbind");
@@ -109,6 +114,8 @@ fn main() {
     r.ratio(label, ("gpuvm/remap_1page_in_16g", "vmbind"), ("gpuvm/remap_1page_in_1g", "vmbind"));
     let label = "service/bind_64k_unbatched / service/bind_64k_batched";
     r.ratio(label, ("service/bind_64k_unbatched", "vmbind"), ("service/bind_64k_batched", "vmbind"));
+    let label = "vk/walk_gather / vk/plain_copy (lower better)";
+    r.ratio(label, ("vk/walk_gather", "vmbind"), ("vk/plain_copy", "vmbind"));
     let label = "mem/copy vmbind / memcpy (lower better)";
     r.ratio(label, ("mem/copy", "vmbind"), ("mem/copy", "memcpy"));
     if let Some(path) = json {

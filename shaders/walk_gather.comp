@@ -1,7 +1,9 @@
 // walk_gather: the GPU's two translations, then the bytes.
 //
-// One workgroup per requested GPU VA page (64 invocations, each copying 64 of its 4096 bytes).
-// Every invocation walks the same entries (the loads are uniform across the workgroup):
+// One invocation per requested GPU VA page, 64 pages per workgroup: each invocation walks its
+// page's entries and copies its 4096 bytes. (On a CPU implementation such as lavapipe, whose
+// SIMD lanes are invocations, this makes every walk step one gather for 8 pages; measured there,
+// a workgroup per page with 64 invocations sharing one walk ran 4.7x slower.)
 //   1. the GPU page table (vmbind's GPU format, REFERENCES.md §7): four levels of 512 entries;
 //      bit 0 valid, 5 read, 7-11 fragment (a TLB hint: each entry still holds its own address),
 //      12-47 address, 51 PRT (sparse: reads zero), 54 huge leaf at levels 1 and 2;
@@ -79,11 +81,10 @@ uint64_t entry(uint64_t pa) {
 }
 
 void main() {
-    uint page = p.first + gl_WorkGroupID.x;
+    uint page = p.first + gl_GlobalInvocationID.x;
     if (page >= p.count) {
         return;
     }
-    uint lane = gl_LocalInvocationID.x;
     uint64_t va = Words(p.requests).w[page];
     uint code = OK;
     uint64_t prot = 0ul;
@@ -157,19 +158,18 @@ void main() {
         }
     }
 
-    // 3. The bytes: 8 words per invocation, adjacent invocations on adjacent words.
+    // 3. The bytes.
     OutWords dst = OutWords(p.out_words + uint64_t(page) * 4096ul);
     if (code == OK) {
         Words src = Words(dev_addr(pa));
-        for (uint k = 0u; k < 8u; k++) {
-            uint i = k * 64u + lane;
+        for (uint i = 0u; i < 512u; i++) {
             dst.w[i] = src.w[i];
         }
     } else {
-        for (uint k = 0u; k < 8u; k++) {
-            dst.w[k * 64u + lane] = 0ul;
+        for (uint i = 0u; i < 512u; i++) {
+            dst.w[i] = 0ul;
         }
-        if (code != SPARSE && lane == 0u) {
+        if (code != SPARSE) {
             Faults f = Faults(p.faults);
             uint slot = atomicAdd(f.count, 1u);
             if (slot < p.max_faults) {

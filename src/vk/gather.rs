@@ -16,6 +16,9 @@ use crate::pt::Prot;
 /// The shader's SPIR-V (compiled by `build.rs`, or the checked-in copy).
 const WALK_GATHER_SPV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/walk_gather.spv"));
 
+/// Pages per workgroup (`local_size_x` of the shader: one invocation per page).
+const PAGES_PER_GROUP: u32 = 64;
+
 /// The shader's push constants (`Params` in `walk_gather.comp`).
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -352,7 +355,7 @@ impl GatherJob<'_> {
         let bi = vk::CommandBufferBeginInfo::default();
         // SAFETY: a fresh command buffer of this device.
         call("vkBeginCommandBuffer", unsafe { d.begin_command_buffer(self.cmd, &bi) })?;
-        let per = self.ctx.info().max_workgroups.clamp(1, 65_535);
+        let per = self.ctx.info().max_workgroups.clamp(1, 65_535).saturating_mul(PAGES_PER_GROUP);
         // SAFETY: recording into a command buffer in the recording state; the pipeline and
         // layout are live; the push-constant range matches the layout.
         unsafe {
@@ -362,7 +365,7 @@ impl GatherJob<'_> {
                 params.first = first;
                 let n = (params.count - first).min(per);
                 d.cmd_push_constants(self.cmd, g.layout, vk::ShaderStageFlags::COMPUTE, 0, &params.bytes());
-                d.cmd_dispatch(self.cmd, n, 1, 1);
+                d.cmd_dispatch(self.cmd, n.div_ceil(PAGES_PER_GROUP), 1, 1);
                 first += n;
             }
             // The shader's writes, visible to the host once the fence signals.
