@@ -105,7 +105,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let got = checksum(&back.bytes);
     if got != want || back.bytes != data {
         let at = back.bytes.iter().zip(&data).position(|(a, b)| a != b).unwrap_or(0);
-        return Err(format!("checksum {got:#018x} != {want:#018x}: byte {at} differs after translation").into());
+        return Err(
+            format!("checksum {got:#018x} != {want:#018x}: byte {at} differs after translation").into()
+        );
     }
     println!("5. checksum {got:#018x} = source: {} bytes verified", data.len());
     // A read of a GPU VA nothing maps is a typed fault, and nothing moves.
@@ -132,7 +134,8 @@ fn read_back(mem: &Arc<PhysMem>, vm: &Vm, len: usize) -> Result<ReadBack, Box<dy
                 let t0 = Instant::now();
                 let import = Arc::new(ArenaImport::new(&ctx, mem)?);
                 let g = WalkGather::new(&import)?;
-                let pages: Vec<u64> = (0..(len as u64).div_ceil(PAGE_SIZE)).map(|i| VA + i * PAGE_SIZE).collect();
+                let pages: Vec<u64> =
+                    (0..(len as u64).div_ceil(PAGE_SIZE)).map(|i| VA + i * PAGE_SIZE).collect();
                 let mut job = g.job(vm, &pages)?;
                 println!(
                     "3. Vulkan device {} ({}, Vulkan {}): arena imported zero copy ({} chunk(s), host-pointer alignment {}), pipeline ready in {:.1} ms",
@@ -158,7 +161,10 @@ fn read_back(mem: &Arc<PhysMem>, vm: &Vm, len: usize) -> Result<ReadBack, Box<dy
                 if !messages.is_empty() {
                     return Err(format!("validation layer: {messages:?}").into());
                 }
-                return Ok(ReadBack { bytes: job.bytes()[..len].to_vec(), backend: format!("Vulkan: {}", ctx.device_name()) });
+                return Ok(ReadBack {
+                    bytes: job.bytes()[..len].to_vec(),
+                    backend: format!("Vulkan: {}", ctx.device_name()),
+                });
             }
             Err(e) => println!("3. no Vulkan ({e}): CPU path"),
         }
