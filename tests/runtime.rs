@@ -210,7 +210,9 @@ fn memory_is_reference_counted_and_released_handles_cannot_be_used() {
     assert_eq!(rt.live_memories(), 1);
     rt.unmap(r.addr + 3 * PAGE, PAGE).unwrap();
     assert_eq!(rt.live_memories(), 0);
-    assert_eq!(rt.release(&m), Err(RuntimeError::NoSuchMemory { memory: m.id() }));
+    // Freed now: a third release or a use still says why.
+    assert_eq!(rt.release(&m), Err(RuntimeError::Released { memory: m.id() }));
+    assert_eq!(rt.map(r.addr, &m, 0, PAGE, Access::Read), Err(RuntimeError::Released { memory: m.id() }));
     rt.free(r).unwrap();
     // The frames went back to the arena.
     eprintln!("free0 {free0} now {} used {frames_used}", mem.usage().free_frames);
@@ -360,4 +362,105 @@ fn memory_from_a_file_reads_back_through_the_gpu() {
     assert!(matches!(e, RuntimeError::Mem(_)), "{e}");
     assert!(matches!(rt.alloc(PAGE, Placement::Contiguous), Err(RuntimeError::Misaligned { .. })));
     assert_eq!(rt.live_memories(), 1);
+}
+
+#[test]
+fn a_release_racing_the_last_asynchronous_unmap_frees_the_memory_once_that_unmap_is_visible() {
+    let (mem, rt) = runtime(32 << 20);
+    let s = rt.create_stream().unwrap();
+    let r = rt.reserve(MIB2, MIB2, None).unwrap();
+    let before = mem.usage().free_frames;
+    for round in 0..20 {
+        let m = rt.alloc(16 * PAGE, Placement::Scattered).unwrap();
+        rt.map(r.addr, &m, 0, 16 * PAGE, Access::ReadWrite).unwrap();
+        let gate = vmbind::service::Fence::new();
+        // Hold the stream back so the unmap is surely still queued when the release comes.
+        let hold = stream_queue(&s).submit(vec![], std::slice::from_ref(&gate), &[]);
+        let f = rt.unmap_async(&s, r.addr, 16 * PAGE).unwrap();
+        rt.release(&m).unwrap();
+        assert_eq!(rt.live_memories(), 1, "round {round}: freed before its unmap ran");
+        gate.signal().unwrap();
+        hold.unwrap().wait(SEC).unwrap();
+        f.wait(SEC).unwrap();
+        assert_eq!(rt.live_memories(), 0, "round {round}: the memory leaked");
+        assert_eq!(rt.release(&m), Err(RuntimeError::Released { memory: m.id() }));
+    }
+    rt.free(r).unwrap();
+    assert!(mem.usage().free_frames >= before, "frames leaked");
+}
+
+/// The bind queue under a stream (the runtime exposes its service; a stream is one of its
+/// queues), to hold the stream back behind a host fence.
+fn stream_queue(s: &vmbind::runtime::Stream) -> vmbind::service::BindQueue {
+    s.queue().clone()
+}
+
+#[test]
+fn a_stream_of_another_runtime_is_refused() {
+    let (_mem, rt) = runtime(16 << 20);
+    let (_mem2, rt2) = runtime(16 << 20);
+    let theirs = rt2.create_stream().unwrap();
+    let r = rt.reserve(MIB2, MIB2, None).unwrap();
+    let m = rt.alloc(PAGE, Placement::Scattered).unwrap();
+    assert_eq!(
+        rt.map_async(&theirs, r.addr, &m, 0, PAGE, Access::Read).unwrap_err(),
+        RuntimeError::ForeignStream
+    );
+    assert!(rt.vm().mappings().is_empty() && rt2.vm().mappings().is_empty());
+}
+
+#[test]
+fn access_changes_and_unmaps_inside_a_repeat_mapping_keep_its_bytes() {
+    let (_mem, rt) = runtime(16 << 20);
+    let r = rt.reserve(MIB2, MIB2, None).unwrap();
+    let m = rt.alloc(4 * PAGE, Placement::Scattered).unwrap();
+    rt.map(r.addr, &m, 0, 4 * PAGE, Access::ReadWrite).unwrap();
+    for p in 0..4u64 {
+        rt.write(r.addr + p * PAGE, &(500 + p).to_le_bytes()).unwrap();
+    }
+    rt.unmap(r.addr, 4 * PAGE).unwrap();
+    // 12 pages repeating memory pages [0, 4); then read-only over pages 5..7 (not a whole
+    // period), and an unmap of page 9.
+    rt.map_repeat(r.addr, 12 * PAGE, &m, 0, 4 * PAGE, Access::ReadWrite).unwrap();
+    rt.set_access(r.addr + 5 * PAGE, 2 * PAGE, Access::Read).unwrap();
+    rt.unmap(r.addr + 9 * PAGE, PAGE).unwrap();
+    for p in 0..12u64 {
+        let va = r.addr + p * PAGE;
+        if p == 9 {
+            assert!(rt.read(va, &mut [0u8; 8]).is_err());
+            continue;
+        }
+        assert_eq!(stamp(&rt, va), 500 + p % 4, "page {p}");
+        assert_eq!(rt.write(va + 8, b"w").is_ok(), !(5..7).contains(&p), "page {p}");
+    }
+    // And back to read-write across the pieces.
+    rt.set_access(r.addr + 4 * PAGE, 4 * PAGE, Access::ReadWrite).unwrap();
+    rt.write(r.addr + 6 * PAGE + 8, b"w").unwrap();
+}
+
+#[test]
+fn unmaps_starting_at_one_address_all_order_a_later_map_on_another_stream() {
+    let (_mem, rt) = runtime(32 << 20);
+    let (a, b) = (rt.create_stream().unwrap(), rt.create_stream().unwrap());
+    let r = rt.reserve(MIB2, MIB2, None).unwrap();
+    let m = rt.alloc(4 * PAGE, Placement::Scattered).unwrap();
+    for round in 0..50 {
+        rt.map(r.addr, &m, 0, 2 * PAGE, Access::ReadWrite).unwrap();
+        let gate = vmbind::service::Fence::new();
+        let hold = a.queue().submit(vec![], std::slice::from_ref(&gate), &[]).unwrap();
+        rt.unmap_async(&a, r.addr, 2 * PAGE).unwrap();
+        rt.map_async(&a, r.addr, &m, 0, PAGE, Access::ReadWrite).unwrap();
+        rt.unmap_async(&a, r.addr, PAGE).unwrap();
+        // The page at +PAGE was unmapped by the first unmap, still held back: this map on B
+        // must wait for it.
+        let f = rt.map_async(&b, r.addr + PAGE, &m, 3 * PAGE, PAGE, Access::ReadWrite).unwrap();
+        gate.signal().unwrap();
+        hold.wait(SEC).unwrap();
+        f.wait(SEC).unwrap();
+        rt.synchronize().unwrap();
+        assert!(rt.read(r.addr, &mut [0u8; 8]).is_err(), "round {round}");
+        rt.read(r.addr + PAGE, &mut [0u8; 8])
+            .unwrap_or_else(|e| panic!("round {round}: the map on B was wiped: {e}"));
+        rt.unmap(r.addr + PAGE, PAGE).unwrap();
+    }
 }

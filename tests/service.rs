@@ -501,3 +501,69 @@ fn destroying_an_object_waits_for_submitted_work_and_refuses_new_work_naming_it(
     ));
     assert!(matches!(svc.vm(VmId(77)), Err(ServiceError::NoSuchVm(VmId(77)))));
 }
+
+#[test]
+fn fences_that_could_never_complete_are_refused_at_submit() {
+    let (_mem, svc, vm, bo) = setup(ServiceConfig::default(), 8);
+    let q = svc.create_queue(vm).unwrap();
+    let f = Fence::new();
+    // Waiting for the fence it signals.
+    assert!(matches!(
+        q.submit(vec![], std::slice::from_ref(&f), std::slice::from_ref(&f)),
+        Err(ServiceError::BadSignal { .. })
+    ));
+    // Signaling a fence that work queued ahead of it on the same queue waits for.
+    let stuck = q.submit(vec![map(0x10_0000, 1, bo, 0)], std::slice::from_ref(&f), &[]).unwrap();
+    assert!(matches!(q.submit(vec![], &[], std::slice::from_ref(&f)), Err(ServiceError::BadSignal { .. })));
+    // Refused submissions left the host fence the host's.
+    f.signal().unwrap();
+    stuck.wait(SEC).unwrap();
+}
+
+#[test]
+fn dropped_queues_give_their_slots_to_new_ones() {
+    let (_mem, svc, vm, bo) = setup(ServiceConfig::default(), 8);
+    let keep = svc.create_queue(vm).unwrap();
+    for k in 0..200u64 {
+        let q = svc.create_queue(vm).unwrap();
+        q.submit(vec![map(0x10_0000 + (k % 8) * PAGE, 1, bo, k % 8)], &[], &[]).unwrap().wait(SEC).unwrap();
+    }
+    // One slot for `keep`, one reused by every short-lived queue.
+    assert_eq!(svc.metrics().queues.len(), 2);
+    keep.bind(&[map(0x20_0000, 1, bo, 3)]).unwrap();
+    assert_eq!(read_stamp(&svc, vm, 0x20_0000).unwrap(), 3);
+}
+
+#[test]
+fn a_reader_racing_the_binds_never_sees_a_translation_older_than_the_last_wait() {
+    let (_mem, svc, vm, bo) = setup(ServiceConfig::default(), 512);
+    let q = svc.create_queue(vm).unwrap();
+    let vmr = svc.vm(vm).unwrap();
+    let va = 0x9000_0000u64;
+    q.bind(&[map(va, 1, bo, 0)]).unwrap();
+    // `visible`: the page index of the last map whose fence the host has waited for. Maps go
+    // to increasing page indices, so a read must see that one or a later one.
+    let visible = std::sync::atomic::AtomicU64::new(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let reads = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut n = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                let floor = visible.load(std::sync::atomic::Ordering::Acquire);
+                let mut b = [0u8; 8];
+                vmr.gpu_read(va, &mut b).unwrap();
+                let got = u64::from_le_bytes(b);
+                assert!(got >= floor, "read page {got} after the map of page {floor} was waited for");
+                n += 1;
+            }
+            n
+        });
+        for k in 1..512u64 {
+            q.submit(vec![map(va, 1, bo, k)], &[], &[]).unwrap().wait(SEC).unwrap();
+            visible.store(k, std::sync::atomic::Ordering::Release);
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+        reader.join().unwrap()
+    });
+    assert!(reads > 0);
+}

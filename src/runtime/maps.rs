@@ -34,7 +34,7 @@ impl Runtime {
             }
         }
         st.unmapping.retain(|_, (_, f, _)| !f.is_done());
-        for (_, (e, f, s)) in st.unmapping.range(..end) {
+        for (_, (e, f, s)) in st.unmapping.range(..(end, 0)) {
             if *e > va && *s != stream {
                 waits.push(f.clone());
             }
@@ -149,7 +149,11 @@ impl Runtime {
         let (req, mem) = match backing {
             None => (Va::sparse(va, len).with_flags(access.flags()), None),
             Some((m, offset, period)) => {
-                let ms = st.mems.get(&m.id).ok_or(RuntimeError::NoSuchMemory { memory: m.id })?;
+                let ms = match st.mems.get(&m.id) {
+                    Some(ms) => ms,
+                    None if st.freed.contains(&m.id) => return Err(RuntimeError::Released { memory: m.id }),
+                    None => return Err(RuntimeError::NoSuchMemory { memory: m.id }),
+                };
                 if ms.released {
                     return Err(RuntimeError::Released { memory: m.id });
                 }
@@ -197,6 +201,9 @@ impl Runtime {
         end: u64,
         ops: Vec<BindOp>,
     ) -> Result<Option<Fence>, RuntimeError> {
+        if stream.is_some_and(|s| s.owner != self.id) {
+            return Err(RuntimeError::ForeignStream);
+        }
         match stream {
             None => {
                 let waits = Self::deps(st, va, end, 0);
@@ -277,21 +284,26 @@ impl Runtime {
             if let Some(id) = p.mem {
                 let ms = st.mems.get_mut(&id).expect("mapped memory");
                 ms.mappings -= 1;
-                if ms.mappings == 0 && ms.released {
-                    freed.push(st.mems.remove(&id).expect("present"));
+                if ms.mappings == 0 {
+                    ms.unmapped_by = fence.clone();
+                    if ms.released {
+                        freed.push((id, st.mems.remove(&id).expect("present")));
+                    }
                 }
             }
         }
         if let Some(f) = &fence {
-            st.unmapping.insert(va, (end, f.clone(), sidx));
-            for ms in freed {
-                st.dying.push((ms, f.clone()));
+            st.seq += 1;
+            let seq = st.seq;
+            st.unmapping.insert((va, seq), (end, f.clone(), sidx));
+            for (id, ms) in freed {
+                st.dying.push((id, ms, f.clone()));
             }
             return Ok(fence);
         }
         drop(st);
-        for ms in freed {
-            self.destroy(ms);
+        for (id, ms) in freed {
+            self.destroy(id, ms);
         }
         Ok(None)
     }
@@ -336,7 +348,7 @@ impl Runtime {
             let p = &st.pieces[&k];
             let (a, e) = (p.va.addr.max(va), p.va.end().min(end));
             let v = p.va.piece(a, e - a).with_flags(access.flags());
-            ops.push(BindOp::Map(v.clone()));
+            push_maps(&mut ops, &v);
             parts.push((k, v));
         }
         let fence = self.run(&mut st, stream, va, end, ops)?;
@@ -393,5 +405,22 @@ impl Runtime {
     /// As [`Runtime::read`]; a write to a read-only mapping faults.
     pub fn write(&self, va: u64, data: &[u8]) -> Result<(), RuntimeError> {
         Ok(self.vm_ref.gpu_write(va, data)?)
+    }
+}
+
+/// The map ops that give `[v.addr, v.end())` the mapping `v` describes: `v` itself, or, for a
+/// piece of a repeat mapping that is not a whole number of periods (what a sub-range leaves),
+/// one plain map per stretch of the repeated range it covers.
+fn push_maps(ops: &mut Vec<BindOp>, v: &Va<crate::gpuvm::BoId>) {
+    let Some(r) = v.repeat.filter(|r| r.len > 0 && v.range % r.len != 0) else {
+        ops.push(BindOp::Map(v.clone()));
+        return;
+    };
+    let mut at = v.addr;
+    while at < v.end() {
+        let off = v.offset_at(at);
+        let n = (v.end() - at).min(r.start + r.len - off);
+        ops.push(BindOp::Map(Va { repeat: None, ..v.piece(at, n) }));
+        at += n;
     }
 }

@@ -21,6 +21,9 @@
 //!   other, and the runtime orders across them where it must: an op waits for every earlier op
 //!   on another stream that touched the same addresses, so an unmap never overtakes the map it
 //!   undoes.
+//! - An asynchronous verb is checked and recorded when it is called; if its fence then fails
+//!   (the service lost the VM, or shut down), the runtime's record and the VM part ways, and
+//!   later verbs fail with the service's error ([`ServiceError::VmLost`]).
 //! - The runtime owns what is mapped, so misuse is a typed [`RuntimeError`] at the call,
 //!   before anything is queued, instead of a device fault later: mapping over a live mapping,
 //!   unmapping what is not mapped (a double unmap), using or releasing a released handle,
@@ -112,7 +115,7 @@ impl VaRange {
     /// One past the last byte.
     #[must_use]
     pub fn end(&self) -> u64 {
-        self.addr + self.size
+        self.addr.saturating_add(self.size)
     }
 }
 
@@ -168,6 +171,8 @@ impl Memory {
 pub struct Stream {
     queue: BindQueue,
     index: usize,
+    /// The runtime it belongs to ([`Runtime`]'s id).
+    owner: u64,
 }
 
 /// How the runtime is set up ([`Runtime::new`]).
@@ -253,7 +258,8 @@ pub enum RuntimeError {
         /// The first unmapped address in the range.
         addr: u64,
     },
-    /// The handle was released (use after release, double release).
+    /// The handle was released (use after release, double release), whether or not its
+    /// memory has been freed yet.
     #[error("memory {memory} has been released")]
     Released {
         /// The handle's id.
@@ -265,6 +271,9 @@ pub enum RuntimeError {
         /// The handle's id.
         memory: u64,
     },
+    /// The stream is another runtime's.
+    #[error("the stream is not one of this runtime's")]
+    ForeignStream,
     /// A map reads past the end of its memory.
     #[error("[{offset:#x}, +{len:#x}) is past the end of memory of {size:#x} bytes")]
     BeyondMemory {
@@ -319,6 +328,9 @@ struct MemState {
     mappings: usize,
     released: bool,
     owned: Owned,
+    /// The asynchronous op that removed its last mapping, while it may still be in flight: a
+    /// release then frees the memory once that op is visible.
+    unmapped_by: Option<Fence>,
 }
 
 /// A live mapping piece.
@@ -339,17 +351,23 @@ struct State {
     reserved: BTreeMap<u64, u64>,
     /// Mapping pieces by start (they do not overlap).
     pieces: BTreeMap<u64, Piece>,
-    /// Ranges unmapped by an op still in flight: start → (end, fence, stream).
-    unmapping: BTreeMap<u64, (u64, Fence, usize)>,
+    /// Ranges unmapped by an op still in flight: (start, sequence) → (end, fence, stream).
+    unmapping: BTreeMap<(u64, u64), (u64, Fence, usize)>,
+    /// Numbers `unmapping`'s entries, so that unmaps starting at one address all stay.
+    seq: u64,
+    /// Memories freed, so that a later use or release of their handle says `Released`.
+    freed: std::collections::HashSet<u64>,
     mems: FastMap<u64, MemState>,
     /// Memories whose last mapping went on an op still in flight: freed once it is visible.
-    dying: Vec<(MemState, Fence)>,
+    dying: Vec<(u64, MemState, Fence)>,
 }
 
 static NEXT_MEMORY: AtomicU64 = AtomicU64::new(1);
 
 /// A runtime over one GPU VM (module docs).
 pub struct Runtime {
+    /// Unique in the process (streams name their runtime by it).
+    id: u64,
     svc: Arc<Service>,
     vm: VmId,
     vm_ref: Arc<Vm>,
@@ -370,6 +388,14 @@ fn visible(f: Option<Fence>) -> Fence {
 
 /// VA below this is never handed out (no valid pointer is null or near it).
 const VA_FLOOR: u64 = 2 << 20;
+
+impl Stream {
+    /// The bind queue under the stream (to order other work with it through fences).
+    #[must_use]
+    pub fn queue(&self) -> &BindQueue {
+        &self.queue
+    }
+}
 
 impl Runtime {
     /// A runtime with its own service and VM over `mem`.
@@ -396,7 +422,8 @@ impl Runtime {
         if hi > lo {
             st.free.insert(lo, hi);
         }
-        Ok(Runtime { svc, vm, vm_ref, streams: Mutex::new(vec![q]), state: Mutex::new(st) })
+        let id = NEXT_MEMORY.fetch_add(1, Ordering::Relaxed);
+        Ok(Runtime { id, svc, vm, vm_ref, streams: Mutex::new(vec![q]), state: Mutex::new(st) })
     }
 
     /// The service under the runtime.
@@ -420,7 +447,7 @@ impl Runtime {
     /// The default stream (what the blocking verbs use).
     #[must_use]
     pub fn default_stream(&self) -> Stream {
-        Stream { queue: self.streams.lock()[0].clone(), index: 0 }
+        Stream { queue: self.streams.lock()[0].clone(), index: 0, owner: self.id }
     }
 
     /// A new stream: a bind queue of its own.
@@ -431,7 +458,7 @@ impl Runtime {
         let q = self.svc.create_queue(self.vm)?;
         let mut s = self.streams.lock();
         s.push(q.clone());
-        Ok(Stream { queue: q, index: s.len() - 1 })
+        Ok(Stream { queue: q, index: s.len() - 1, owner: self.id })
     }
 
     fn aligned(what: &'static str, value: u64, granularity: u64) -> Result<(), RuntimeError> {
@@ -610,7 +637,10 @@ impl Runtime {
         };
         let size = self.vm_ref.bo_size(bo).map_err(|err| ServiceError::Vm { vm: self.vm, err })?;
         let id = NEXT_MEMORY.fetch_add(1, Ordering::Relaxed);
-        self.state.lock().mems.insert(id, MemState { bo, size, mappings: 0, released: false, owned });
+        self.state
+            .lock()
+            .mems
+            .insert(id, MemState { bo, size, mappings: 0, released: false, owned, unmapped_by: None });
         Ok(Memory { id, size })
     }
 
@@ -636,23 +666,40 @@ impl Runtime {
     /// [`RuntimeError::Released`] (double release), [`RuntimeError::NoSuchMemory`].
     pub fn release(&self, m: &Memory) -> Result<(), RuntimeError> {
         let mut st = self.state.lock();
-        let ms = st.mems.get_mut(&m.id).ok_or(RuntimeError::NoSuchMemory { memory: m.id })?;
+        if !st.mems.contains_key(&m.id) {
+            return Err(if st.freed.contains(&m.id) {
+                RuntimeError::Released { memory: m.id }
+            } else {
+                RuntimeError::NoSuchMemory { memory: m.id }
+            });
+        }
+        let ms = st.mems.get_mut(&m.id).expect("present");
         if ms.released {
             return Err(RuntimeError::Released { memory: m.id });
         }
         ms.released = true;
         if ms.mappings == 0 {
             let ms = st.mems.remove(&m.id).expect("present");
-            drop(st);
-            self.destroy(ms);
+            match ms.unmapped_by.clone().filter(|f| !f.is_done()) {
+                // Its last unmap is still in flight: freed once it is visible.
+                Some(f) => st.dying.push((m.id, ms, f)),
+                None => {
+                    drop(st);
+                    self.destroy(m.id, ms);
+                }
+            }
         }
         Ok(())
     }
 
-    /// Frees a memory no mapping uses.
-    fn destroy(&self, ms: MemState) {
+    /// Frees a memory no mapping uses. If the VM refuses (an asynchronous unmap of it failed,
+    /// so the VM still maps it), the memory stays, released, and counts as live.
+    fn destroy(&self, id: u64, ms: MemState) {
         if self.svc.destroy_idle_bo(self.vm, ms.bo).is_ok() {
             self.free_owned(&ms.owned);
+            self.state.lock().freed.insert(id);
+        } else {
+            self.state.lock().mems.insert(id, ms);
         }
     }
 
@@ -666,17 +713,17 @@ impl Runtime {
 
     /// Frees the memories whose last unmap has become visible.
     fn reap(&self) {
-        let done: Vec<MemState> = {
+        let done: Vec<(u64, MemState)> = {
             let mut st = self.state.lock();
             if st.dying.is_empty() {
                 return;
             }
-            let (done, keep): (Vec<_>, Vec<_>) = st.dying.drain(..).partition(|(_, f)| f.is_done());
+            let (done, keep): (Vec<_>, Vec<_>) = st.dying.drain(..).partition(|(_, _, f)| f.is_done());
             st.dying = keep;
-            done.into_iter().map(|(m, _)| m).collect()
+            done.into_iter().map(|(id, m, _)| (id, m)).collect()
         };
-        for ms in done {
-            self.destroy(ms);
+        for (id, ms) in done {
+            self.destroy(id, ms);
         }
     }
 }
@@ -691,8 +738,8 @@ impl Drop for Runtime {
         for p in st.pieces.values() {
             let _ = q.bind(&[BindOp::Unmap { addr: p.va.addr, range: p.va.range }]);
         }
-        for ms in st.mems.into_values().chain(st.dying.into_iter().map(|(m, _)| m)) {
-            self.destroy(ms);
+        for (id, ms) in st.mems.into_iter().chain(st.dying.into_iter().map(|(id, m, _)| (id, m))) {
+            self.destroy(id, ms);
         }
     }
 }

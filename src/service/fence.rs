@@ -238,16 +238,13 @@ impl Fence {
     /// [`FenceError::Completed`] when it has completed already.
     pub fn signal(&self) -> Result<(), FenceError> {
         let fence = self.inner.id;
-        {
-            let slow = self.inner.slow.lock();
-            if !slow.host || slow.attached {
-                return Err(FenceError::NotHost { fence });
-            }
-            if self.is_done() {
-                return Err(FenceError::Completed { fence });
-            }
-        }
-        if self.complete(Ok(())) { Ok(()) } else { Err(FenceError::Completed { fence }) }
+        // Checked and completed under one hold of the lock: a submission cannot take the fence
+        // as its signal in between.
+        self.complete_if(Ok(()), |slow| {
+            if !slow.host || slow.attached { Err(FenceError::NotHost { fence }) } else { Ok(()) }
+        })?
+        .then_some(())
+        .ok_or(FenceError::Completed { fence })
     }
 
     /// Hands a pending host fence to a submission, which then signals or fails it.
@@ -269,10 +266,21 @@ impl Fence {
     /// Completes the fence (the first completion wins; later ones return `false`), wakes its
     /// waiters and runs its callbacks.
     pub(crate) fn complete(&self, outcome: Result<(), ServiceError>) -> bool {
+        self.complete_if(outcome, |_| Ok::<(), ()>(())).unwrap_or(false)
+    }
+
+    /// [`Fence::complete`] if `allow` accepts the fence's state, checked under the same hold
+    /// of its lock as the completion.
+    fn complete_if<E>(
+        &self,
+        outcome: Result<(), ServiceError>,
+        allow: impl FnOnce(&Slow) -> Result<(), E>,
+    ) -> Result<bool, E> {
         let callbacks = {
             let mut slow = self.inner.slow.lock();
+            allow(&slow)?;
             if self.inner.state.load(Ordering::Relaxed) != PENDING {
-                return false;
+                return Ok(false);
             }
             let s = match outcome {
                 Ok(()) => SIGNALED,
@@ -288,7 +296,7 @@ impl Fence {
         for cb in callbacks {
             cb();
         }
-        true
+        Ok(true)
     }
 
     /// Runs `cb` once the fence completes. Returns it back when the fence has already

@@ -260,6 +260,20 @@ pub struct BindQueue {
     entry: Arc<VmEntry>,
     slot: usize,
     id: QueueId,
+    _handle: Arc<QueueHandle>,
+}
+
+/// Dropped with the last clone of a [`BindQueue`]: its slot retires (its queued work still
+/// runs) and can later serve a new queue of the VM, so queues made and dropped do not pile up.
+struct QueueHandle {
+    entry: Arc<VmEntry>,
+    slot: usize,
+}
+
+impl Drop for QueueHandle {
+    fn drop(&mut self) {
+        self.entry.sched.lock().queues[self.slot].retired = true;
+    }
 }
 
 impl core::fmt::Debug for BindQueue {
@@ -322,6 +336,9 @@ impl core::fmt::Debug for Service {
 
 impl Service {
     /// A service over `mem`, with its own IOMMU and `cfg.workers` worker threads.
+    ///
+    /// # Panics
+    /// If the operating system refuses to start a worker thread.
     #[must_use]
     pub fn new(mem: Arc<PhysMem>, cfg: ServiceConfig) -> Self {
         let cfg = ServiceConfig {
@@ -408,7 +425,13 @@ impl Service {
             tx: self.tx.clone(),
             counters: self.counters.clone(),
         });
-        self.vms.write().insert(id, entry);
+        // Checked under the registry's lock, which shutdown takes after closing: a VM is either
+        // seen (and closed) by shutdown or refused here.
+        let mut vms = self.vms.write();
+        if self.closed.load(Ordering::Acquire) {
+            return Err(ServiceError::ShutDown);
+        }
+        vms.insert(id, entry);
         Ok(id)
     }
 
@@ -425,7 +448,8 @@ impl Service {
         Ok(self.entry(vm)?.vm.clone())
     }
 
-    /// A new bind queue on `vm`.
+    /// A new bind queue on `vm`. Queues are cheap; the slot of one whose handles are all
+    /// dropped (and whose work has run) is reused, and its [`QueueId`] with it.
     ///
     /// # Errors
     /// [`ServiceError::NoSuchVm`], [`ServiceError::ShutDown`].
@@ -435,11 +459,21 @@ impl Service {
         if s.closing {
             return Err(ServiceError::ShutDown);
         }
-        let slot = s.queues.len();
-        s.queues.push(Slot::default());
+        let reuse = s.queues.iter().position(|q| q.retired && q.items.is_empty() && q.inflight == 0);
+        let slot = match reuse {
+            Some(i) => {
+                s.queues[i] = Slot::default();
+                i
+            }
+            None => {
+                s.queues.push(Slot::default());
+                s.queues.len() - 1
+            }
+        };
         drop(s);
         let id = QueueId { vm, index: slot as u32 };
-        Ok(BindQueue { entry, slot, id })
+        let handle = Arc::new(QueueHandle { entry: entry.clone(), slot });
+        Ok(BindQueue { entry, slot, id, _handle: handle })
     }
 
     /// A buffer object of `vm` backed by `pages` ([`Vm::create_bo`]).
@@ -541,7 +575,11 @@ impl Service {
             batches,
             mean_batch: if batches == 0 { 0.0 } else { ops as f64 / batches as f64 },
             merged: ld(&c.merged),
-            iotlb_flushes: self.iommu.iotlb().invalidations() - self.iotlb_base.load(Ordering::Relaxed),
+            iotlb_flushes: self
+                .iommu
+                .iotlb()
+                .invalidations()
+                .saturating_sub(self.iotlb_base.load(Ordering::Relaxed)),
             gpu_tlb_flushes: ld(&c.gpu_tlb_flushes),
             failed: ld(&c.failed),
             queues,

@@ -71,18 +71,24 @@ impl BindQueue {
         if ops.len() > e.cfg.max_ops {
             return refuse(ServiceError::TooManyOps { ops: ops.len(), max: e.cfg.max_ops }, ops);
         }
-        let checked = {
-            let bos = e.bos.read();
-            e.vm.check_ops(&ops, |bo| bos.get(&bo).copied())
-        };
-        if let Err(err) = checked {
-            return refuse(ServiceError::Vm { vm: e.id, err }, ops);
+        // A fence the submission would both wait for and signal could never complete.
+        if let Some(f) = signals.iter().find(|f| waits.contains(f)) {
+            return refuse(ServiceError::BadSignal { fence: f.id() }, ops);
         }
         for (i, s) in signals.iter().enumerate() {
             if let Err(err) = s.attach() {
                 signals[..i].iter().for_each(Fence::detach);
                 return refuse(err, ops);
             }
+        }
+        // The object registry is held (shared) from the check until the work is queued, so an
+        // object's destruction ([`super::Service::destroy_bo`]) either refuses this submission
+        // or finds it queued and waits for it.
+        let mut bos = e.bos.read();
+        if let Err(err) = e.vm.check_ops(&ops, |bo| bos.get(&bo).copied()) {
+            drop(bos);
+            signals.iter().for_each(Fence::detach);
+            return refuse(ServiceError::Vm { vm: e.id, err }, ops);
         }
         let mut s = e.sched.lock();
         loop {
@@ -93,6 +99,7 @@ impl BindQueue {
             };
             if let Some(err) = gone {
                 drop(s);
+                drop(bos);
                 signals.iter().for_each(Fence::detach);
                 return refuse(err, ops);
             }
@@ -101,10 +108,31 @@ impl BindQueue {
             }
             if !block {
                 drop(s);
+                drop(bos);
                 signals.iter().for_each(Fence::detach);
                 return Err((Enqueue::Full, ops));
             }
+            // Wait for room without holding the registry, then check the objects again.
+            drop(bos);
             e.room.wait(&mut s);
+            drop(s);
+            bos = e.bos.read();
+            if let Err(err) = e.vm.check_ops(&ops, |bo| bos.get(&bo).copied()) {
+                drop(bos);
+                signals.iter().for_each(Fence::detach);
+                return refuse(ServiceError::Vm { vm: e.id, err }, ops);
+            }
+            s = e.sched.lock();
+        }
+        // A signal that work already queued on this queue waits for would never come.
+        if let Some(f) =
+            signals.iter().find(|f| s.queues[self.slot].items.iter().any(|w| w.waits.contains(f)))
+        {
+            let fence = f.id();
+            drop(s);
+            drop(bos);
+            signals.iter().for_each(Fence::detach);
+            return refuse(ServiceError::BadSignal { fence }, ops);
         }
         let fence = Fence::queue();
         let q = &mut s.queues[self.slot];
@@ -123,6 +151,7 @@ impl BindQueue {
             s.scheduled = true;
         }
         drop(s);
+        drop(bos);
         if wake {
             let _ = e.tx.send(Msg::Run(self.entry.clone()));
         }

@@ -56,6 +56,8 @@ pub(super) struct Slot {
     /// The queue's latest fence (what object destruction waits for).
     pub(super) last: Option<Fence>,
     pub(super) lat: Histogram,
+    /// Every handle of the queue is gone: once empty, the slot can serve a new queue.
+    pub(super) retired: bool,
 }
 
 #[derive(Default)]
