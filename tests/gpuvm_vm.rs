@@ -4,48 +4,20 @@
 //! against a page oracle, and fault injection at every allocation of prepare.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use proptest::prelude::*;
 use vmbind::addr::{PAGE_SIZE, PageSize, PhysAddr};
-use vmbind::dma::Device;
 use vmbind::gpuvm::{BindOp, BoId, FaultStage, GpuFault, Op, Va, VaFlags, VaSpace, Vm, VmError};
-use vmbind::iommu::{Access, DeviceId, Domain, DomainConfig, Iommu};
-use vmbind::mem::{BioVec, PhysMem};
+use vmbind::iommu::Access;
+use vmbind::mem::BioVec;
 
 #[path = "common/gpu.rs"]
 mod gpu;
 
+use gpu::{Fx, Mode, fx};
+
 const P: u64 = PAGE_SIZE;
 const MIB2: u64 = 2 << 20;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    Iommu,
-    Direct,
-}
-
-struct Fx {
-    mem: Arc<PhysMem>,
-    dom: Option<Arc<Domain>>,
-    vm: Vm,
-}
-
-fn fx(mode: Mode, arena: u64) -> Fx {
-    let mem = Arc::new(PhysMem::new(arena).unwrap());
-    let (dev, dom) = match mode {
-        Mode::Iommu => {
-            let iommu = Iommu::new(mem.clone());
-            let dom = iommu.create_domain(DomainConfig::default()).unwrap();
-            iommu.register_device(DeviceId(3), true).unwrap();
-            iommu.attach(DeviceId(3), &dom).unwrap();
-            (Device::translated(&iommu, DeviceId(3)).unwrap(), Some(dom))
-        }
-        Mode::Direct => (Device::direct(mem.clone(), DeviceId(3), 48, true).unwrap(), None),
-    };
-    let vm = Vm::new(dev, 1 << 40).unwrap();
-    Fx { mem, dom, vm }
-}
 
 /// An object of `pages` scattered frames, each filled with a pattern naming (tag, page).
 fn bo(f: &Fx, pages: usize, tag: u8, seed: u64) -> (BoId, Vec<PhysAddr>) {

@@ -5,12 +5,15 @@
 //! unless `VMBIND_REQUIRE_VULKAN=1` (CI), which makes that a failure.
 #![cfg(feature = "vulkan")]
 
+#[path = "common/gpu.rs"]
+mod gpu;
+
 use std::sync::Arc;
 
+use gpu::{Fx, Mode, fx};
 use vmbind::addr::{GpuVa, PAGE_SIZE, PageSize};
-use vmbind::dma::Device;
 use vmbind::gpuvm::{BindOp, BoId, FaultStage, Va, VaFlags, Vm};
-use vmbind::iommu::{DeviceId, Domain, DomainConfig, FaultReason, Iommu};
+use vmbind::iommu::FaultReason;
 use vmbind::mem::{BioVec, PhysMem};
 use vmbind::vk::{ArenaImport, CopyJob, HostImport, Vk, VkError, WalkGather};
 
@@ -47,33 +50,6 @@ fn no_validation_messages(ctx: &Vk) {
     assert!(m.is_empty(), "validation layer: {m:#?}");
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Mode {
-    Iommu,
-    Direct,
-}
-
-struct Fx {
-    mem: Arc<PhysMem>,
-    dom: Option<Arc<Domain>>,
-    vm: Vm,
-}
-
-fn fx(mode: Mode) -> Fx {
-    let mem = Arc::new(PhysMem::new(64 << 20).unwrap());
-    let (dev, dom) = match mode {
-        Mode::Iommu => {
-            let iommu = Iommu::new(mem.clone());
-            let dom = iommu.create_domain(DomainConfig::default()).unwrap();
-            iommu.register_device(DeviceId(4), true).unwrap();
-            iommu.attach(DeviceId(4), &dom).unwrap();
-            (Device::translated(&iommu, DeviceId(4)).unwrap(), Some(dom))
-        }
-        Mode::Direct => (Device::direct(mem.clone(), DeviceId(4), 48, true).unwrap(), None),
-    };
-    Fx { vm: Vm::new(dev, 1 << 40).unwrap(), mem, dom }
-}
-
 /// An object of `pages` scattered frames, each page full of bytes derived from (tag, page).
 fn scattered_bo(f: &Fx, pages: usize, tag: u8) -> BoId {
     let frames = f.mem.alloc_scattered(pages, u64::from(tag)).unwrap();
@@ -107,7 +83,7 @@ fn cpu_read(vm: &Vm, va: u64, len: u64) -> Vec<u8> {
 fn the_shader_walk_reads_what_gpu_read_reads_through_every_kind_of_mapping() {
     let Some(ctx) = context("walk_equals_gpu_read") else { return };
     for mode in [Mode::Iommu, Mode::Direct] {
-        let f = fx(mode);
+        let f = fx(mode, 64 << 20);
         let a = scattered_bo(&f, 64, 1);
         let b = contiguous_bo(&f, 2, 2);
         f.vm.bind(&[
@@ -149,7 +125,7 @@ fn the_shader_walk_reads_what_gpu_read_reads_through_every_kind_of_mapping() {
 #[test]
 fn faults_name_the_va_and_stage_and_the_other_pages_still_arrive() {
     let Some(ctx) = context("faults") else { return };
-    let f = fx(Mode::Iommu);
+    let f = fx(Mode::Iommu, 64 << 20);
     let a = scattered_bo(&f, 8, 3);
     f.vm.bind(&[BindOp::Map(Va::object(0x10_0000, 8 * P, a, 0))]).unwrap();
     // Page 5's IOVA goes away in the IOMMU behind the GPU table.
@@ -165,7 +141,7 @@ fn faults_name_the_va_and_stage_and_the_other_pages_still_arrive() {
         FaultStage::Dma(d) => {
             assert_eq!(d.iova, t.pa);
             assert_eq!(d.reason, FaultReason::NotMapped);
-            assert_eq!(d.device, DeviceId(4));
+            assert_eq!(d.device, gpu::GPU);
         }
         s => panic!("{s:?}"),
     }
@@ -189,7 +165,7 @@ fn faults_name_the_va_and_stage_and_the_other_pages_still_arrive() {
 fn a_bind_committed_on_the_cpu_is_what_the_next_gather_reads() {
     let Some(ctx) = context("remap_visible") else { return };
     for mode in [Mode::Iommu, Mode::Direct] {
-        let f = fx(mode);
+        let f = fx(mode, 64 << 20);
         let a = scattered_bo(&f, 4, 5);
         let b = scattered_bo(&f, 4, 6);
         let import = Arc::new(ArenaImport::new(&ctx, &f.mem).unwrap());
@@ -235,7 +211,7 @@ fn imports_are_checked_against_the_device_and_the_arena() {
     drop(ok);
     // A gather of another arena's VM is refused.
     let Some(ctx) = context("import_checks") else { return };
-    let f = fx(Mode::Direct);
+    let f = fx(Mode::Direct, 64 << 20);
     let other = Arc::new(PhysMem::new(4 << 20).unwrap());
     let import = Arc::new(ArenaImport::new(&ctx, &other).unwrap());
     let g = WalkGather::new(&import).unwrap();

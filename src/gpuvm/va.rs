@@ -324,9 +324,7 @@ impl VaBounds {
 /// and compare: an id, an `Arc`). No page tables, no memory: see the module docs.
 #[derive(Debug, Clone)]
 pub struct VaSpace<O: Clone + Eq + Hash> {
-    start: u64,
-    end: u64,
-    reserved: Option<(u64, u64)>,
+    bounds: VaBounds,
     map: BTreeMap<u64, Va<O>>,
     objs: FastMap<O, BTreeSet<u64>>,
 }
@@ -354,19 +352,23 @@ impl<O: Clone + Eq + Hash> VaSpace<O> {
                 Some((a, e))
             }
         };
-        Ok(VaSpace { start, end, reserved, map: BTreeMap::new(), objs: FastMap::default() })
+        Ok(VaSpace {
+            bounds: VaBounds { start, end, reserved },
+            map: BTreeMap::new(),
+            objs: FastMap::default(),
+        })
     }
 
     /// First byte of the space.
     #[must_use]
     pub fn start(&self) -> u64 {
-        self.start
+        self.bounds.start
     }
 
     /// One past its last byte.
     #[must_use]
     pub fn end(&self) -> u64 {
-        self.end
+        self.bounds.end
     }
 
     /// Number of mappings.
@@ -429,15 +431,15 @@ impl<O: Clone + Eq + Hash> VaSpace<O> {
     /// The space's bounds (what requests are checked against).
     #[must_use]
     pub fn bounds(&self) -> VaBounds {
-        VaBounds { start: self.start, end: self.end, reserved: self.reserved }
+        self.bounds
     }
 
     fn check_range(&self, addr: u64, range: u64, offset: u64) -> Result<u64, VaError> {
-        self.bounds().check_range(addr, range, offset)
+        self.bounds.check_range(addr, range, offset)
     }
 
     fn check_map(&self, req: &Va<O>) -> Result<u64, VaError> {
-        self.bounds().check_map(req)
+        self.bounds.check_map(req)
     }
 
     /// The ops that map `req` (drm_gpuvm's `sm_map`), without changing anything: for each
@@ -540,8 +542,8 @@ impl<O: Clone + Eq + Hash> VaSpace<O> {
             }
             for v in new.into_iter().flatten() {
                 if v.range == 0
-                    || v.addr.checked_add(v.range).is_none_or(|e| e > self.end)
-                    || v.addr < self.start
+                    || v.addr.checked_add(v.range).is_none_or(|e| e > self.bounds.end)
+                    || v.addr < self.bounds.start
                 {
                     return Err(stale("it creates a mapping outside the space"));
                 }

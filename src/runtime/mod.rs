@@ -362,7 +362,8 @@ struct State {
     dying: Vec<(u64, MemState, Fence)>,
 }
 
-static NEXT_MEMORY: AtomicU64 = AtomicU64::new(1);
+/// Ids of memories and runtimes, unique in the process.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A runtime over one GPU VM (module docs).
 pub struct Runtime {
@@ -422,7 +423,7 @@ impl Runtime {
         if hi > lo {
             st.free.insert(lo, hi);
         }
-        let id = NEXT_MEMORY.fetch_add(1, Ordering::Relaxed);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         Ok(Runtime { id, svc, vm, vm_ref, streams: Mutex::new(vec![q]), state: Mutex::new(st) })
     }
 
@@ -636,7 +637,7 @@ impl Runtime {
             }
         };
         let size = self.vm_ref.bo_size(bo).map_err(|err| ServiceError::Vm { vm: self.vm, err })?;
-        let id = NEXT_MEMORY.fetch_add(1, Ordering::Relaxed);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         self.state
             .lock()
             .mems

@@ -530,9 +530,6 @@ impl Service {
         waits: &[Fence],
         signals: &[Fence],
     ) -> Result<Fence, ServiceError> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(ServiceError::ShutDown);
-        }
         queue.submit(ops, waits, signals)
     }
 
@@ -541,9 +538,6 @@ impl Service {
     /// # Errors
     /// As [`BindQueue::bind`].
     pub fn bind(&self, queue: &BindQueue, ops: &[BindOp]) -> Result<(), ServiceError> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(ServiceError::ShutDown);
-        }
         queue.bind(ops)
     }
 

@@ -247,17 +247,11 @@ impl VmEntry {
         let live: Vec<usize> = (0..batch.len()).filter(|&i| out[i].is_ok()).collect();
         let n_ops: usize = live.iter().map(|&i| batch[i].1.ops.len()).sum();
         Counters::add(&c.ops, n_ops as u64);
-        let whole = if self.cfg.coalesce && live.len() > 1 {
+        let whole = (self.cfg.coalesce && !live.is_empty()).then(|| {
             let (ops, merged) = merge(live.iter().flat_map(|&i| batch[i].1.ops.iter()), n_ops);
             Counters::add(&c.merged, merged);
-            Some(self.vm.bind(&ops))
-        } else if self.cfg.coalesce && live.len() == 1 {
-            let (ops, merged) = merge(batch[live[0]].1.ops.iter(), n_ops);
-            Counters::add(&c.merged, merged);
-            Some(self.vm.bind(&ops))
-        } else {
-            None
-        };
+            self.vm.bind(&ops)
+        });
         let note = |b: &crate::gpuvm::Bound| {
             Counters::add(&c.batches, 1);
             Counters::add(&c.pages, b.mapped / PAGE_SIZE);

@@ -65,6 +65,32 @@ impl Params {
     }
 }
 
+/// Ends a command buffer whose writes (`stage`, `access`) the host reads once its fence
+/// signals: a barrier to host reads, then the end of recording.
+fn end_for_host(
+    d: &ash::Device,
+    cmd: vk::CommandBuffer,
+    stage: vk::PipelineStageFlags,
+    access: vk::AccessFlags,
+) -> Result<(), VkError> {
+    let barrier =
+        [vk::MemoryBarrier::default().src_access_mask(access).dst_access_mask(vk::AccessFlags::HOST_READ)];
+    // SAFETY: `cmd` is a command buffer of `d` in the recording state (the callers' contract).
+    unsafe {
+        d.cmd_pipeline_barrier(
+            cmd,
+            stage,
+            vk::PipelineStageFlags::HOST,
+            vk::DependencyFlags::empty(),
+            &barrier,
+            &[],
+            &[],
+        );
+    }
+    // SAFETY: as above.
+    call("vkEndCommandBuffer", unsafe { d.end_command_buffer(cmd) })
+}
+
 /// A buffer from gpu-allocator with a device address, mapped on the host.
 struct GpuBuffer {
     ctx: Arc<Vk>,
@@ -292,8 +318,16 @@ impl WalkGather {
             _pad: 0,
         };
         let cmd = ctx.command_buffer()?;
-        let job =
-            GatherJob { gather: self, ctx, cmd, requests, out, faults, vas: vas.to_vec(), device: dev.id() };
+        let job = GatherJob {
+            gather: self,
+            ctx,
+            cmd,
+            _requests: requests,
+            out,
+            faults,
+            vas: vas.to_vec(),
+            device: dev.id(),
+        };
         job.record(params)?;
         Ok(job)
     }
@@ -335,7 +369,8 @@ pub struct GatherJob<'g> {
     gather: &'g WalkGather,
     ctx: Arc<Vk>,
     cmd: vk::CommandBuffer,
-    requests: GpuBuffer,
+    /// Read by the shader only: kept alive for the job's submits.
+    _requests: GpuBuffer,
     out: GpuBuffer,
     faults: GpuBuffer,
     vas: Vec<u64>,
@@ -369,21 +404,8 @@ impl GatherJob<'_> {
                 first += n;
             }
             // The shader's writes, visible to the host once the fence signals.
-            let barrier = [vk::MemoryBarrier::default()
-                .src_access_mask(vk::AccessFlags::SHADER_WRITE)
-                .dst_access_mask(vk::AccessFlags::HOST_READ)];
-            d.cmd_pipeline_barrier(
-                self.cmd,
-                vk::PipelineStageFlags::COMPUTE_SHADER,
-                vk::PipelineStageFlags::HOST,
-                vk::DependencyFlags::empty(),
-                &barrier,
-                &[],
-                &[],
-            );
         }
-        // SAFETY: recording state.
-        call("vkEndCommandBuffer", unsafe { d.end_command_buffer(self.cmd) })
+        end_for_host(d, self.cmd, vk::PipelineStageFlags::COMPUTE_SHADER, vk::AccessFlags::SHADER_WRITE)
     }
 
     /// Runs the gather and waits: every page's bytes land in [`GatherJob::bytes`] (zeros for a
@@ -467,7 +489,6 @@ impl Drop for GatherJob<'_> {
     fn drop(&mut self) {
         // Not pending: `run` waits for every submit.
         self.ctx.free_command_buffer(self.cmd);
-        let _ = &self.requests;
     }
 }
 
@@ -520,23 +541,7 @@ impl CopyJob {
             at += n;
             dst += n;
         }
-        let barrier = [vk::MemoryBarrier::default()
-            .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
-            .dst_access_mask(vk::AccessFlags::HOST_READ)];
-        // SAFETY: recording state.
-        unsafe {
-            d.cmd_pipeline_barrier(
-                job.cmd,
-                vk::PipelineStageFlags::TRANSFER,
-                vk::PipelineStageFlags::HOST,
-                vk::DependencyFlags::empty(),
-                &barrier,
-                &[],
-                &[],
-            );
-        }
-        // SAFETY: recording state.
-        call("vkEndCommandBuffer", unsafe { d.end_command_buffer(job.cmd) })?;
+        end_for_host(d, job.cmd, vk::PipelineStageFlags::TRANSFER, vk::AccessFlags::TRANSFER_WRITE)?;
         Ok(job)
     }
 

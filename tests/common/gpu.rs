@@ -1,11 +1,51 @@
-//! GPU-table checks shared by the tests: the raw entry a GPU walk reaches, and that every
-//! fragment claim in a range holds.
+//! GPU VM helpers shared by the tests: a VM whose GPU sits behind an IOMMU or is direct, the raw
+//! entry a GPU walk reaches, and that every fragment claim in a range holds.
 #![allow(dead_code)]
 
+use std::sync::Arc;
+
 use vmbind::addr::{PAGE_SIZE, PhysAddr};
+use vmbind::dma::Device;
+use vmbind::gpuvm::Vm;
+use vmbind::iommu::{DeviceId, Domain, DomainConfig, Iommu};
 use vmbind::mem::PhysMem;
 use vmbind::pt::GpuGfx9;
 use vmbind::pt::gpu::{GPU_HUGE, GPU_PRT, GPU_VALID};
+
+/// How the test GPU reaches memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Behind an IOMMU, in a strict domain of its own.
+    Iommu,
+    /// No IOMMU, 48 address bits.
+    Direct,
+}
+
+/// The GPU's device id in [`fx`].
+pub const GPU: DeviceId = DeviceId(3);
+
+/// A VM over `[0, 2^40)`, its arena and (behind an IOMMU) its domain.
+pub struct Fx {
+    pub mem: Arc<PhysMem>,
+    pub dom: Option<Arc<Domain>>,
+    pub vm: Vm,
+}
+
+/// A VM for a GPU reaching an arena of `arena` bytes as `mode` says.
+pub fn fx(mode: Mode, arena: u64) -> Fx {
+    let mem = Arc::new(PhysMem::new(arena).unwrap());
+    let (dev, dom) = match mode {
+        Mode::Iommu => {
+            let iommu = Iommu::new(mem.clone());
+            let dom = iommu.create_domain(DomainConfig::default()).unwrap();
+            iommu.register_device(GPU, true).unwrap();
+            iommu.attach(GPU, &dom).unwrap();
+            (Device::translated(&iommu, GPU).unwrap(), Some(dom))
+        }
+        Mode::Direct => (Device::direct(mem.clone(), GPU, 48, true).unwrap(), None),
+    };
+    Fx { vm: Vm::new(dev, 1 << 40).unwrap(), mem, dom }
+}
 
 /// The raw entry that maps `va` and its level (0 for a 4 KiB leaf), read through the arena as the
 /// GPU would; `None` where a walk finds nothing.
