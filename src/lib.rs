@@ -19,14 +19,20 @@
 //!   table, the two-stage GPU access);
 //! - [`service`]: the population service: independent bind queues over GPU VMs, worker threads
 //!   that coalesce them, fences that signal when a change is visible, metrics;
+//! - [`workload`]: workloads as versioned JSON lines, checked whole, replayed through the
+//!   service ([`workload::Replay`]) and recorded from the runtime;
 //! - [`runtime`]: the API compute runtimes know (reserve, granularity, memory handles,
 //!   map-with-access, sub-range unmap, sparse, repeat), blocking or on a stream;
 //! - `vk` (feature `vulkan`): the arena imported into a real Vulkan device, and the GPU's
-//!   two-stage walk in a compute shader.
+//!   two-stage walk in a compute shader;
+//! - `bench` (feature `bench`): the benchmark scenarios `benches/report.rs` and `vmbind bench`
+//!   share, with the peers measured in the same run.
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 pub mod addr;
+#[cfg(feature = "bench")]
+pub mod bench;
 pub mod dma;
 pub mod gpuvm;
 mod hash;
@@ -36,9 +42,11 @@ pub mod nvme;
 pub mod pt;
 pub mod runtime;
 pub mod service;
+mod svg;
 mod sync;
 #[cfg(feature = "vulkan")]
 pub mod vk;
+pub mod workload;
 
 /// The README's examples, compiled and run as doc tests so the README stays true.
 #[cfg(doctest)]

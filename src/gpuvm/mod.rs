@@ -95,9 +95,11 @@
 #![forbid(unsafe_code)]
 
 mod access;
+mod picture;
 mod va;
 mod vm;
 
 pub use access::{FaultStage, GpuFault};
+pub use picture::svg_picture;
 pub use va::{GPU_PAGE, Op, Repeat, Va, VaBounds, VaError, VaFlags, VaSpace};
 pub use vm::{BindOp, BoId, Bound, TlbFlush, Vm, VmError};

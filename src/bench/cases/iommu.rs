@@ -6,18 +6,18 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
-use super::rng::{SplitMix64, shuffle};
+use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
+use crate::iommu::iova::IovaAllocator;
+use crate::iommu::{DeviceId, DomainConfig, Iommu};
+use crate::mem::PhysMem;
+use crate::mem::rng::{SplitMix64, shuffle};
+use crate::pt::{MapSource, Prot};
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 use vm_memory::iommu::Iotlb as VmIotlb;
 use vm_memory::{GuestAddress, Permissions};
-use vmbind::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
-use vmbind::iommu::iova::IovaAllocator;
-use vmbind::iommu::{DeviceId, DomainConfig, Iommu};
-use vmbind::mem::PhysMem;
-use vmbind::pt::{MapSource, Prot};
 
-use crate::harness::{Report, per, timed};
-use crate::peers::x86::X86;
+use super::peers::x86::X86;
+use crate::bench::harness::{Report, per, timed};
 
 const APERTURE_END: u64 = 1 << 40;
 

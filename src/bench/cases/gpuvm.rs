@@ -4,14 +4,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use vmbind::addr::{PAGE_SIZE, PageSize};
-use vmbind::dma::Device;
-use vmbind::gpuvm::{BindOp, BoId, GPU_PAGE, Va, VaSpace, Vm};
-use vmbind::iommu::{DeviceId, DomainConfig, Iommu};
-use vmbind::mem::{BioVec, PhysMem};
+use crate::addr::{PAGE_SIZE, PageSize};
+use crate::dma::Device;
+use crate::gpuvm::{BindOp, BoId, GPU_PAGE, Va, VaSpace, Vm};
+use crate::iommu::{DeviceId, DomainConfig, Iommu};
+use crate::mem::{BioVec, PhysMem};
 
-use crate::harness::{Report, Run, timed};
-use crate::rng::SplitMix64;
+use crate::bench::harness::{Report, Run, timed};
+use crate::mem::rng::SplitMix64;
 
 /// 1 GiB of 4 KiB pages.
 const PAGES: usize = 262_144;

@@ -5,14 +5,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmbind::gpuvm::{BindOp, BoId, Va};
-use vmbind::iommu::{DeviceId, DomainConfig};
-use vmbind::mem::{BioVec, PhysMem};
-use vmbind::runtime::{Access, Placement, Runtime, RuntimeConfig};
-use vmbind::service::{Gpu, Service, ServiceConfig, VmId};
+use crate::gpuvm::{BindOp, BoId, Va};
+use crate::iommu::{DeviceId, DomainConfig};
+use crate::mem::{BioVec, PhysMem};
+use crate::runtime::{Access, Placement, Runtime, RuntimeConfig};
+use crate::service::{Gpu, Service, ServiceConfig, VmId};
 
-use crate::harness::{Report, Run};
-use crate::rng::SplitMix64;
+use crate::bench::harness::{Report, Run};
+use crate::mem::rng::SplitMix64;
 
 /// Binds per client thread.
 const BINDS: u64 = 100_000;

@@ -5,8 +5,8 @@
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use vmbind::addr::{PAGE_SIZE, PhysAddr};
-use vmbind::mem::PhysMem;
+use crate::addr::{PAGE_SIZE, PhysAddr};
+use crate::mem::PhysMem;
 
 /// Table frames taken from the arena for a peer's tables, given back when the peer is dropped.
 struct ArenaFrames {

@@ -5,13 +5,13 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use vmbind::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
-use vmbind::dma::{Attrs, Device, Direction, DmaVec, IovaState};
-use vmbind::iommu::{DeviceId, DomainConfig, Iommu};
-use vmbind::mem::{BioVec, PhysMem};
-use vmbind::nvme::{self, ListPool, MAX_TRANSFER};
+use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
+use crate::dma::{Attrs, Device, Direction, DmaVec, IovaState};
+use crate::iommu::{DeviceId, DomainConfig, Iommu};
+use crate::mem::{BioVec, PhysMem};
+use crate::nvme::{self, ListPool, MAX_TRANSFER};
 
-use crate::harness::{CaseImp, Report, timed};
+use crate::bench::harness::{CaseImp, Report, timed};
 
 const PAGES: usize = 262_144;
 const PER_PAGE: &str = "ns/4KiB page";

@@ -6,13 +6,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use vmbind::dma::Device;
-use vmbind::gpuvm::{BindOp, Va, Vm};
-use vmbind::iommu::{DeviceId, DomainConfig, Iommu};
-use vmbind::mem::{BioVec, PhysMem};
-use vmbind::vk::{ArenaImport, CopyJob, Vk, WalkGather};
+use crate::dma::Device;
+use crate::gpuvm::{BindOp, Va, Vm};
+use crate::iommu::{DeviceId, DomainConfig, Iommu};
+use crate::mem::{BioVec, PhysMem};
+use crate::vk::{ArenaImport, CopyJob, Vk, WalkGather};
 
-use crate::harness::{Report, Run};
+use crate::bench::harness::{Report, Run};
 
 /// 256 MiB of 4 KiB pages.
 const PAGES: usize = 65_536;

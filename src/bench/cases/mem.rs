@@ -2,10 +2,10 @@
 //! `PhysMem::write` (aligned 64-bit atomic stores, the arena's memory model) against a plain
 //! `memcpy` of the same chunks into the same frames.
 
-use vmbind::addr::PAGE_SIZE;
-use vmbind::mem::PhysMem;
+use crate::addr::PAGE_SIZE;
+use crate::mem::PhysMem;
 
-use crate::harness::{Report, timed};
+use crate::bench::harness::{Report, timed};
 
 /// 16 MiB of 4 KiB frames.
 const PAGES: usize = 4096;
