@@ -214,11 +214,18 @@ impl Runtime {
                 }
                 let q = self.streams.lock()[0].clone();
                 q.bind(&ops)?;
+                self.record_submission(0, &ops, &waits, None);
                 Ok(None)
             }
             Some(s) => {
                 let waits = Self::deps(st, va, end, s.index);
-                Ok(Some(s.queue.submit(ops, &waits, &[])?))
+                let recording = self.recorder.lock().is_some();
+                let kept = if recording { ops.clone() } else { Vec::new() };
+                let fence = s.queue.submit(ops, &waits, &[])?;
+                if recording {
+                    self.record_submission(s.index, &kept, &waits, Some(&fence));
+                }
+                Ok(Some(fence))
             }
         }
     }
@@ -411,7 +418,7 @@ impl Runtime {
 /// The map ops that give `[v.addr, v.end())` the mapping `v` describes: `v` itself, or, for a
 /// piece of a repeat mapping that is not a whole number of periods (what a sub-range leaves),
 /// one plain map per stretch of the repeated range it covers.
-fn push_maps(ops: &mut Vec<BindOp>, v: &Va<crate::gpuvm::BoId>) {
+pub(crate) fn push_maps(ops: &mut Vec<BindOp>, v: &Va<crate::gpuvm::BoId>) {
     let Some(r) = v.repeat.filter(|r| r.len > 0 && v.range % r.len != 0) else {
         ops.push(BindOp::Map(v.clone()));
         return;

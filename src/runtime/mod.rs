@@ -77,6 +77,7 @@
 #![forbid(unsafe_code)]
 
 mod maps;
+mod record;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -374,6 +375,8 @@ pub struct Runtime {
     vm_ref: Arc<Vm>,
     streams: Mutex<Vec<BindQueue>>,
     state: Mutex<State>,
+    /// The recording going on ([`Runtime::record_to`]); taken after `state`, never before.
+    recorder: Mutex<Option<record::Recorder>>,
 }
 
 impl core::fmt::Debug for Runtime {
@@ -424,7 +427,15 @@ impl Runtime {
             st.free.insert(lo, hi);
         }
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        Ok(Runtime { id, svc, vm, vm_ref, streams: Mutex::new(vec![q]), state: Mutex::new(st) })
+        Ok(Runtime {
+            id,
+            svc,
+            vm,
+            vm_ref,
+            streams: Mutex::new(vec![q]),
+            state: Mutex::new(st),
+            recorder: Mutex::new(None),
+        })
     }
 
     /// The service under the runtime.
@@ -638,6 +649,7 @@ impl Runtime {
         };
         let size = self.vm_ref.bo_size(bo).map_err(|err| ServiceError::Vm { vm: self.vm, err })?;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        self.record_memory(id, bo, size, &owned);
         self.state
             .lock()
             .mems
@@ -697,6 +709,7 @@ impl Runtime {
     /// so the VM still maps it), the memory stays, released, and counts as live.
     fn destroy(&self, id: u64, ms: MemState) {
         if self.svc.destroy_idle_bo(self.vm, ms.bo).is_ok() {
+            self.record_free(ms.bo);
             self.free_owned(&ms.owned);
             self.state.lock().freed.insert(id);
         } else {

@@ -94,20 +94,20 @@ impl Serialize for Num {
 
 impl<'de> Deserialize<'de> for Num {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Num;
+            fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                f.write_str("a non-negative integer or a string like \"0x1000\" or \"2MiB\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Num, E> {
+                Ok(Num(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Num, E> {
+                Num::parse(v).map(Num).map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d).map_err(|_| {
-            serde::de::Error::custom(
-                "expected a non-negative integer or a string like \"0x1000\" or \"2MiB\"",
-            )
-        })? {
-            Raw::N(n) => Ok(Num(n)),
-            Raw::S(s) => Num::parse(&s).map(Num).map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(V)
     }
 }
 

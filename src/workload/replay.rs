@@ -298,6 +298,8 @@ impl<'w> Replay<'w> {
                 self.setup += t.elapsed();
             }
             Line::Free { vm: _, memory } => {
+                // The binds queued so far count as bind time; then the destroy as setup.
+                self.wait_all(n)?;
                 let t = Instant::now();
                 let m =
                     self.mems.remove(memory).ok_or_else(|| err(n, format!("no live memory `{memory}`")))?;
@@ -339,8 +341,8 @@ impl<'w> Replay<'w> {
                 None => self.wait_all(n)?,
             },
             Line::Check { vm, va, size, checksum: sum, memory, offset, zero } => {
-                let t = Instant::now();
                 self.wait_all(n)?;
+                let t = Instant::now();
                 let v = self.vm_of(vm);
                 let vm = self.svc.vm(self.vms[v]).map_err(|e| err(n, e.to_string()))?;
                 let mut got = vec![0u8; size.0 as usize];
