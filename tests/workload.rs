@@ -95,7 +95,10 @@ fn a_failed_check_names_its_line() {
 }
 
 /// What a VM's state is, object ids aside: mappings and leaves.
-fn state(vm: &Vm) -> (Vec<(u64, u64, u64, bool, bool, Option<u64>)>, Vec<(u64, u64, u8, bool)>) {
+/// `(addr, range, offset, sparse, read_only, repeat)` per mapping; `(va, size, frag, sparse)` per leaf.
+type State = (Vec<(u64, u64, u64, bool, bool, Option<u64>)>, Vec<(u64, u64, u8, bool)>);
+
+fn state(vm: &Vm) -> State {
     let maps = vm
         .mappings()
         .iter()

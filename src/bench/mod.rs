@@ -104,7 +104,8 @@ fn ratios(r: &mut Report) {
     ] {
         r.ratio(&format!("{case} {peer} / vmbind"), (case, peer), (case, "vmbind"));
     }
-    let pairs: [(&str, (&str, &str), (&str, &str)); 10] = [
+    type Pair<'a> = (&'a str, &'a str);
+    let pairs: [(&str, Pair, Pair); 10] = [
         (
             "iommu/translate_hit vmbind / raw read (lower better)",
             ("iommu/translate_hit", "vmbind"),

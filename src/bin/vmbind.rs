@@ -175,7 +175,7 @@ fn progress(total: usize, what: &str) -> impl FnMut(usize, usize) {
             }
         }
         None => {
-            let tenth = if total == 0 { 10 } else { done * 10 / total };
+            let tenth = (done * 10).checked_div(total).unwrap_or(10);
             if tenth > shown || (done >= total && shown < 10) {
                 shown = tenth.max(if done >= total { 10 } else { 0 });
                 eprintln!("{what}: {done}/{total} lines");
