@@ -95,8 +95,10 @@ fn a_failed_check_names_its_line() {
 }
 
 /// What a VM's state is, object ids aside: mappings and leaves.
-/// `(addr, range, offset, sparse, read_only, repeat)` per mapping; `(va, size, frag, sparse)` per leaf.
-type State = (Vec<(u64, u64, u64, bool, bool, Option<u64>)>, Vec<(u64, u64, u8, bool)>);
+/// `(addr, range, offset, sparse, read_only, repeat)` per mapping; `(va, sparse, prot)` per 4 KiB
+/// page the table maps (leaf sizes and fragments follow the DMA addresses the replay's IOMMU
+/// hands out, which a workload does not fix).
+type State = (Vec<(u64, u64, u64, bool, bool, Option<u64>)>, Vec<(u64, bool, String)>);
 
 fn state(vm: &Vm) -> State {
     let maps = vm
@@ -104,8 +106,15 @@ fn state(vm: &Vm) -> State {
         .iter()
         .map(|v| (v.addr, v.range, v.offset, v.obj.is_none(), v.flags.read_only, v.repeat.map(|r| r.len)))
         .collect();
-    let leaves =
-        vm.table().leaves().iter().map(|l| (l.va.as_u64(), l.size.bytes(), l.frag, l.sparse)).collect();
+    let leaves = vm
+        .table()
+        .leaves()
+        .iter()
+        .flat_map(|l| {
+            let prot = format!("{:?}", l.prot);
+            (0..l.size.bytes() / 4096).map(move |i| (l.va.as_u64() + i * 4096, l.sparse, prot.clone()))
+        })
+        .collect();
     (maps, leaves)
 }
 
