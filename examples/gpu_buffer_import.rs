@@ -22,6 +22,7 @@ use vmbind::dma::Device;
 use vmbind::gpuvm::{BindOp, Va, Vm};
 use vmbind::iommu::{DeviceId, DomainConfig, Iommu};
 use vmbind::mem::{BioVec, PhysMem};
+use vmbind::workload::checksum;
 
 /// GPU VA of the buffer.
 const VA: u64 = 0x10_0000_0000;
@@ -34,20 +35,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// A 64-bit checksum of the bytes (word-wise multiply-xorshift, length folded in).
-fn checksum(b: &[u8]) -> u64 {
-    let mut h = 0x9e37_79b9_7f4a_7c15u64 ^ b.len() as u64;
-    let mut chunks = b.chunks_exact(8);
-    for c in &mut chunks {
-        let w = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
-        h = (h ^ w).wrapping_mul(0xff51_afd7_ed55_8ccd).rotate_left(29);
-    }
-    for &x in chunks.remainder() {
-        h = (h ^ u64::from(x)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    }
-    h ^ (h >> 31)
 }
 
 fn ms(t: Instant) -> f64 {

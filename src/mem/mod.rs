@@ -256,6 +256,27 @@ impl PhysMem {
         b.alloc(order, false).map(to_pa).map_err(|_| Self::oom(&b, 1 << order))
     }
 
+    /// Allocates `count` contiguous blocks of `size`, each aligned to `size`: all of them, or
+    /// none (what was taken is given back).
+    ///
+    /// # Errors
+    /// [`MemError::OutOfMemory`] when the arena has fewer free aligned blocks of that size.
+    pub fn alloc_contig_blocks(&self, count: usize, size: PageSize) -> Result<Vec<PhysAddr>, MemError> {
+        let mut blocks = Vec::with_capacity(count);
+        for _ in 0..count {
+            match self.alloc_contig(size) {
+                Ok(b) => blocks.push(b),
+                Err(e) => {
+                    for &b in &blocks {
+                        let _ = self.free_contig(b, size);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(blocks)
+    }
+
     /// Allocates a physically contiguous block of `bytes` (a power of two from 4 KiB to 1 GiB),
     /// aligned to its size.
     ///

@@ -580,18 +580,7 @@ impl Runtime {
             Placement::Contiguous => {
                 let chunk = PageSize::Size2M.bytes();
                 Self::aligned("size", size, chunk)?;
-                let mut blocks = Vec::new();
-                for _ in 0..size / chunk {
-                    match mem.alloc_contig(PageSize::Size2M) {
-                        Ok(b) => blocks.push(b),
-                        Err(e) => {
-                            for b in blocks {
-                                let _ = mem.free_contig(b, PageSize::Size2M);
-                            }
-                            return Err(e.into());
-                        }
-                    }
-                }
+                let blocks = mem.alloc_contig_blocks((size / chunk) as usize, PageSize::Size2M)?;
                 let pages =
                     blocks.iter().map(|&b| BioVec { phys: b, offset: 0, len: chunk as u32 }).collect();
                 (pages, Owned::Blocks(blocks))

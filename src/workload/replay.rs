@@ -11,7 +11,7 @@ use crate::gpuvm::{BindOp, BoId, Va, VaFlags, Vm};
 use crate::hash::FastMap;
 use crate::iommu::{DeviceId, DomainConfig, DomainKind, Mode};
 use crate::mem::{BioVec, PhysMem};
-use crate::service::{BindQueue, Fence, FenceError, Gpu, Service, ServiceConfig, VmId};
+use crate::service::{BindQueue, Fence, FenceError, FenceStatus, Gpu, Service, ServiceConfig, VmId};
 
 /// How a workload is replayed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,8 +224,7 @@ impl<'w> Replay<'w> {
                 progress(self.next, total);
             }
         }
-        let end = self.w.lines.get(self.next.saturating_sub(1)).map_or(1, |(n, _)| *n);
-        self.wait_all(end)?;
+        self.wait_all()?;
         progress(self.next, total);
         Ok(self.summary())
     }
@@ -239,21 +238,16 @@ impl<'w> Replay<'w> {
     }
 
     /// Waits for every submission so far; the first failed one is reported by its line.
-    fn wait_all(&mut self, line: usize) -> Result<(), ReplayError> {
+    fn wait_all(&mut self) -> Result<(), ReplayError> {
         for f in self.last.iter().flatten().flatten() {
             let _ = f.wait_forever();
         }
-        if let Some((n, f)) =
-            self.submitted.iter().find(|(_, f)| matches!(f.poll(), crate::service::FenceStatus::Failed(_)))
-        {
-            let why = match f.poll() {
-                crate::service::FenceStatus::Failed(e) => e.to_string(),
-                _ => String::new(),
-            };
-            return Err(err(*n, format!("the submission failed: {why}")));
+        for (n, f) in &self.submitted {
+            if let FenceStatus::Failed(e) = f.poll() {
+                return Err(err(*n, format!("the submission failed: {e}")));
+            }
         }
         self.submitted.retain(|(_, f)| !f.is_done());
-        let _ = line;
         Ok(())
     }
 
@@ -299,7 +293,7 @@ impl<'w> Replay<'w> {
             }
             Line::Free { vm: _, memory } => {
                 // The binds queued so far count as bind time; then the destroy as setup.
-                self.wait_all(n)?;
+                self.wait_all()?;
                 let t = Instant::now();
                 let m =
                     self.mems.remove(memory).ok_or_else(|| err(n, format!("no live memory `{memory}`")))?;
@@ -338,10 +332,10 @@ impl<'w> Replay<'w> {
                         return Err(err(n, format!("fence `{f}` failed: {e}")));
                     }
                 }
-                None => self.wait_all(n)?,
+                None => self.wait_all()?,
             },
             Line::Check { vm, va, size, checksum: sum, memory, offset, zero } => {
-                self.wait_all(n)?;
+                self.wait_all()?;
                 let t = Instant::now();
                 let v = self.vm_of(vm);
                 let vm = self.svc.vm(self.vms[v]).map_err(|e| err(n, e.to_string()))?;
@@ -420,8 +414,7 @@ impl<'w> Replay<'w> {
         self.last[v][q] = Some(fence.clone());
         self.submitted.push((n, fence));
         if self.submitted.len() >= 4096 {
-            self.submitted
-                .retain(|(_, f)| !f.is_done() || matches!(f.poll(), crate::service::FenceStatus::Failed(_)));
+            self.submitted.retain(|(_, f)| !f.is_done() || matches!(f.poll(), FenceStatus::Failed(_)));
         }
         self.bytes += bytes;
         Ok(())
@@ -454,16 +447,8 @@ impl<'w> Replay<'w> {
             }
             PlacementKind::Contiguous => {
                 let chunk = PageSize::Size2M.bytes();
-                let mut blocks = Vec::new();
-                for _ in 0..bytes / chunk {
-                    match mem.alloc_contig(PageSize::Size2M) {
-                        Ok(b) => blocks.push(b),
-                        Err(e) => {
-                            self.free_owned(&Owned::Blocks(blocks));
-                            return Err(short(e));
-                        }
-                    }
-                }
+                let blocks =
+                    mem.alloc_contig_blocks((bytes / chunk) as usize, PageSize::Size2M).map_err(short)?;
                 let pages =
                     blocks.iter().map(|&b| BioVec { phys: b, offset: 0, len: chunk as u32 }).collect();
                 (pages, Owned::Blocks(blocks))
