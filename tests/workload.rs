@@ -118,6 +118,50 @@ fn state(vm: &Vm) -> State {
     (maps, leaves)
 }
 
+/// Every op line that touches addresses an earlier line of another queue touched waits (itself
+/// or through an earlier line of its own queue) for a fence that line or a later one of that
+/// queue signals: the order the runtime kept holds in any replay, however fast each queue runs.
+fn assert_cross_queue_order(text: &str) {
+    struct Op {
+        queue: String,
+        va: u64,
+        end: u64,
+        signal: Option<String>,
+    }
+    let num = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap(),
+        v => v.as_u64().unwrap(),
+    };
+    let mut ops: Vec<Op> = Vec::new();
+    // For each queue, the fences it has waited for so far (by line index of the signal).
+    let mut waited: std::collections::HashMap<String, Vec<usize>> = Default::default();
+    for (n, line) in text.lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if !matches!(v["op"].as_str(), Some("bind" | "unbind" | "sparse" | "repeat")) {
+            continue;
+        }
+        let queue = v["queue"].as_str().unwrap_or("default").to_string();
+        let (va, end) = (num(&v["va"]), num(&v["va"]) + num(&v["size"]));
+        let w = waited.entry(queue.clone()).or_default();
+        for f in v["waits"].as_array().into_iter().flatten() {
+            let at = ops.iter().position(|o| o.signal.as_deref() == f.as_str()).expect("signalled before");
+            w.push(at);
+        }
+        for (i, o) in ops.iter().enumerate() {
+            if o.queue != queue && o.va < end && va < o.end {
+                assert!(
+                    w.iter().any(|&at| at >= i && ops[at].queue == o.queue),
+                    "line {}: {} touches what an earlier {} op touched, with no wait for it",
+                    n + 1,
+                    queue,
+                    o.queue
+                );
+            }
+        }
+        ops.push(Op { queue, va, end, signal: v["signal"].as_str().map(String::from) });
+    }
+}
+
 #[test]
 fn record_then_replay_gives_the_same_vm() {
     let dir = std::env::temp_dir().join(format!("vmbind-record-{}", std::process::id()));
@@ -150,6 +194,7 @@ fn record_then_replay_gives_the_same_vm() {
     rt.stop_recording().unwrap();
     let want = state(rt.vm());
 
+    assert_cross_queue_order(&std::fs::read_to_string(&path).unwrap());
     let w = Workload::load(&path).unwrap();
     let mut rep = Replay::new(&w, ReplayOptions::default()).unwrap();
     rep.run(None, |_, _| {}).unwrap();

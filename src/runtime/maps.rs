@@ -23,17 +23,22 @@ impl Runtime {
 
     /// The in-fences an op on `stream` over `[va, end)` needs: the pending ops of other
     /// streams on those addresses.
-    fn deps(st: &mut State, va: u64, end: u64, stream: usize) -> Vec<Fence> {
+    ///
+    /// While recording (`keep_done`), fences that are already complete are kept too: the
+    /// order they gave must hold in the replay, where they may not be complete yet.
+    fn deps(st: &mut State, va: u64, end: u64, stream: usize, keep_done: bool) -> Vec<Fence> {
         let mut waits: Vec<Fence> = Vec::new();
         for p in Self::overlapping(&st.pieces, va, end) {
             if let Some((f, s)) = &p.fence
                 && *s != stream
-                && !f.is_done()
+                && (keep_done || !f.is_done())
             {
                 waits.push(f.clone());
             }
         }
-        st.unmapping.retain(|_, (_, f, _)| !f.is_done());
+        if !keep_done {
+            st.unmapping.retain(|_, (_, f, _)| !f.is_done());
+        }
         for (_, (e, f, s)) in st.unmapping.range(..(end, 0)) {
             if *e > va && *s != stream {
                 waits.push(f.clone());
@@ -206,7 +211,8 @@ impl Runtime {
         }
         match stream {
             None => {
-                let waits = Self::deps(st, va, end, 0);
+                let recording = self.recorder.lock().is_some();
+                let waits = Self::deps(st, va, end, 0, recording);
                 for w in &waits {
                     if let Err(FenceError::Failed { err, .. }) = w.wait_forever() {
                         return Err(RuntimeError::Service(err));
@@ -218,8 +224,8 @@ impl Runtime {
                 Ok(None)
             }
             Some(s) => {
-                let waits = Self::deps(st, va, end, s.index);
                 let recording = self.recorder.lock().is_some();
+                let waits = Self::deps(st, va, end, s.index, recording);
                 let kept = if recording { ops.clone() } else { Vec::new() };
                 let fence = s.queue.submit(ops, &waits, &[])?;
                 if recording {
