@@ -310,6 +310,15 @@ impl Vm {
         self.state.lock().bos.get(&bo).map(|b| b.size).ok_or(VmError::NoSuchBo(bo))
     }
 
+    /// An object's backing pages, in object order (a copy of what [`Vm::create_bo`] was given,
+    /// page-aligned offsets folded into the addresses).
+    ///
+    /// # Errors
+    /// [`VmError::NoSuchBo`].
+    pub fn bo_pages(&self, bo: BoId) -> Result<Vec<BioVec>, VmError> {
+        self.state.lock().bos.get(&bo).map(|b| b.pages.pages().to_vec()).ok_or(VmError::NoSuchBo(bo))
+    }
+
     /// Destroys an object that has no mapping left, undoing its DMA mapping.
     ///
     /// # Errors

@@ -209,6 +209,46 @@ pub enum ServiceError {
     /// Creating the VM's device failed in the DMA layer.
     #[error("DMA: {0}")]
     Dma(#[from] DmaError),
+    /// A [`Follower`] of the VM refused the ops at submit (nothing was queued), or failed to
+    /// follow a committed batch (the VM's own tables hold the change; the follower says what
+    /// state it is left in).
+    #[error("{vm}: follower {follower}: {why}")]
+    Follower {
+        /// The VM.
+        vm: VmId,
+        /// The follower's name.
+        follower: String,
+        /// Why.
+        why: String,
+    },
+}
+
+/// Something that follows a VM's committed binds: the Vulkan sparse mirror, which makes a real
+/// driver's page tables show what the VM's show. Added with [`Service::add_follower`].
+///
+/// The service calls [`Follower::check`] at submit, after its own checks: an error there
+/// refuses the submission ([`ServiceError::Follower`], nothing queued). After each successful
+/// commit it calls [`Follower::follow`] with the committed op array (merged as the batch was),
+/// on the committing thread, **before** the batch's fences signal: a fence that signals means
+/// every follower shows the change too. A `follow` error fails the batch's fences with
+/// [`ServiceError::Follower`]; the VM is not lost (its tables hold the change).
+///
+/// Calls for one VM may come from several threads (a synchronous bind of one queue runs beside
+/// a worker's batch of another); a follower serializes itself and reads the VM's state after the
+/// commit, so that the last call shows the last commit.
+pub trait Follower: Send + Sync {
+    /// A short name for errors.
+    fn name(&self) -> String;
+    /// Whether the follower can follow `ops`.
+    ///
+    /// # Errors
+    /// Why not; the submission is refused.
+    fn check(&self, vm: &Vm, ops: &[BindOp]) -> Result<(), String>;
+    /// Makes the follower show the VM after `ops` were committed; returns when it does.
+    ///
+    /// # Errors
+    /// Why it could not; the batch's fences fail.
+    fn follow(&self, vm: &Vm, ops: &[BindOp]) -> Result<(), String>;
 }
 
 /// [`BindQueue::try_submit`]'s refusal: the ops come back.
@@ -424,6 +464,7 @@ impl Service {
             room: Condvar::new(),
             tx: self.tx.clone(),
             counters: self.counters.clone(),
+            followers: RwLock::new(Vec::new()),
         });
         // Checked under the registry's lock, which shutdown takes after closing: a VM is either
         // seen (and closed) by shutdown or refused here.
@@ -446,6 +487,30 @@ impl Service {
     /// [`ServiceError::NoSuchVm`].
     pub fn vm(&self, vm: VmId) -> Result<Arc<Vm>, ServiceError> {
         Ok(self.entry(vm)?.vm.clone())
+    }
+
+    /// Adds `f` to the followers of `vm` ([`Follower`]): from now on every submission is
+    /// checked by it and every commit followed. Add it while the VM has no work in flight (a
+    /// batch committing meanwhile may not be followed); the follower brings itself up to the
+    /// VM's current state itself.
+    ///
+    /// # Errors
+    /// [`ServiceError::NoSuchVm`].
+    pub fn add_follower(&self, vm: VmId, f: Arc<dyn Follower>) -> Result<(), ServiceError> {
+        self.entry(vm)?.followers.write().push(f);
+        Ok(())
+    }
+
+    /// Removes the follower `f` (the same `Arc`) from `vm`; returns whether it was there.
+    ///
+    /// # Errors
+    /// [`ServiceError::NoSuchVm`].
+    pub fn remove_follower(&self, vm: VmId, f: &Arc<dyn Follower>) -> Result<bool, ServiceError> {
+        let e = self.entry(vm)?;
+        let mut v = e.followers.write();
+        let before = v.len();
+        v.retain(|g| !Arc::ptr_eq(g, f));
+        Ok(v.len() != before)
     }
 
     /// A new bind queue on `vm`. Queues are cheap; the slot of one whose handles are all

@@ -75,6 +75,9 @@ impl BindQueue {
         if let Some(f) = signals.iter().find(|f| waits.contains(f)) {
             return refuse(ServiceError::BadSignal { fence: f.id() }, ops);
         }
+        if let Err(err) = e.check_followers(&ops) {
+            return refuse(err, ops);
+        }
         for (i, s) in signals.iter().enumerate() {
             if let Err(err) = s.attach() {
                 signals[..i].iter().for_each(Fence::detach);
@@ -176,6 +179,7 @@ impl BindQueue {
             e.vm.check_ops(ops, |bo| bos.get(&bo).copied())
                 .map_err(|err| ServiceError::Vm { vm: e.id, err })?;
         }
+        e.check_followers(ops)?;
         let inline = {
             let mut s = e.sched.lock();
             if s.closing {
@@ -217,6 +221,7 @@ impl BindQueue {
                 Err(err)
             }
         };
+        let followed = if out.is_ok() { e.follow(ops) } else { Ok(()) };
         let mut s = e.sched.lock();
         if let Err(VmError::Unusable { why }) = &out {
             s.lost = Some(why.clone());
@@ -236,7 +241,8 @@ impl BindQueue {
         if lost {
             e.fail_queued();
         }
-        out.map_err(|err| ServiceError::Vm { vm: e.id, err })
+        out.map_err(|err| ServiceError::Vm { vm: e.id, err })?;
+        followed
     }
 }
 

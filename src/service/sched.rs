@@ -9,7 +9,7 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use super::metrics::{Counters, Histogram};
-use super::{Fence, ServiceConfig, ServiceError, VmId};
+use super::{Fence, Follower, ServiceConfig, ServiceError, VmId};
 use crate::addr::PAGE_SIZE;
 use crate::gpuvm::{BindOp, BoId, Vm};
 use crate::hash::FastMap;
@@ -91,6 +91,8 @@ pub(super) struct VmEntry {
     pub(super) room: Condvar,
     pub(super) tx: Sender<Msg>,
     pub(super) counters: Arc<Counters>,
+    /// What follows the VM's commits (a Vulkan sparse mirror).
+    pub(super) followers: RwLock<Vec<Arc<dyn Follower>>>,
 }
 
 /// A worker: works on the VMs sent to it until told to stop.
@@ -110,6 +112,32 @@ pub(super) fn worker(rx: &Receiver<Msg>) {
 }
 
 impl VmEntry {
+    /// Every follower's check of `ops`.
+    pub(super) fn check_followers(&self, ops: &[BindOp]) -> Result<(), ServiceError> {
+        for f in self.followers.read().iter() {
+            f.check(&self.vm, ops).map_err(|why| ServiceError::Follower {
+                vm: self.id,
+                follower: f.name(),
+                why,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Every follower follows the committed `ops`; the first failure is the batch's error.
+    pub(super) fn follow(&self, ops: &[BindOp]) -> Result<(), ServiceError> {
+        let followers = self.followers.read();
+        let mut out = Ok(());
+        for f in followers.iter() {
+            if let Err(why) = f.follow(&self.vm, ops)
+                && out.is_ok()
+            {
+                out = Err(ServiceError::Follower { vm: self.id, follower: f.name(), why });
+            }
+        }
+        out
+    }
+
     /// Takes one batch of ready work, runs it, and reschedules the VM if more is ready (behind
     /// other VMs sent meanwhile: round robin), or goes idle with callbacks armed on the fences
     /// its queue heads wait for.
@@ -236,7 +264,6 @@ impl VmEntry {
         Counters::add(&c.submissions, batch.len() as u64);
         let mut out: Vec<Result<(), ServiceError>> =
             batch.iter().map(|(_, w)| w.failed_wait().map_or(Ok(()), Err)).collect();
-        let waits_failed = out.iter().filter(|r| r.is_err()).count() as u64;
         if let Some(why) = self.sched.lock().lost.clone() {
             for r in &mut out {
                 *r = Err(ServiceError::VmLost { vm: self.id, why: why.clone() });
@@ -250,16 +277,21 @@ impl VmEntry {
         let whole = (self.cfg.coalesce && !live.is_empty()).then(|| {
             let (ops, merged) = merge(live.iter().flat_map(|&i| batch[i].1.ops.iter()), n_ops);
             Counters::add(&c.merged, merged);
-            self.vm.bind(&ops)
+            self.vm.bind(&ops).map(|b| (b, ops))
         });
         let note = |b: &crate::gpuvm::Bound| {
             Counters::add(&c.batches, 1);
             Counters::add(&c.pages, b.mapped / PAGE_SIZE);
             Counters::add(&c.gpu_tlb_flushes, u64::from(b.flush.range.is_some()));
         };
-        if let Some(Ok(b)) = whole {
+        if let Some(Ok((b, ops))) = whole {
             note(&b);
-            Counters::add(&c.failed, waits_failed);
+            if let Err(e) = self.follow(&ops) {
+                for &i in &live {
+                    out[i] = Err(e.clone());
+                }
+            }
+            Counters::add(&c.failed, out.iter().filter(|r| r.is_err()).count() as u64);
             return out;
         }
         // One by one, in order: isolates the submission that fails.
@@ -271,7 +303,12 @@ impl VmEntry {
                 continue;
             }
             match self.vm.bind(&w.ops) {
-                Ok(b) => note(&b),
+                Ok(b) => {
+                    note(&b);
+                    if let Err(e) = self.follow(&w.ops) {
+                        out[i] = Err(e);
+                    }
+                }
                 Err(err) => {
                     lost = Some(format!("submission of fence {} failed: {err}", w.fence.id()));
                     out[i] = Err(ServiceError::Vm { vm: self.id, err });

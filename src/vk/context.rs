@@ -27,6 +27,23 @@ pub struct DeviceInfo {
     pub max_allocation: u64,
     /// `maxComputeWorkGroupCount[0]`.
     pub max_workgroups: u32,
+    /// Sparse binding of buffers, when the device offers it (`sparseBinding` and
+    /// `sparseResidencyBuffer`, and its queue can bind sparse memory): what
+    /// [`SparseMirror`](super::SparseMirror) needs.
+    pub sparse: Option<SparseInfo>,
+}
+
+/// What a device allows for sparse buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SparseInfo {
+    /// `sparseAddressSpaceSize`: the most bytes of sparse resources (vmbind enforces it; lavapipe
+    /// does not).
+    pub address_space: u64,
+    /// `residencyNonResidentStrict`: unbound ranges read zero and drop writes. Without it reads
+    /// of unbound ranges are undefined.
+    pub non_resident_strict: bool,
+    /// `sparseResidencyAliased`: one memory range may back several places.
+    pub aliased: bool,
 }
 
 /// A Vulkan context on one device (module docs). Shared as `Arc<Vk>`.
@@ -43,6 +60,9 @@ pub struct Vk {
     pub(crate) pool: Mutex<vk::CommandPool>,
     pub(crate) allocator: ManuallyDrop<Mutex<Allocator>>,
     pub(crate) memory_types: vk::PhysicalDeviceMemoryProperties,
+    pub(crate) physical: vk::PhysicalDevice,
+    /// The queue family of `queue` (compute, and sparse binding where the device has it).
+    pub(crate) family: u32,
     info: DeviceInfo,
 }
 
@@ -95,6 +115,10 @@ struct Candidate {
     name: String,
     kind: vk::PhysicalDeviceType,
     family: Option<u32>,
+    /// sparseBinding + sparseResidencyBuffer and a family that has both compute and sparse.
+    sparse: bool,
+    /// sparseResidencyAliased.
+    aliased: bool,
     missing: Vec<&'static str>,
 }
 
@@ -194,7 +218,7 @@ impl Vk {
             .iter()
             .filter(|c| c.missing.is_empty())
             .min_by_key(|c| rank(c.kind))
-            .map(|c| (c.physical, c.family))
+            .map(|c| (c.physical, c.family, c.sparse, c.aliased))
         else {
             let why = cands
                 .iter()
@@ -204,7 +228,7 @@ impl Vk {
                 why: if why.is_empty() { "no Vulkan device".into() } else { why.join("; ") }
             });
         };
-        let (physical, Some(family)) = best else {
+        let (physical, Some(family), sparse, aliased) = best else {
             bail!(VkError::NoDevice { why: "no compute queue".into() })
         };
         let prio = [1.0f32];
@@ -213,7 +237,13 @@ impl Vk {
         let exts = [ash::ext::external_memory_host::NAME.as_ptr()];
         let mut f12 = vk::PhysicalDeviceVulkan12Features::default().buffer_device_address(true);
         let mut f2 = vk::PhysicalDeviceFeatures2::default()
-            .features(vk::PhysicalDeviceFeatures::default().shader_int64(true))
+            .features(
+                vk::PhysicalDeviceFeatures::default()
+                    .shader_int64(true)
+                    .sparse_binding(sparse)
+                    .sparse_residency_buffer(sparse)
+                    .sparse_residency_aliased(sparse && aliased),
+            )
             .push_next(&mut f12);
         let ci = vk::DeviceCreateInfo::default()
             .queue_create_infos(&queues)
@@ -257,7 +287,13 @@ impl Vk {
                 bail!(VkError::Alloc { what: "the allocator", why: e.to_string() });
             }
         };
-        let info = Self::describe(&instance, physical);
+        let mut info = Self::describe(&instance, physical);
+        if !sparse {
+            info.sparse = None;
+        }
+        if let Some(si) = &mut info.sparse {
+            si.aliased = aliased;
+        }
         // SAFETY: a query on a live physical device.
         let memory_types = unsafe { instance.get_physical_device_memory_properties(physical) };
         let host_memory = ash::ext::external_memory_host::Device::new(&instance, &device);
@@ -272,6 +308,8 @@ impl Vk {
             pool: Mutex::new(pool),
             allocator: ManuallyDrop::new(Mutex::new(allocator)),
             memory_types,
+            physical,
+            family,
             info,
         })
     }
@@ -289,6 +327,8 @@ impl Vk {
         let name =
             props.device_name_as_c_str().map_or_else(|_| "?".into(), |s| s.to_string_lossy().into_owned());
         let mut missing = Vec::new();
+        let mut sparse_features = false;
+        let mut aliased = false;
         if props.api_version < vk::API_VERSION_1_2 {
             missing.push("Vulkan 1.2");
         }
@@ -302,6 +342,9 @@ impl Vk {
             // SAFETY: a 1.2 device; the chain lives across the call.
             unsafe { instance.get_physical_device_features2(p, &mut f2) };
             let int64 = f2.features.shader_int64 == vk::TRUE;
+            sparse_features =
+                f2.features.sparse_binding == vk::TRUE && f2.features.sparse_residency_buffer == vk::TRUE;
+            aliased = f2.features.sparse_residency_aliased == vk::TRUE;
             if f12.buffer_device_address != vk::TRUE {
                 missing.push("bufferDeviceAddress");
             }
@@ -309,12 +352,18 @@ impl Vk {
                 missing.push("shaderInt64");
             }
         }
-        let family =
-            families.iter().position(|f| f.queue_flags.contains(vk::QueueFlags::COMPUTE)).map(|i| i as u32);
+        // A family that computes and binds sparse memory, else one that computes.
+        let both = vk::QueueFlags::COMPUTE | vk::QueueFlags::SPARSE_BINDING;
+        let sparse_family = families.iter().position(|f| f.queue_flags.contains(both));
+        let family = sparse_family
+            .filter(|_| sparse_features)
+            .or_else(|| families.iter().position(|f| f.queue_flags.contains(vk::QueueFlags::COMPUTE)))
+            .map(|i| i as u32);
         if family.is_none() {
             missing.push("a compute queue");
         }
-        Candidate { physical: p, name, kind: props.device_type, family, missing }
+        let sparse = sparse_features && sparse_family.is_some();
+        Candidate { physical: p, name, kind: props.device_type, family, sparse, aliased, missing }
     }
 
     fn describe(instance: &ash::Instance, p: vk::PhysicalDevice) -> DeviceInfo {
@@ -343,6 +392,11 @@ impl Vk {
             host_pointer_alignment: host.min_imported_host_pointer_alignment.max(1),
             max_allocation: m3.max_memory_allocation_size,
             max_workgroups: props.limits.max_compute_work_group_count[0],
+            sparse: Some(SparseInfo {
+                address_space: props.limits.sparse_address_space_size,
+                non_resident_strict: props.sparse_properties.residency_non_resident_strict == vk::TRUE,
+                aliased: false,
+            }),
         }
     }
 

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use ash::vk;
 use gpu_allocator::MemoryLocation;
-use gpu_allocator::vulkan::{Allocation, AllocationCreateDesc, AllocationScheme};
 
+use super::util::{ComputePipeline, GpuBuffer, end_for_host};
 use super::{ArenaImport, Vk, VkError, call};
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::gpuvm::{FaultStage, GpuFault, Vm};
@@ -65,120 +65,10 @@ impl Params {
     }
 }
 
-/// Ends a command buffer whose writes (`stage`, `access`) the host reads once its fence
-/// signals: a barrier to host reads, then the end of recording.
-fn end_for_host(
-    d: &ash::Device,
-    cmd: vk::CommandBuffer,
-    stage: vk::PipelineStageFlags,
-    access: vk::AccessFlags,
-) -> Result<(), VkError> {
-    let barrier =
-        [vk::MemoryBarrier::default().src_access_mask(access).dst_access_mask(vk::AccessFlags::HOST_READ)];
-    // SAFETY: `cmd` is a command buffer of `d` in the recording state (the callers' contract).
-    unsafe {
-        d.cmd_pipeline_barrier(
-            cmd,
-            stage,
-            vk::PipelineStageFlags::HOST,
-            vk::DependencyFlags::empty(),
-            &barrier,
-            &[],
-            &[],
-        );
-    }
-    // SAFETY: as above.
-    call("vkEndCommandBuffer", unsafe { d.end_command_buffer(cmd) })
-}
-
-/// A buffer from gpu-allocator with a device address, mapped on the host.
-struct GpuBuffer {
-    ctx: Arc<Vk>,
-    buffer: vk::Buffer,
-    alloc: Option<Allocation>,
-    addr: u64,
-    size: u64,
-}
-
-impl GpuBuffer {
-    fn new(ctx: &Arc<Vk>, size: u64, location: MemoryLocation, what: &'static str) -> Result<Self, VkError> {
-        let d = &ctx.device;
-        let bci = vk::BufferCreateInfo::default()
-            .size(size.max(16))
-            .usage(
-                vk::BufferUsageFlags::STORAGE_BUFFER
-                    | vk::BufferUsageFlags::SHADER_DEVICE_ADDRESS
-                    | vk::BufferUsageFlags::TRANSFER_SRC
-                    | vk::BufferUsageFlags::TRANSFER_DST,
-            )
-            .sharing_mode(vk::SharingMode::EXCLUSIVE);
-        // SAFETY: a live device; the create info lives across the call.
-        let buffer = call("vkCreateBuffer", unsafe { d.create_buffer(&bci, None) })?;
-        // SAFETY: a live buffer.
-        let requirements = unsafe { d.get_buffer_memory_requirements(buffer) };
-        let alloc = ctx.allocator.lock().allocate(&AllocationCreateDesc {
-            name: what,
-            requirements,
-            location,
-            linear: true,
-            allocation_scheme: AllocationScheme::DedicatedBuffer(buffer),
-        });
-        let alloc = match alloc {
-            Ok(a) if a.mapped_ptr().is_some() => a,
-            Ok(a) => {
-                let _ = ctx.allocator.lock().free(a);
-                // SAFETY: unbound, unused.
-                unsafe { d.destroy_buffer(buffer, None) };
-                return Err(VkError::NoMemoryType { what });
-            }
-            Err(e) => {
-                // SAFETY: unbound, unused.
-                unsafe { d.destroy_buffer(buffer, None) };
-                return Err(VkError::Alloc { what, why: e.to_string() });
-            }
-        };
-        // SAFETY: the allocation was made for this buffer's requirements.
-        if let Err(result) = unsafe { d.bind_buffer_memory(buffer, alloc.memory(), alloc.offset()) } {
-            let _ = ctx.allocator.lock().free(alloc);
-            // SAFETY: unused.
-            unsafe { d.destroy_buffer(buffer, None) };
-            return Err(VkError::Call { call: "vkBindBufferMemory", result });
-        }
-        let bai = vk::BufferDeviceAddressInfo::default().buffer(buffer);
-        // SAFETY: a bound buffer created with SHADER_DEVICE_ADDRESS.
-        let addr = unsafe { d.get_buffer_device_address(&bai) };
-        Ok(GpuBuffer { ctx: ctx.clone(), buffer, alloc: Some(alloc), addr, size })
-    }
-
-    fn bytes(&self) -> &[u8] {
-        let s = self.alloc.as_ref().and_then(Allocation::mapped_slice).unwrap_or(&[]);
-        &s[..(self.size as usize).min(s.len())]
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        let size = self.size as usize;
-        let s = self.alloc.as_mut().and_then(Allocation::mapped_slice_mut).unwrap_or(&mut []);
-        let n = size.min(s.len());
-        &mut s[..n]
-    }
-}
-
-impl Drop for GpuBuffer {
-    fn drop(&mut self) {
-        if let Some(a) = self.alloc.take() {
-            let _ = self.ctx.allocator.lock().free(a);
-        }
-        // SAFETY: every submit using it was waited for (jobs wait in `run`).
-        unsafe { self.ctx.device.destroy_buffer(self.buffer, None) };
-    }
-}
-
 /// The `walk_gather` pipeline over an imported arena.
 pub struct WalkGather {
     import: Arc<ArenaImport>,
-    module: vk::ShaderModule,
-    layout: vk::PipelineLayout,
-    pipeline: vk::Pipeline,
+    pipe: ComputePipeline,
     chunk_map: GpuBuffer,
 }
 
@@ -196,61 +86,14 @@ impl WalkGather {
     /// [`VkError::Alloc`] for the chunk map.
     pub fn new(import: &Arc<ArenaImport>) -> Result<Self, VkError> {
         let ctx = import.context().clone();
-        let d = &ctx.device;
-        let words = ash::util::read_spv(&mut std::io::Cursor::new(WALK_GATHER_SPV))
-            .map_err(|_| VkError::Call { call: "read_spv", result: vk::Result::ERROR_INVALID_SHADER_NV })?;
-        let mci = vk::ShaderModuleCreateInfo::default().code(&words);
-        // SAFETY: valid SPIR-V words from glslang.
-        let module = call("vkCreateShaderModule", unsafe { d.create_shader_module(&mci, None) })?;
-        let ranges = [vk::PushConstantRange::default()
-            .stage_flags(vk::ShaderStageFlags::COMPUTE)
-            .offset(0)
-            .size(size_of::<Params>() as u32)];
-        let lci = vk::PipelineLayoutCreateInfo::default().push_constant_ranges(&ranges);
-        // SAFETY: a live device.
-        let layout = match unsafe { d.create_pipeline_layout(&lci, None) } {
-            Ok(l) => l,
-            Err(result) => {
-                // SAFETY: unused.
-                unsafe { d.destroy_shader_module(module, None) };
-                return Err(VkError::Call { call: "vkCreatePipelineLayout", result });
-            }
-        };
-        let stage = vk::PipelineShaderStageCreateInfo::default()
-            .stage(vk::ShaderStageFlags::COMPUTE)
-            .module(module)
-            .name(c"main");
-        let pci = [vk::ComputePipelineCreateInfo::default().stage(stage).layout(layout)];
-        // SAFETY: module and layout are live and match (one push-constant range, no sets).
-        let pipeline = match unsafe { d.create_compute_pipelines(vk::PipelineCache::null(), &pci, None) } {
-            Ok(p) => p[0],
-            Err((_, result)) => {
-                // SAFETY: unused.
-                unsafe {
-                    d.destroy_pipeline_layout(layout, None);
-                    d.destroy_shader_module(module, None);
-                }
-                return Err(VkError::Call { call: "vkCreateComputePipelines", result });
-            }
-        };
+        let pipe = ComputePipeline::new(&ctx, WALK_GATHER_SPV, size_of::<Params>() as u32)?;
         let addrs = import.chunk_addresses();
-        let made = GpuBuffer::new(&ctx, addrs.len() as u64 * 8, MemoryLocation::CpuToGpu, "chunk map");
-        let mut chunk_map = match made {
-            Ok(b) => b,
-            Err(e) => {
-                // SAFETY: unused.
-                unsafe {
-                    d.destroy_pipeline(pipeline, None);
-                    d.destroy_pipeline_layout(layout, None);
-                    d.destroy_shader_module(module, None);
-                }
-                return Err(e);
-            }
-        };
+        let mut chunk_map =
+            GpuBuffer::new(&ctx, addrs.len() as u64 * 8, MemoryLocation::CpuToGpu, "chunk map")?;
         for (i, a) in addrs.iter().enumerate() {
             chunk_map.bytes_mut()[i * 8..i * 8 + 8].copy_from_slice(&a.to_le_bytes());
         }
-        Ok(WalkGather { import: import.clone(), module, layout, pipeline, chunk_map })
+        Ok(WalkGather { import: import.clone(), pipe, chunk_map })
     }
 
     /// The import it reads.
@@ -352,18 +195,6 @@ impl WalkGather {
     }
 }
 
-impl Drop for WalkGather {
-    fn drop(&mut self) {
-        let d = &self.import.context().device;
-        // SAFETY: jobs borrow the pipeline and wait for their submits, so none is pending.
-        unsafe {
-            d.destroy_pipeline(self.pipeline, None);
-            d.destroy_pipeline_layout(self.layout, None);
-            d.destroy_shader_module(self.module, None);
-        }
-    }
-}
-
 /// A recorded gather ([`WalkGather::job`]).
 pub struct GatherJob<'g> {
     gather: &'g WalkGather,
@@ -394,12 +225,18 @@ impl GatherJob<'_> {
         // SAFETY: recording into a command buffer in the recording state; the pipeline and
         // layout are live; the push-constant range matches the layout.
         unsafe {
-            d.cmd_bind_pipeline(self.cmd, vk::PipelineBindPoint::COMPUTE, g.pipeline);
+            d.cmd_bind_pipeline(self.cmd, vk::PipelineBindPoint::COMPUTE, g.pipe.pipeline);
             let mut first = 0u32;
             while first < params.count {
                 params.first = first;
                 let n = (params.count - first).min(per);
-                d.cmd_push_constants(self.cmd, g.layout, vk::ShaderStageFlags::COMPUTE, 0, &params.bytes());
+                d.cmd_push_constants(
+                    self.cmd,
+                    g.pipe.layout,
+                    vk::ShaderStageFlags::COMPUTE,
+                    0,
+                    &params.bytes(),
+                );
                 d.cmd_dispatch(self.cmd, n.div_ceil(PAGES_PER_GROUP), 1, 1);
                 first += n;
             }

@@ -14,7 +14,7 @@ pub struct HostImport {
     /// Keeps the arena mapped for as long as the device may read it.
     _mem: Arc<PhysMem>,
     pub(crate) buffer: vk::Buffer,
-    memory: vk::DeviceMemory,
+    pub(crate) memory: vk::DeviceMemory,
     addr: u64,
     offset: u64,
     len: u64,

@@ -32,10 +32,14 @@
 mod context;
 mod gather;
 mod import;
+mod mirror;
+mod sparse_plan;
+mod util;
 
-pub use context::{DeviceInfo, Vk};
+pub use context::{DeviceInfo, SparseInfo, Vk};
 pub use gather::{CopyJob, GatherJob, WalkGather};
 pub use import::{ArenaImport, HostImport};
+pub use mirror::{MirrorBacking, MirrorStats, SparseMirror};
 
 use ash::vk;
 
@@ -101,6 +105,22 @@ pub enum VkError {
     /// The VM to gather from is not in the imported arena.
     #[error("the VM's memory is not the imported arena")]
     OtherArena,
+    /// The device cannot hold a sparse mirror.
+    #[error("no sparse mirror on this device: {why}")]
+    NoSparse {
+        /// What it lacks.
+        why: &'static str,
+    },
+    /// The host-import backing was asked for, but the driver does not bind host-imported memory
+    /// in a sparse buffer (a bound block read back wrong).
+    #[error("{device} accepts host-imported memory in a sparse buffer but binds nothing (read back differs)")]
+    SparseHostImportRefused {
+        /// The device.
+        device: String,
+    },
+    /// A sparse mirror could not follow the VM (the service's message, or the failed bind).
+    #[error("sparse mirror: {0}")]
+    Mirror(String),
 }
 
 /// Turns a failed `VkResult` into a [`VkError::Call`].
