@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-const SHADERS: &[&str] = &["walk_gather", "copy_words"];
+const SHADERS: &[&str] = &["walk_gather", "copy_words", "populate"];
 
 fn main() {
     let out = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR");

@@ -10,7 +10,7 @@ use super::va::{Op, Va, VaBounds, VaError, VaFlags, VaSpace};
 use crate::addr::{DmaAddr, GpuVa, PAGE_SIZE, PageSize};
 use crate::dma::{Attrs, Device, DirectMap, Direction, DmaError, DmaVec, IovaState};
 use crate::mem::{BioVec, MemError, PageArray, PhysMem};
-use crate::pt::{GpuGfx9, Invalidation, MapError, MapOptions, MapSource, PageTable, PlannedMap, Prot};
+use crate::pt::{GpuGfx9, Invalidation, MapError, MapOptions, MapSource, PageTable, PlannedMap, Prot, PteLog};
 use crate::sync::{Mutex, Rank, ReadGuard, RwLock};
 
 /// A buffer object's handle in its [`Vm`].
@@ -389,6 +389,44 @@ impl Vm {
     pub fn bind(&self, ops: &[BindOp]) -> Result<Bound, VmError> {
         let mut guard = self.state.lock();
         self.bind_locked(&mut guard, ops)
+    }
+
+    /// [`Vm::bind`] whose 4 KiB leaf entries are **not** written: they come back as a
+    /// [`PteLog`] of linear and copied runs (what a GPU populate executes; see
+    /// [`PageTable::defer_leaves`]). Everything else — the VA space, directory entries, huge
+    /// leaves, clears, DMA mappings — is done as by [`Vm::bind`]. The new 4 KiB leaves read as
+    /// not present until the caller has executed the log; it must do so before the change is
+    /// called visible. Executed, the tables are bit for bit those of [`Vm::bind`].
+    ///
+    /// Only an op array of maps of pairwise disjoint ranges is deferred (a later op of the
+    /// same array must not meet entries an earlier one left unwritten); any other array is
+    /// bound as by [`Vm::bind`] and its log is empty.
+    ///
+    /// # Errors
+    /// As [`Vm::bind`].
+    pub fn bind_deferred(&self, ops: &[BindOp]) -> Result<(Bound, PteLog), VmError> {
+        let mut guard = self.state.lock();
+        if !Self::deferrable(ops) {
+            return self.bind_locked(&mut guard, ops).map(|b| (b, PteLog::default()));
+        }
+        self.table.defer_leaves(true);
+        let r = self.bind_locked(&mut guard, ops);
+        self.table.defer_leaves(false);
+        let log = self.table.take_log();
+        r.map(|b| (b, log))
+    }
+
+    /// Maps only, of pairwise disjoint ranges.
+    fn deferrable(ops: &[BindOp]) -> bool {
+        let mut r: Vec<(u64, u64)> = Vec::with_capacity(ops.len());
+        for op in ops {
+            match op {
+                BindOp::Map(v) => r.push((v.addr, v.addr.saturating_add(v.range))),
+                BindOp::Unmap { .. } => return false,
+            }
+        }
+        r.sort_unstable();
+        r.windows(2).all(|w| w[0].1 <= w[1].0)
     }
 
     /// [`Vm::bind`] with the state lock held.

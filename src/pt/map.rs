@@ -356,29 +356,34 @@ impl<F: Format> PageTable<F> {
         if let Some(k) = entries.iter().position(|e| F::is_present(e.load(Ordering::Relaxed))) {
             return Err(MapError::AlreadyMapped { va: F::Va::new(v + k as u64 * PAGE_SIZE) });
         }
-        match src {
-            MapSource::Sparse { .. } => {
-                for e in entries {
-                    e.store(bits, Ordering::Relaxed);
-                }
-            }
-            // Validated whole by `check_source`; fragments, where the format has them, are set by
-            // the cursor below.
-            MapSource::Range { pa, .. } if F::MAX_FRAGMENT == 0 => {
-                let mut at = pa.as_u64() | bits;
-                for e in entries {
-                    e.store(at, Ordering::Relaxed);
-                    at += PAGE_SIZE;
-                }
-            }
-            _ => {
-                let mut cur = Cursor::new(src, Self::PA_LIMIT, Self::frag(v));
-                // Bio_vec arrays were validated whole; page lists are checked here, before any
-                // store becomes visible.
-                cur.clone().check_4k(n).map_err(|index| Self::source_error(src, index))?;
-                let _ = cur.fill_4k(entries, bits, false);
-            }
+        let mut cur = Cursor::new(src, Self::PA_LIMIT, Self::frag(v));
+        if !matches!(src, MapSource::Sparse { .. } | MapSource::Range { .. }) {
+            // Bio_vec arrays were validated whole; page lists are checked here, before any
+            // store becomes visible.
+            cur.clone().check_4k(n).map_err(|index| Self::source_error(src, index))?;
         }
+        let _ = self.fill_leaves(leaf, i0, entries, |entries| {
+            match src {
+                MapSource::Sparse { .. } => {
+                    for e in entries {
+                        e.store(bits, Ordering::Relaxed);
+                    }
+                }
+                // Validated whole by `check_source`; fragments, where the format has them, are
+                // set by the cursor below.
+                MapSource::Range { pa, .. } if F::MAX_FRAGMENT == 0 => {
+                    let mut at = pa.as_u64() | bits;
+                    for e in entries {
+                        e.store(at, Ordering::Relaxed);
+                        at += PAGE_SIZE;
+                    }
+                }
+                _ => {
+                    let _ = cur.fill_4k(entries, bits, false);
+                }
+            }
+            Ok::<(), ()>(())
+        });
         core::sync::atomic::fence(Ordering::Release);
         self.count_add(leaf, n as u16);
         Ok(MapStats { bytes: len, leaves: [n as u64, 0, 0], tables_created: 0 })
@@ -527,7 +532,7 @@ impl<F: Format> PageTable<F> {
         if level == 0 {
             ctx.stats.leaves[0] += (i1 - i0) as u64;
             if fresh {
-                return cur.fill_4k(&t[i0..i1], ctx.bits[0], true);
+                return self.fill_leaves(table_pa, i0, &t[i0..i1], |e| cur.fill_4k(e, ctx.bits[0], true));
             }
             ctx.deferred.push(Deferred::Leaves { table: table_pa, i0, i1, level, cur: cur.clone() });
             return cur.check_4k(i1 - i0);
@@ -590,7 +595,7 @@ impl<F: Format> PageTable<F> {
                     let mut cur = cur.clone();
                     if *level == 0 {
                         // Validated by `build`; cannot fail.
-                        let _ = cur.fill_4k(t, bits[0], false);
+                        let _ = self.fill_leaves(*table, *i0, t, |e| cur.fill_4k(e, bits[0], false));
                     } else {
                         let (pa, _) = cur.run();
                         write_huge(t, pa | bits[usize::from(*level)], cur.step(span(*level)));

@@ -43,6 +43,7 @@
 mod format;
 mod gather;
 pub mod gpu;
+mod log;
 mod map;
 mod prepare;
 mod source;
@@ -56,6 +57,7 @@ use crate::sync::{Rank, SpinMutex};
 
 pub use format::{Format, Prot, Pte, X86Iommu};
 pub use gather::Invalidation;
+pub use log::{PteLog, PteRun};
 pub use gpu::GpuGfx9;
 pub use prepare::{PlannedMap, Prepared};
 pub use source::{MapOptions, MapSource, Segment};
@@ -299,6 +301,9 @@ pub struct PageTable<F: Format> {
     fast: AtomicBool,
     /// Emptied table pages of invalidations dropped without `complete()`.
     parking: Arc<Parking>,
+    /// Whether 4 KiB leaf writes go to `log` instead of the table ([`PageTable::defer_leaves`]).
+    deferring: AtomicBool,
+    log: parking_lot::Mutex<PteLog>,
     _format: PhantomData<F>,
 }
 
@@ -358,8 +363,44 @@ impl<F: Format> PageTable<F> {
             tables: AtomicU64::new(1),
             reserved: AtomicU64::new(0),
             fast: AtomicBool::new(true),
+            deferring: AtomicBool::new(false),
+            log: parking_lot::Mutex::new(PteLog::default()),
             _format: PhantomData,
         })
+    }
+
+    /// With `on`, maps stop storing 4 KiB leaf entries and record them in the table's
+    /// [`PteLog`] instead ([`PageTable::take_log`]); directory entries, huge leaves and unmaps
+    /// are written as always. Whoever defers must execute the log (a GPU populate, or
+    /// [`PteLog::apply`]) before anything reads the table: until then the new 4 KiB leaves
+    /// read as not present.
+    pub fn defer_leaves(&self, on: bool) {
+        self.deferring.store(on, Ordering::Release);
+    }
+
+    /// The deferred writes recorded so far (emptied).
+    pub fn take_log(&self) -> PteLog {
+        std::mem::take(&mut *self.log.lock())
+    }
+
+    /// Fills `entries` (slots of the table page at `table`, from slot `i0`) with `fill`: into
+    /// the table, or, while deferring, into a scratch copy recorded in the log.
+    #[inline]
+    fn fill_leaves<E>(
+        &self,
+        table: PhysAddr,
+        i0: usize,
+        entries: &[AtomicU64],
+        fill: impl FnOnce(&[AtomicU64]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if !self.deferring.load(Ordering::Relaxed) {
+            return fill(entries);
+        }
+        let scratch: [AtomicU64; ENTRIES] = [const { AtomicU64::new(0) }; ENTRIES];
+        let s = &scratch[..entries.len()];
+        fill(s)?;
+        self.log.lock().push(table.as_u64() + i0 as u64 * 8, s);
+        Ok(())
     }
 
     /// A read-only view of the table: what layers that do not own it get (an IOMMU domain hands

@@ -16,6 +16,8 @@ pub(crate) struct Counters {
     pub(crate) merged: AtomicU64,
     pub(crate) gpu_tlb_flushes: AtomicU64,
     pub(crate) failed: AtomicU64,
+    pub(crate) device_populated: AtomicU64,
+    pub(crate) device_fallbacks: AtomicU64,
 }
 
 impl Counters {
@@ -47,6 +49,10 @@ pub struct Metrics {
     pub gpu_tlb_flushes: u64,
     /// Submissions that completed with an error.
     pub failed: u64,
+    /// Batches whose 4 KiB entries a [`super::PteWriter`] wrote on a device.
+    pub device_populated: u64,
+    /// Of those, batches whose writer failed and whose entries the CPU wrote instead.
+    pub device_fallbacks: u64,
     /// Per bind queue: submit-to-signal latency.
     pub queues: Vec<QueueMetrics>,
 }

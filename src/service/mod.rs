@@ -223,6 +223,25 @@ pub enum ServiceError {
     },
 }
 
+/// Writes a batch's deferred 4 KiB page-table entries on a device (the Vulkan backend's
+/// `populate.comp`). Set per VM with [`Service::set_pte_writer`].
+///
+/// For a batch of maps (of disjoint ranges) covering at least the writer's threshold of pages,
+/// the service commits with [`Vm::bind_deferred`] and hands the [`PteLog`](crate::pt::PteLog)
+/// to [`PteWriter::write`] before anything else sees the batch (followers, fences). Smaller
+/// batches, and batches with unmaps, are committed on the CPU. If the writer fails, the CPU
+/// writes the same entries ([`crate::pt::PteLog::apply`]): the tables are complete either way,
+/// bit for bit those of a CPU commit ([`Metrics::device_fallbacks`] counts such batches).
+pub trait PteWriter: Send + Sync {
+    /// A short name.
+    fn name(&self) -> String;
+    /// Writes every entry of `log` and returns when they are in memory.
+    ///
+    /// # Errors
+    /// Why not; the service then writes them on the CPU.
+    fn write(&self, log: &crate::pt::PteLog) -> Result<(), String>;
+}
+
 /// Something that follows a VM's committed binds: the Vulkan sparse mirror, which makes a real
 /// driver's page tables show what the VM's show. Added with [`Service::add_follower`].
 ///
@@ -465,6 +484,7 @@ impl Service {
             tx: self.tx.clone(),
             counters: self.counters.clone(),
             followers: RwLock::new(Vec::new()),
+            pte_writer: RwLock::new(None),
         });
         // Checked under the registry's lock, which shutdown takes after closing: a VM is either
         // seen (and closed) by shutdown or refused here.
@@ -498,6 +518,20 @@ impl Service {
     /// [`ServiceError::NoSuchVm`].
     pub fn add_follower(&self, vm: VmId, f: Arc<dyn Follower>) -> Result<(), ServiceError> {
         self.entry(vm)?.followers.write().push(f);
+        Ok(())
+    }
+
+    /// Sets (or with `None` clears) the device writer of `vm`'s 4 KiB entries ([`PteWriter`]):
+    /// batches of maps of at least `min_pages` pages are populated by it, smaller ones by the
+    /// CPU. Choose `min_pages` from a measurement of both paths on the device (the `report`
+    /// bench's `vk/populate_gpu` against `vk/populate_cpu`): the GPU path pays a fixed
+    /// submit-and-wait cost and wins per page only on a device whose writes are cheaper than
+    /// the CPU's.
+    ///
+    /// # Errors
+    /// [`ServiceError::NoSuchVm`].
+    pub fn set_pte_writer(&self, vm: VmId, writer: Option<(Arc<dyn PteWriter>, u64)>) -> Result<(), ServiceError> {
+        *self.entry(vm)?.pte_writer.write() = writer;
         Ok(())
     }
 
@@ -641,6 +675,8 @@ impl Service {
                 .saturating_sub(self.iotlb_base.load(Ordering::Relaxed)),
             gpu_tlb_flushes: ld(&c.gpu_tlb_flushes),
             failed: ld(&c.failed),
+            device_populated: ld(&c.device_populated),
+            device_fallbacks: ld(&c.device_fallbacks),
             queues,
         }
     }
@@ -650,7 +686,17 @@ impl Service {
     /// then counts from here.
     pub fn reset_metrics(&self) {
         let c = &self.counters;
-        for a in [&c.submissions, &c.ops, &c.pages, &c.batches, &c.merged, &c.gpu_tlb_flushes, &c.failed] {
+        for a in [
+            &c.submissions,
+            &c.ops,
+            &c.pages,
+            &c.batches,
+            &c.merged,
+            &c.gpu_tlb_flushes,
+            &c.failed,
+            &c.device_populated,
+            &c.device_fallbacks,
+        ] {
             a.store(0, Ordering::Relaxed);
         }
         self.iotlb_base.store(self.iommu.iotlb().invalidations(), Ordering::Relaxed);

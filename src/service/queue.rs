@@ -205,7 +205,7 @@ impl BindQueue {
             });
         }
         let t0 = Instant::now();
-        let r = e.vm.bind(ops);
+        let r = e.commit(ops);
         let c = &e.counters;
         Counters::add(&c.submissions, 1);
         Counters::add(&c.batches, 1);

@@ -9,7 +9,7 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use super::metrics::{Counters, Histogram};
-use super::{Fence, Follower, ServiceConfig, ServiceError, VmId};
+use super::{Fence, Follower, PteWriter, ServiceConfig, ServiceError, VmId};
 use crate::addr::PAGE_SIZE;
 use crate::gpuvm::{BindOp, BoId, Vm};
 use crate::hash::FastMap;
@@ -93,6 +93,8 @@ pub(super) struct VmEntry {
     pub(super) counters: Arc<Counters>,
     /// What follows the VM's commits (a Vulkan sparse mirror).
     pub(super) followers: RwLock<Vec<Arc<dyn Follower>>>,
+    /// The device writer of 4 KiB entries and its threshold in pages.
+    pub(super) pte_writer: RwLock<Option<(Arc<dyn PteWriter>, u64)>>,
 }
 
 /// A worker: works on the VMs sent to it until told to stop.
@@ -112,6 +114,33 @@ pub(super) fn worker(rx: &Receiver<Msg>) {
 }
 
 impl VmEntry {
+    /// Commits `ops`: on the CPU, or with the 4 KiB entries written by the VM's
+    /// [`PteWriter`] when the batch maps at least its threshold of pages.
+    pub(super) fn commit(&self, ops: &[BindOp]) -> Result<crate::gpuvm::Bound, crate::gpuvm::VmError> {
+        let writer = self.pte_writer.read().clone();
+        let Some((w, min_pages)) = writer else { return self.vm.bind(ops) };
+        let mut pages = 0u64;
+        for op in ops {
+            match op {
+                BindOp::Map(v) => pages += v.range / PAGE_SIZE,
+                BindOp::Unmap { .. } => return self.vm.bind(ops),
+            }
+        }
+        if pages < min_pages {
+            return self.vm.bind(ops);
+        }
+        let (b, log) = self.vm.bind_deferred(ops)?;
+        if !log.is_empty() {
+            Counters::add(&self.counters.device_populated, 1);
+            if w.write(&log).is_err() {
+                Counters::add(&self.counters.device_fallbacks, 1);
+                // The arena holds every table page the log names (made by this bind).
+                let _ = log.apply(self.vm.mem());
+            }
+        }
+        Ok(b)
+    }
+
     /// Every follower's check of `ops`.
     pub(super) fn check_followers(&self, ops: &[BindOp]) -> Result<(), ServiceError> {
         for f in self.followers.read().iter() {
@@ -277,7 +306,7 @@ impl VmEntry {
         let whole = (self.cfg.coalesce && !live.is_empty()).then(|| {
             let (ops, merged) = merge(live.iter().flat_map(|&i| batch[i].1.ops.iter()), n_ops);
             Counters::add(&c.merged, merged);
-            self.vm.bind(&ops).map(|b| (b, ops))
+            self.commit(&ops).map(|b| (b, ops))
         });
         let note = |b: &crate::gpuvm::Bound| {
             Counters::add(&c.batches, 1);
@@ -302,7 +331,7 @@ impl VmEntry {
                 out[i] = Err(ServiceError::VmLost { vm: self.id, why: why.clone() });
                 continue;
             }
-            match self.vm.bind(&w.ops) {
+            match self.commit(&w.ops) {
                 Ok(b) => {
                     note(&b);
                     if let Err(e) = self.follow(&w.ops) {

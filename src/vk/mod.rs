@@ -33,6 +33,7 @@ mod context;
 mod gather;
 mod import;
 mod mirror;
+mod populate;
 mod sparse_plan;
 mod util;
 
@@ -40,6 +41,7 @@ pub use context::{DeviceInfo, SparseInfo, Vk};
 pub use gather::{CopyJob, GatherJob, WalkGather};
 pub use import::{ArenaImport, HostImport};
 pub use mirror::{MirrorBacking, MirrorStats, SparseMirror};
+pub use populate::{GpuPopulate, PopulateTiming};
 
 use ash::vk;
 
