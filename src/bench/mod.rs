@@ -53,6 +53,8 @@ fn run_on(r: &mut Report) {
     cases::service::service_cases(r);
     #[cfg(feature = "vulkan")]
     cases::vk::vk_cases(r);
+    #[cfg(feature = "vulkan")]
+    cases::sparse::sparse_cases(r);
     ratios(r);
 }
 
@@ -105,7 +107,7 @@ fn ratios(r: &mut Report) {
         r.ratio(&format!("{case} {peer} / vmbind"), (case, peer), (case, "vmbind"));
     }
     type Pair<'a> = (&'a str, &'a str);
-    let pairs: [(&str, Pair, Pair); 10] = [
+    let pairs: [(&str, Pair, Pair); 12] = [
         (
             "iommu/translate_hit vmbind / raw read (lower better)",
             ("iommu/translate_hit", "vmbind"),
@@ -152,6 +154,16 @@ fn ratios(r: &mut Report) {
             ("vk/plain_copy", "vmbind"),
         ),
         ("mem/copy vmbind / memcpy (lower better)", ("mem/copy", "vmbind"), ("mem/copy", "memcpy")),
+        (
+            "vk/sparse_bind_driver / gpuvm/commit_same_ops (driver per page / vmbind per page)",
+            ("vk/sparse_bind_driver", "driver"),
+            ("gpuvm/commit_same_ops", "vmbind"),
+        ),
+        (
+            "vk/populate_gpu / vk/populate_cpu (lower = GPU faster)",
+            ("vk/populate_gpu", "vmbind"),
+            ("vk/populate_cpu", "vmbind"),
+        ),
     ];
     for (label, a, b) in pairs {
         r.ratio(label, a, b);

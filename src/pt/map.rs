@@ -356,13 +356,13 @@ impl<F: Format> PageTable<F> {
         if let Some(k) = entries.iter().position(|e| F::is_present(e.load(Ordering::Relaxed))) {
             return Err(MapError::AlreadyMapped { va: F::Va::new(v + k as u64 * PAGE_SIZE) });
         }
-        let mut cur = Cursor::new(src, Self::PA_LIMIT, Self::frag(v));
-        if !matches!(src, MapSource::Sparse { .. } | MapSource::Range { .. }) {
-            // Bio_vec arrays were validated whole; page lists are checked here, before any
-            // store becomes visible.
-            cur.clone().check_4k(n).map_err(|index| Self::source_error(src, index))?;
-        }
-        let _ = self.fill_leaves(leaf, i0, entries, |entries| {
+        if self.deferring() {
+            let mut cur = Cursor::new(src, Self::PA_LIMIT, Self::frag(v));
+            if !matches!(src, MapSource::Sparse { .. } | MapSource::Range { .. }) {
+                cur.clone().check_4k(n).map_err(|index| Self::source_error(src, index))?;
+            }
+            let _ = self.fill_leaves(leaf, i0, entries, |e| cur.fill_4k(e, bits, false));
+        } else {
             match src {
                 MapSource::Sparse { .. } => {
                     for e in entries {
@@ -379,11 +379,14 @@ impl<F: Format> PageTable<F> {
                     }
                 }
                 _ => {
+                    let mut cur = Cursor::new(src, Self::PA_LIMIT, Self::frag(v));
+                    // Bio_vec arrays were validated whole; page lists are checked here, before
+                    // any store becomes visible.
+                    cur.clone().check_4k(n).map_err(|index| Self::source_error(src, index))?;
                     let _ = cur.fill_4k(entries, bits, false);
                 }
             }
-            Ok::<(), ()>(())
-        });
+        }
         core::sync::atomic::fence(Ordering::Release);
         self.count_add(leaf, n as u16);
         Ok(MapStats { bytes: len, leaves: [n as u64, 0, 0], tables_created: 0 })

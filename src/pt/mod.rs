@@ -383,6 +383,12 @@ impl<F: Format> PageTable<F> {
         std::mem::take(&mut *self.log.lock())
     }
 
+    /// Whether 4 KiB leaf writes are being deferred.
+    #[inline]
+    pub(crate) fn deferring(&self) -> bool {
+        self.deferring.load(Ordering::Relaxed)
+    }
+
     /// Fills `entries` (slots of the table page at `table`, from slot `i0`) with `fill`: into
     /// the table, or, while deferring, into a scratch copy recorded in the log.
     #[inline]
@@ -393,7 +399,7 @@ impl<F: Format> PageTable<F> {
         entries: &[AtomicU64],
         fill: impl FnOnce(&[AtomicU64]) -> Result<(), E>,
     ) -> Result<(), E> {
-        if !self.deferring.load(Ordering::Relaxed) {
+        if !self.deferring() {
             return fill(entries);
         }
         let scratch: [AtomicU64; ENTRIES] = [const { AtomicU64::new(0) }; ENTRIES];

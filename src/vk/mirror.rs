@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+#[cfg(feature = "bench")]
+use std::time::Instant;
 
 use ash::vk;
 use gpu_allocator::MemoryLocation;
@@ -785,6 +787,82 @@ impl Drop for Inner {
         let bos: Vec<BoMem> = st.bos.drain().map(|(_, m)| m).collect();
         for m in &bos {
             self.free_bo(m);
+        }
+    }
+}
+
+/// The driver's own cost of sparse binding, for the report: a sparse buffer and one device
+/// allocation of `pages` pages, bound page by page at every other block of the buffer
+/// (scattered: no two records coalesce), in one `vkQueueBindSparse` with its fence waited.
+#[cfg(feature = "bench")]
+pub(crate) struct DriverBench {
+    ctx: Arc<Vk>,
+    buffer: vk::Buffer,
+    memory: vk::DeviceMemory,
+    fence: vk::Fence,
+    pages: u64,
+}
+
+#[cfg(feature = "bench")]
+impl DriverBench {
+    pub(crate) fn new(ctx: &Arc<Vk>, pages: u64) -> Result<Self, VkError> {
+        if ctx.info().sparse.is_none() {
+            return Err(VkError::NoSparse { why: "no sparseBinding/sparseResidencyBuffer" });
+        }
+        let (buffer, reqs) = sparse_buffer(ctx, 2 * pages * PAGE_SIZE, false)?;
+        let destroy = |e| {
+            // SAFETY: unused.
+            unsafe { ctx.device.destroy_buffer(buffer, None) };
+            e
+        };
+        let t = ctx
+            .memory_type(reqs.memory_type_bits, vk::MemoryPropertyFlags::empty())
+            .ok_or(VkError::NoMemoryType { what: "sparse bench memory" })
+            .map_err(destroy)?;
+        let ai = vk::MemoryAllocateInfo::default().allocation_size(pages * PAGE_SIZE).memory_type_index(t);
+        // SAFETY: a live device.
+        let memory = call("vkAllocateMemory", unsafe { ctx.device.allocate_memory(&ai, None) }).map_err(destroy)?;
+        // SAFETY: a live device.
+        let fence = call("vkCreateFence", unsafe { ctx.device.create_fence(&vk::FenceCreateInfo::default(), None) })
+            .map_err(destroy)?;
+        Ok(DriverBench { ctx: ctx.clone(), buffer, memory, fence, pages })
+    }
+
+    /// Binds every page (scattered records), or with `one`, rebinds a single page; returns
+    /// the nanoseconds.
+    pub(crate) fn run(&self, one: Option<u64>) -> f64 {
+        let binds: Vec<vk::SparseMemoryBind> = match one {
+            Some(i) => vec![
+                vk::SparseMemoryBind::default()
+                    .resource_offset(2 * i * PAGE_SIZE)
+                    .size(PAGE_SIZE)
+                    .memory(self.memory)
+                    .memory_offset(((i + 1) % self.pages) * PAGE_SIZE),
+            ],
+            None => (0..self.pages)
+                .map(|i| {
+                    vk::SparseMemoryBind::default()
+                        .resource_offset(2 * i * PAGE_SIZE)
+                        .size(PAGE_SIZE)
+                        .memory(self.memory)
+                        .memory_offset(i * PAGE_SIZE)
+                })
+                .collect(),
+        };
+        let t0 = Instant::now();
+        bind_sparse(&self.ctx, self.buffer, &binds, self.fence).expect("sparse bind");
+        t0.elapsed().as_secs_f64() * 1e9
+    }
+}
+
+#[cfg(feature = "bench")]
+impl Drop for DriverBench {
+    fn drop(&mut self) {
+        // SAFETY: every bind was waited for; the buffer goes before its memory.
+        unsafe {
+            self.ctx.device.destroy_buffer(self.buffer, None);
+            self.ctx.device.free_memory(self.memory, None);
+            self.ctx.device.destroy_fence(self.fence, None);
         }
     }
 }

@@ -13,6 +13,16 @@
 //!   fields masked, sparse → zeros), translates the DMA address through the IOMMU's table (every
 //!   level, huge leaves) or checks a direct device's reach, records faults (VA, stage, reason) the
 //!   CPU turns into [`GpuFault`](crate::gpuvm::GpuFault)s, and copies the bytes out.
+//! - [`SparseMirror`]: a window of a VM's VA mirrored into a sparse `VkBuffer`, so the
+//!   driver's own page tables follow vmbind's: each batch the service commits becomes one
+//!   `vkQueueBindSparse` of coalesced `VkSparseMemoryBind` records, and the batch's fences
+//!   signal after the driver's fence (the mirror is a service
+//!   [`Follower`](crate::service::Follower)). Host-imported arena memory where the driver
+//!   really binds it (probed), device memory filled from the arena elsewhere (lavapipe).
+//! - [`GpuPopulate`]: `shaders/populate.comp` writes a batch's 4 KiB page-table entries on
+//!   the device from a [`PteLog`](crate::pt::PteLog) (linear runs generated, scattered runs
+//!   copied from a staged array), bit for bit what the CPU commit writes; as a service
+//!   [`PteWriter`](crate::service::PteWriter) it takes the batches above a threshold.
 //!
 //! Lifetimes are tied by reference counts: an import holds the arena and the context, a
 //! gather holds its import, so the arena outlives every import and no buffer outlives its
@@ -41,6 +51,8 @@ pub use context::{DeviceInfo, SparseInfo, Vk};
 pub use gather::{CopyJob, GatherJob, WalkGather};
 pub use import::{ArenaImport, HostImport};
 pub use mirror::{MirrorBacking, MirrorStats, SparseMirror};
+#[cfg(feature = "bench")]
+pub(crate) use mirror::DriverBench;
 pub use populate::{GpuPopulate, PopulateTiming};
 
 use ash::vk;

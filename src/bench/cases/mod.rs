@@ -11,4 +11,6 @@ pub(crate) mod peers;
 pub(crate) mod pt;
 pub(crate) mod service;
 #[cfg(feature = "vulkan")]
+pub(crate) mod sparse;
+#[cfg(feature = "vulkan")]
 pub(crate) mod vk;
