@@ -177,6 +177,17 @@ mod device {
             gpu_entries += pop.run(log).unwrap().entries;
         });
         assert!(gpu_entries > 1000, "{gpu_entries}");
+        // Both paths measured; the threshold follows from them.
+        let (_, pop) = &pops[0];
+        let before = pop.import().mem().usage();
+        let c = pop.calibrate(4096).unwrap();
+        eprintln!("calibration on {}: {c:?}", ctx.device_name());
+        assert!(c.cpu_ns_per_entry > 0.0 && c.gpu_fixed_ns > 0.0 && c.gpu_ns_per_entry >= 0.0);
+        match c.threshold_pages {
+            Some(t) => assert!(c.gpu_ns_per_entry < c.cpu_ns_per_entry && t >= 1),
+            None => assert!(c.gpu_ns_per_entry >= c.cpu_ns_per_entry),
+        }
+        assert_eq!(pop.import().mem().usage(), before, "the scratch VM gave its memory back");
         let m = ctx.validation_messages();
         assert!(m.is_empty(), "validation layer: {m:#?}");
     }

@@ -53,7 +53,7 @@ pub use import::{ArenaImport, HostImport};
 pub use mirror::{MirrorBacking, MirrorStats, SparseMirror};
 #[cfg(feature = "bench")]
 pub(crate) use mirror::DriverBench;
-pub use populate::{GpuPopulate, PopulateTiming};
+pub use populate::{Calibration, GpuPopulate, PopulateTiming};
 
 use ash::vk;
 

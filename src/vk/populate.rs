@@ -144,6 +144,75 @@ impl GpuPopulate {
     }
 }
 
+/// Both commit paths measured on one device ([`GpuPopulate::calibrate`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Calibration {
+    /// CPU commit, ns per 4 KiB entry (scattered pages).
+    pub cpu_ns_per_entry: f64,
+    /// GPU populate's fixed cost per batch (upload, submit, fence), ns.
+    pub gpu_fixed_ns: f64,
+    /// GPU populate's cost per entry beyond the fixed one, ns (deferred bind included).
+    pub gpu_ns_per_entry: f64,
+    /// The smallest batch, in pages, from which the GPU path is faster; `None` when it never
+    /// is (its per-entry cost is not below the CPU's — lavapipe, a CPU driver).
+    pub threshold_pages: Option<u64>,
+}
+
+impl GpuPopulate {
+    /// Measures the CPU commit and this device's populate on a scratch VM of `pages`
+    /// scattered pages (at least 64) in the import's arena (median of 5 runs each; a 1-page
+    /// batch gives the GPU's fixed cost), and derives the threshold to give
+    /// [`crate::service::Service::set_pte_writer`]. Use 65 536 pages or more: below that the
+    /// fixed cost hides the per-entry slope.
+    ///
+    /// # Errors
+    /// [`VkError::Mirror`] when the arena has no room for the scratch VM; as
+    /// [`GpuPopulate::run`].
+    pub fn calibrate(&self, pages: usize) -> Result<Calibration, VkError> {
+        use crate::gpuvm::{BindOp, Va, Vm};
+        use crate::mem::BioVec;
+        let pages = pages.max(64);
+        let mem = self.import.mem();
+        let scratch = |e: String| VkError::Mirror(format!("calibration: {e}"));
+        let dev = crate::dma::Device::direct(mem.clone(), crate::iommu::DeviceId(u16::MAX - 7), 48, true)
+            .map_err(|e| scratch(e.to_string()))?;
+        let vm = Vm::new(dev, 1 << 40).map_err(|e| scratch(e.to_string()))?;
+        let frames = mem.alloc_scattered(pages, 0xca1).map_err(|e| scratch(e.to_string()))?;
+        let r = (|| {
+            let bo = vm.create_bo(BioVec::from_frames(&frames)).map_err(|e| scratch(e.to_string()))?;
+            let va = 1u64 << 36;
+            let time = |n: u64, gpu: bool| -> Result<f64, VkError> {
+                let mut v = Vec::new();
+                for _ in 0..5 {
+                    let map = [BindOp::Map(Va::object(va, n * 4096, bo, 0))];
+                    let t0 = Instant::now();
+                    if gpu {
+                        let (_, log) = vm.bind_deferred(&map).map_err(|e| scratch(e.to_string()))?;
+                        self.run(&log)?;
+                    } else {
+                        vm.bind(&map).map_err(|e| scratch(e.to_string()))?;
+                    }
+                    v.push(t0.elapsed().as_secs_f64() * 1e9);
+                    vm.bind(&[BindOp::Unmap { addr: va, range: n * 4096 }]).map_err(|e| scratch(e.to_string()))?;
+                }
+                v.sort_by(f64::total_cmp);
+                Ok(v[2])
+            };
+            let n = pages as u64;
+            let cpu = time(n, false)? / n as f64;
+            let one = time(1, true)?;
+            let many = time(n, true)?;
+            let slope = ((many - one) / (n - 1) as f64).max(0.0);
+            let threshold = (slope < cpu).then(|| (one / (cpu - slope)).ceil().max(1.0) as u64);
+            Ok(Calibration { cpu_ns_per_entry: cpu, gpu_fixed_ns: one, gpu_ns_per_entry: slope, threshold_pages: threshold })
+        })();
+        let _ = vm.bind(&[BindOp::Unmap { addr: 1 << 36, range: pages as u64 * 4096 }]);
+        drop(vm);
+        let _ = mem.free_frames(&frames);
+        r
+    }
+}
+
 impl PteWriter for GpuPopulate {
     fn name(&self) -> String {
         format!("populate.comp on {}", self.import.context().device_name())
