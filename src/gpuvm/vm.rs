@@ -10,7 +10,9 @@ use super::va::{Op, Va, VaBounds, VaError, VaFlags, VaSpace};
 use crate::addr::{DmaAddr, GpuVa, PAGE_SIZE, PageSize};
 use crate::dma::{Attrs, Device, DirectMap, Direction, DmaError, DmaVec, IovaState};
 use crate::mem::{BioVec, MemError, PageArray, PhysMem};
-use crate::pt::{GpuGfx9, Invalidation, MapError, MapOptions, MapSource, PageTable, PlannedMap, Prot, PteLog};
+use crate::pt::{
+    GpuGfx9, Invalidation, MapError, MapOptions, MapSource, PageTable, PlannedMap, Prot, PteLog,
+};
 use crate::sync::{Mutex, Rank, ReadGuard, RwLock};
 
 /// A buffer object's handle in its [`Vm`].

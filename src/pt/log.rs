@@ -78,7 +78,13 @@ impl PteLog {
             }
             if j - i >= MIN_LINEAR && (step == 0 || step == PAGE_SIZE) {
                 flush_copy(self, copy_from.take(), i);
-                self.runs.push(PteRun { dst: dst + i as u64 * 8, count: (j - i) as u32, linear: true, value: v[i], step });
+                self.runs.push(PteRun {
+                    dst: dst + i as u64 * 8,
+                    count: (j - i) as u32,
+                    linear: true,
+                    value: v[i],
+                    step,
+                });
                 i = j;
             } else {
                 copy_from.get_or_insert(i);
@@ -113,10 +119,8 @@ mod tests {
 
     #[test]
     fn runs_are_linear_constant_or_copied() {
-        let vals: Vec<u64> = [0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x9000, 0x7000, 7, 7, 7, 7, 0x11000]
-            .iter()
-            .map(|&x| x)
-            .collect();
+        let vals: Vec<u64> =
+            vec![0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x9000, 0x7000, 7, 7, 7, 7, 0x11000];
         let entries: Vec<AtomicU64> = vals.iter().map(|&x| AtomicU64::new(x)).collect();
         let mut log = PteLog::default();
         log.push(0x8000, &entries);

@@ -57,8 +57,8 @@ use crate::sync::{Rank, SpinMutex};
 
 pub use format::{Format, Prot, Pte, X86Iommu};
 pub use gather::Invalidation;
-pub use log::{PteLog, PteRun};
 pub use gpu::GpuGfx9;
+pub use log::{PteLog, PteRun};
 pub use prepare::{PlannedMap, Prepared};
 pub use source::{MapOptions, MapSource, Segment};
 

@@ -530,7 +530,11 @@ impl Service {
     ///
     /// # Errors
     /// [`ServiceError::NoSuchVm`].
-    pub fn set_pte_writer(&self, vm: VmId, writer: Option<(Arc<dyn PteWriter>, u64)>) -> Result<(), ServiceError> {
+    pub fn set_pte_writer(
+        &self,
+        vm: VmId,
+        writer: Option<(Arc<dyn PteWriter>, u64)>,
+    ) -> Result<(), ServiceError> {
         *self.entry(vm)?.pte_writer.write() = writer;
         Ok(())
     }

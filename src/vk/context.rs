@@ -60,8 +60,10 @@ pub struct Vk {
     pub(crate) pool: Mutex<vk::CommandPool>,
     pub(crate) allocator: ManuallyDrop<Mutex<Allocator>>,
     pub(crate) memory_types: vk::PhysicalDeviceMemoryProperties,
+    #[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
     pub(crate) physical: vk::PhysicalDevice,
     /// The queue family of `queue` (compute, and sparse binding where the device has it).
+    #[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
     pub(crate) family: u32,
     info: DeviceInfo,
 }

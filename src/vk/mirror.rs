@@ -587,7 +587,7 @@ impl Inner {
 
     /// The object's entry, made on first use (device-copy: its device memory, mapped).
     fn bo_mem<'s>(&self, st: &'s mut State, vm: &Vm, bo: BoId) -> Result<&'s BoMem, String> {
-        if !st.bos.contains_key(&bo) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = st.bos.entry(bo) {
             let pages = vm.bo_pages(bo).map_err(|e| e.to_string())?;
             let mut starts = Vec::with_capacity(pages.len());
             let mut size = 0u64;
@@ -618,7 +618,7 @@ impl Inner {
                     }
                 }
             };
-            st.bos.insert(bo, BoMem { pages, starts, memory, mapped, bound: 0 });
+            slot.insert(BoMem { pages, starts, memory, mapped, bound: 0 });
         }
         Ok(&st.bos[&bo])
     }
@@ -821,10 +821,12 @@ impl DriverBench {
             .map_err(destroy)?;
         let ai = vk::MemoryAllocateInfo::default().allocation_size(pages * PAGE_SIZE).memory_type_index(t);
         // SAFETY: a live device.
-        let memory = call("vkAllocateMemory", unsafe { ctx.device.allocate_memory(&ai, None) }).map_err(destroy)?;
+        let memory =
+            call("vkAllocateMemory", unsafe { ctx.device.allocate_memory(&ai, None) }).map_err(destroy)?;
         // SAFETY: a live device.
-        let fence = call("vkCreateFence", unsafe { ctx.device.create_fence(&vk::FenceCreateInfo::default(), None) })
-            .map_err(destroy)?;
+        let fence =
+            call("vkCreateFence", unsafe { ctx.device.create_fence(&vk::FenceCreateInfo::default(), None) })
+                .map_err(destroy)?;
         Ok(DriverBench { ctx: ctx.clone(), buffer, memory, fence, pages })
     }
 

@@ -50,9 +50,9 @@ mod util;
 pub use context::{DeviceInfo, SparseInfo, Vk};
 pub use gather::{CopyJob, GatherJob, WalkGather};
 pub use import::{ArenaImport, HostImport};
-pub use mirror::{MirrorBacking, MirrorStats, SparseMirror};
 #[cfg(feature = "bench")]
 pub(crate) use mirror::DriverBench;
+pub use mirror::{MirrorBacking, MirrorStats, SparseMirror};
 pub use populate::{Calibration, GpuPopulate, PopulateTiming};
 
 use ash::vk;

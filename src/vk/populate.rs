@@ -53,7 +53,8 @@ impl GpuPopulate {
         let ctx = import.context();
         let pipe = ComputePipeline::new(ctx, POPULATE_SPV, 40)?;
         let addrs = import.chunk_addresses();
-        let mut chunk_map = GpuBuffer::new(ctx, addrs.len() as u64 * 8, MemoryLocation::CpuToGpu, "chunk map")?;
+        let mut chunk_map =
+            GpuBuffer::new(ctx, addrs.len() as u64 * 8, MemoryLocation::CpuToGpu, "chunk map")?;
         for (i, a) in addrs.iter().enumerate() {
             chunk_map.bytes_mut()[i * 8..i * 8 + 8].copy_from_slice(&a.to_le_bytes());
         }
@@ -88,7 +89,8 @@ impl GpuPopulate {
             return Ok(PopulateTiming { entries: 0, runs: 0, ns: 0 });
         }
         let ctx = self.import.context();
-        let mut runs = GpuBuffer::new(ctx, log.runs.len() as u64 * RUN_BYTES, MemoryLocation::CpuToGpu, "pte runs")?;
+        let mut runs =
+            GpuBuffer::new(ctx, log.runs.len() as u64 * RUN_BYTES, MemoryLocation::CpuToGpu, "pte runs")?;
         {
             let b = runs.bytes_mut();
             for (i, r) in log.runs.iter().enumerate() {
@@ -100,8 +102,12 @@ impl GpuPopulate {
                 b[o + 28..o + 32].copy_from_slice(&u32::from(r.linear).to_le_bytes());
             }
         }
-        let mut staged =
-            GpuBuffer::new(ctx, (log.staged.len() as u64 * 8).max(8), MemoryLocation::CpuToGpu, "pte staged")?;
+        let mut staged = GpuBuffer::new(
+            ctx,
+            (log.staged.len() as u64 * 8).max(8),
+            MemoryLocation::CpuToGpu,
+            "pte staged",
+        )?;
         {
             let b = staged.bytes_mut();
             for (i, v) in log.staged.iter().enumerate() {
@@ -114,7 +120,9 @@ impl GpuPopulate {
             .map_err(|_| VkError::BadRequest(format!("{} runs", log.runs.len())))?;
         let r = (|| {
             // SAFETY: a fresh command buffer of this device.
-            call("vkBeginCommandBuffer", unsafe { d.begin_command_buffer(cmd, &vk::CommandBufferBeginInfo::default()) })?;
+            call("vkBeginCommandBuffer", unsafe {
+                d.begin_command_buffer(cmd, &vk::CommandBufferBeginInfo::default())
+            })?;
             let per = ctx.info().max_workgroups.clamp(1, 65_535);
             // SAFETY: recording; pipeline and layout are live; the push range is 40 bytes.
             unsafe { d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::COMPUTE, self.pipe.pipeline) };
@@ -140,7 +148,11 @@ impl GpuPopulate {
         })();
         ctx.free_command_buffer(cmd);
         r?;
-        Ok(PopulateTiming { entries: log.entries(), runs: log.runs.len() as u64, ns: t0.elapsed().as_nanos() as u64 })
+        Ok(PopulateTiming {
+            entries: log.entries(),
+            runs: log.runs.len() as u64,
+            ns: t0.elapsed().as_nanos() as u64,
+        })
     }
 }
 
@@ -193,7 +205,8 @@ impl GpuPopulate {
                         vm.bind(&map).map_err(|e| scratch(e.to_string()))?;
                     }
                     v.push(t0.elapsed().as_secs_f64() * 1e9);
-                    vm.bind(&[BindOp::Unmap { addr: va, range: n * 4096 }]).map_err(|e| scratch(e.to_string()))?;
+                    vm.bind(&[BindOp::Unmap { addr: va, range: n * 4096 }])
+                        .map_err(|e| scratch(e.to_string()))?;
                 }
                 v.sort_by(f64::total_cmp);
                 Ok(v[2])
@@ -204,7 +217,12 @@ impl GpuPopulate {
             let many = time(n, true)?;
             let slope = ((many - one) / (n - 1) as f64).max(0.0);
             let threshold = (slope < cpu).then(|| (one / (cpu - slope)).ceil().max(1.0) as u64);
-            Ok(Calibration { cpu_ns_per_entry: cpu, gpu_fixed_ns: one, gpu_ns_per_entry: slope, threshold_pages: threshold })
+            Ok(Calibration {
+                cpu_ns_per_entry: cpu,
+                gpu_fixed_ns: one,
+                gpu_ns_per_entry: slope,
+                threshold_pages: threshold,
+            })
         })();
         let _ = vm.bind(&[BindOp::Unmap { addr: 1 << 36, range: pages as u64 * 4096 }]);
         drop(vm);

@@ -74,7 +74,12 @@ fn sparse(r: &mut Report, ctx: &Arc<Vk>, names: [&str; 3]) {
         t0.elapsed().as_secs_f64() * 1e9
     });
     let samples = r.samples(200.0);
-    r.compare_cases(&unit, n as f64, samples, vec![(names[0], "driver", driver_run), (names[1], "vmbind", commit_run)]);
+    r.compare_cases(
+        &unit,
+        n as f64,
+        samples,
+        vec![(names[0], "driver", driver_run), (names[1], "vmbind", commit_run)],
+    );
     // One page rebound inside the bound range.
     let mut i = 0u64;
     let one: Run<'_> = Box::new(move || {
@@ -82,7 +87,12 @@ fn sparse(r: &mut Report, ctx: &Arc<Vk>, names: [&str; 3]) {
         drv.run(Some(i))
     });
     let samples = r.samples(0.2);
-    r.compare_cases(&format!("ns/call on {}", ctx.device_name()), 1.0, samples, vec![(names[2], "driver", one)]);
+    r.compare_cases(
+        &format!("ns/call on {}", ctx.device_name()),
+        1.0,
+        samples,
+        vec![(names[2], "driver", one)],
+    );
 }
 
 fn populate(r: &mut Report, ctx: &Arc<Vk>, names: [&str; 2]) {
