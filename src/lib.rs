@@ -46,6 +46,8 @@ mod svg;
 mod sync;
 #[cfg(feature = "vulkan")]
 pub mod vk;
+#[cfg(feature = "wgpu")]
+pub mod wgpu_interop;
 pub mod workload;
 
 /// The README's examples, compiled and run as doc tests so the README stays true.

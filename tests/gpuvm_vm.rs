@@ -524,9 +524,9 @@ fn gpu_reads_racing_binds_see_one_mapping_or_the_other_whole() {
                 let mut i = 0u64;
                 while i < 2000 || (seen.load(std::sync::atomic::Ordering::Relaxed) < 200 && i < 2_000_000) {
                     i += 1;
-                    let (o, _) = if i % 2 == 0 { (b, 2) } else { (a, 1) };
+                    let (o, _) = if i.is_multiple_of(2) { (b, 2) } else { (a, 1) };
                     f.vm.bind(&[map(va, 4 * P, o, 0)]).unwrap();
-                    if i % 7 == 0 {
+                    if i.is_multiple_of(7) {
                         f.vm.unbind(va, 4 * P).unwrap();
                         f.vm.bind(&[map(va, 4 * P, a, 0)]).unwrap();
                     }

@@ -415,7 +415,7 @@ fn iova_shape(rounded: u64) -> (u64, u64) {
 
 /// Whether an untrusted device bounces `[phys, +size)` (a partial granule at either end).
 fn partial(phys: u64, size: u64) -> bool {
-    phys % PAGE_SIZE != 0 || phys.wrapping_add(size) % PAGE_SIZE != 0
+    !phys.is_multiple_of(PAGE_SIZE) || !phys.wrapping_add(size).is_multiple_of(PAGE_SIZE)
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -947,7 +947,7 @@ fn domain_map_unmap_unmap_strict_sync_translate() {
 /// page at `s`.
 fn free_expect(addr: u64, size: u64, s: u64) -> Result<(), IovaError> {
     let a = DmaAddr::new(addr);
-    if addr % PAGE_SIZE != 0 {
+    if !addr.is_multiple_of(PAGE_SIZE) {
         return Err(IovaError::Unaligned { addr: a });
     }
     let rounded = IovaAllocator::rounded_size(size)?;
@@ -1477,7 +1477,7 @@ fn bounce_outside(phys: u64, size: u64, arena: u64) -> bool {
         return true;
     }
     let g_last = (end - 1) - (end - 1) % PAGE_SIZE;
-    g_last != g0 && end % PAGE_SIZE != 0 && end > arena
+    g_last != g0 && !end.is_multiple_of(PAGE_SIZE) && end > arena
 }
 
 #[derive(Debug, Clone)]

@@ -164,7 +164,7 @@ fn no_device_read_succeeds_after_strict_unmap_returned() {
                     }
                     // Leaves the mappers room on a busy machine.
                     sweeps += 1;
-                    if sweeps % 16 == 0 {
+                    if sweeps.is_multiple_of(16) {
                         std::thread::yield_now();
                     }
                 }

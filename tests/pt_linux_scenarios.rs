@@ -374,7 +374,7 @@ fn out_of_memory_for_tables_changes_nothing() {
     }
     assert!(matches!(last, Err(MapError::OutOfMemory(MemError::OutOfMemory { .. }))), "{last:?}");
     let leaves = pt.leaves().len();
-    assert!(leaves % 64 == 0 && leaves > 0);
+    assert!(leaves.is_multiple_of(64) && leaves > 0);
     // The split reserve is refused the same way: 1 GiB leaves need 513 frames each.
     let huge = identity(&pt, 100 * GIB, GIB, Prot::RW);
     assert!(matches!(huge, Err(MapError::OutOfMemory(_))), "{huge:?}");

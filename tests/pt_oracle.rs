@@ -365,7 +365,8 @@ impl LongRun {
         let pages = pages.min((LONG_WINDOW - va) / PAGE_SIZE);
         let end = va + pages * PAGE_SIZE;
         let cuts_huge = |a: u64| {
-            a % MIB2 != 0 && self.pt.translate(DmaAddr::new(a)).is_some_and(|t| t.size == PageSize::Size2M)
+            !a.is_multiple_of(MIB2)
+                && self.pt.translate(DmaAddr::new(a)).is_some_and(|t| t.size == PageSize::Size2M)
         };
         if cuts_huge(va) || cuts_huge(end) {
             self.huge_cut += 1;

@@ -8,10 +8,13 @@
 
 #[path = "common/rng.rs"]
 mod rng;
+#[path = "common/vk.rs"]
+mod vkc;
 
 use std::sync::Arc;
 
 use rng::SplitMix64;
+use vkc::{context, no_validation_messages, skip};
 use vmbind::addr::{PAGE_SIZE, PageSize};
 use vmbind::gpuvm::{BindOp, BoId, Va, Vm};
 use vmbind::iommu::{DeviceId, DomainConfig};
@@ -20,29 +23,6 @@ use vmbind::service::{Gpu, Service, ServiceConfig, ServiceError, VmId};
 use vmbind::vk::{ArenaImport, MirrorBacking, SparseMirror, Vk, VkError};
 
 const P: u64 = PAGE_SIZE;
-
-fn context(test: &str) -> Option<Arc<Vk>> {
-    match Vk::new() {
-        Ok(c) => {
-            eprintln!(
-                "{test}: Vulkan device {} ({}), sparse {:?}, validation layer {}",
-                c.device_name(),
-                c.info().driver,
-                c.info().sparse,
-                if c.validating() { "on" } else { "off" }
-            );
-            Some(c)
-        }
-        Err(e) => {
-            assert!(
-                std::env::var("VMBIND_REQUIRE_VULKAN").map_or(true, |v| v != "1"),
-                "{test}: VMBIND_REQUIRE_VULKAN=1 but no Vulkan device: {e}"
-            );
-            eprintln!("SKIP {test}: no Vulkan device: {e}");
-            None
-        }
-    }
-}
 
 struct Fx {
     mem: Arc<PhysMem>,
@@ -149,11 +129,6 @@ fn assert_mirror_matches(f: &Fx, m: &SparseMirror, round: usize) {
     let _ = checked;
 }
 
-fn no_validation_messages(ctx: &Vk) {
-    let m = ctx.validation_messages();
-    assert!(m.is_empty(), "validation layer: {m:#?}");
-}
-
 fn random_op(rng: &mut SplitMix64, lo: u64, pages: u64, bos: &[(BoId, u64)]) -> BindOp {
     let at = lo + rng.below(pages - 1) * P;
     let n = 1 + rng.below(24.min(pages - (at - lo) / P));
@@ -180,12 +155,7 @@ fn random_op(rng: &mut SplitMix64, lo: u64, pages: u64, bos: &[(BoId, u64)]) -> 
 fn mirror_follows_random_binds_byte_for_byte_with_promised_record_counts() {
     let Some(ctx) = context("mirror_follows_random_binds") else { return };
     if ctx.info().sparse.is_none() {
-        assert!(
-            std::env::var("VMBIND_REQUIRE_VULKAN").map_or(true, |v| v != "1"),
-            "VMBIND_REQUIRE_VULKAN=1 but {} has no sparse buffers",
-            ctx.device_name()
-        );
-        eprintln!("SKIP mirror_follows_random_binds: {} has no sparse buffers", ctx.device_name());
+        skip("mirror_follows_random_binds", &format!("{} has no sparse buffers", ctx.device_name()));
         return;
     }
     for gpu in [behind(), Gpu::Direct { id: DeviceId(2), addr_bits: 48 }] {
@@ -264,8 +234,7 @@ fn mirror_follows_random_binds_byte_for_byte_with_promised_record_counts() {
 fn mirror_refuses_what_it_cannot_show() {
     let Some(ctx) = context("mirror_refuses") else { return };
     if ctx.info().sparse.is_none() {
-        eprintln!("SKIP mirror_refuses: {} has no sparse buffers", ctx.device_name());
-        assert!(std::env::var("VMBIND_REQUIRE_VULKAN").map_or(true, |v| v != "1"));
+        skip("mirror_refuses", &format!("{} has no sparse buffers", ctx.device_name()));
         return;
     }
     let f = fixture(ctx.clone(), behind());

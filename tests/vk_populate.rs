@@ -6,6 +6,9 @@
 
 #[path = "common/rng.rs"]
 mod rng;
+#[cfg(feature = "vulkan")]
+#[path = "common/vk.rs"]
+mod vkc;
 
 use std::sync::Arc;
 
@@ -133,7 +136,8 @@ fn a_deferred_bind_leaves_its_new_4k_entries_unwritten_until_the_log_runs() {
     // Unmaps and overlapping maps are not deferred: empty log, written at once.
     let (_, log) = s.vm.bind_deferred(&[BindOp::Unmap { addr: 0x20_0000, range: P }]).unwrap();
     assert!(log.is_empty());
-    let ops = [BindOp::Map(Va::object(0x40_0000, 4 * P, bo, 0)), BindOp::Map(Va::object(0x40_2000, 4 * P, bo, 0))];
+    let ops =
+        [BindOp::Map(Va::object(0x40_0000, 4 * P, bo, 0)), BindOp::Map(Va::object(0x40_2000, 4 * P, bo, 0))];
     let (_, log) = s.vm.bind_deferred(&ops).unwrap();
     assert!(log.is_empty());
     s.vm.gpu_read(0x40_0000, &mut b).unwrap();
@@ -141,26 +145,10 @@ fn a_deferred_bind_leaves_its_new_4k_entries_unwritten_until_the_log_runs() {
 
 #[cfg(feature = "vulkan")]
 mod device {
+    use super::vkc::{context, no_validation_messages};
     use super::*;
     use vmbind::service::{Gpu, Service, ServiceConfig};
-    use vmbind::vk::{ArenaImport, GpuPopulate, Vk};
-
-    fn context(test: &str) -> Option<Arc<Vk>> {
-        match Vk::new() {
-            Ok(c) => {
-                eprintln!("{test}: Vulkan device {} ({})", c.device_name(), c.info().driver);
-                Some(c)
-            }
-            Err(e) => {
-                assert!(
-                    std::env::var("VMBIND_REQUIRE_VULKAN").map_or(true, |v| v != "1"),
-                    "{test}: VMBIND_REQUIRE_VULKAN=1 but no Vulkan device: {e}"
-                );
-                eprintln!("SKIP {test}: no Vulkan device: {e}");
-                None
-            }
-        }
-    }
+    use vmbind::vk::{ArenaImport, GpuPopulate};
 
     #[test]
     fn populate_comp_writes_the_cpu_commits_tables_byte_for_byte() {
@@ -188,8 +176,7 @@ mod device {
             None => assert!(c.gpu_ns_per_entry >= c.cpu_ns_per_entry),
         }
         assert_eq!(pop.import().mem().usage(), before, "the scratch VM gave its memory back");
-        let m = ctx.validation_messages();
-        assert!(m.is_empty(), "validation layer: {m:#?}");
+        no_validation_messages(&ctx);
     }
 
     #[test]
@@ -225,7 +212,9 @@ mod device {
             let mut reads = Vec::new();
             for i in 0..16u64 {
                 let mut b = [0u8; 8];
-                let r = the_vm.gpu_read(0x1000_0000 + i * (2 << 20) + 7 * P, &mut b).map(|()| u64::from_le_bytes(b));
+                let r = the_vm
+                    .gpu_read(0x1000_0000 + i * (2 << 20) + 7 * P, &mut b)
+                    .map(|()| u64::from_le_bytes(b));
                 reads.push(r.ok());
             }
             let m = svc.metrics();
@@ -238,6 +227,6 @@ mod device {
         assert_eq!(cpu.2, 0);
         assert!(dev.2 >= 1, "some batch reached the threshold: {}", dev.2);
         assert_eq!(dev.3, 0, "no fallback");
-        assert!(ctx.validation_messages().is_empty(), "{:#?}", ctx.validation_messages());
+        no_validation_messages(&ctx);
     }
 }

@@ -8,47 +8,21 @@
 #[path = "common/gpu.rs"]
 mod gpu;
 
+#[path = "common/vk.rs"]
+mod vkc;
+
 use std::sync::Arc;
 
 use gpu::{Fx, Mode, fx};
+use vkc::{context, no_validation_messages};
 use vmbind::addr::{GpuVa, PAGE_SIZE, PageSize};
 use vmbind::gpuvm::{BindOp, BoId, FaultStage, Va, VaFlags, Vm};
 use vmbind::iommu::FaultReason;
 use vmbind::mem::{BioVec, PhysMem};
-use vmbind::vk::{ArenaImport, CopyJob, HostImport, Vk, VkError, WalkGather};
+use vmbind::vk::{ArenaImport, CopyJob, HostImport, VkError, WalkGather};
 
 const P: u64 = PAGE_SIZE;
 const MIB2: u64 = 2 << 20;
-
-/// The context, or `None` after a visible SKIP line (a failure under `VMBIND_REQUIRE_VULKAN=1`).
-fn context(test: &str) -> Option<Arc<Vk>> {
-    match Vk::new() {
-        Ok(c) => {
-            eprintln!(
-                "{test}: Vulkan device {} ({}, {}), validation layer {}",
-                c.device_name(),
-                c.info().driver,
-                c.info().api,
-                if c.validating() { "on" } else { "off" }
-            );
-            Some(c)
-        }
-        Err(e) => {
-            assert!(
-                std::env::var("VMBIND_REQUIRE_VULKAN").map_or(true, |v| v != "1"),
-                "{test}: VMBIND_REQUIRE_VULKAN=1 but no Vulkan device: {e}"
-            );
-            eprintln!("SKIP {test}: no Vulkan device: {e}");
-            None
-        }
-    }
-}
-
-/// Validation messages fail the test (when the layer is on).
-fn no_validation_messages(ctx: &Vk) {
-    let m = ctx.validation_messages();
-    assert!(m.is_empty(), "validation layer: {m:#?}");
-}
 
 /// An object of `pages` scattered frames, each page full of bytes derived from (tag, page).
 fn scattered_bo(f: &Fx, pages: usize, tag: u8) -> BoId {

@@ -122,7 +122,9 @@ impl Device {
     /// Whether `[phys, phys + size)` must be bounced: an untrusted device and a partial granule.
     /// The caller has checked that the range does not wrap.
     pub(super) fn needs_bounce(&self, phys: PhysAddr, size: u64) -> bool {
-        !self.trusted && (phys.as_u64() % GRANULE != 0 || phys.as_u64().wrapping_add(size) % GRANULE != 0)
+        !self.trusted
+            && (!phys.as_u64().is_multiple_of(GRANULE)
+                || !phys.as_u64().wrapping_add(size).is_multiple_of(GRANULE))
     }
 
     /// The arena the device's memory lives in.

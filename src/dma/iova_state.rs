@@ -236,7 +236,7 @@ impl IovaState {
         // general path, which places and checks every element on its own.
         let at0 = self.pad.saturating_add(offset);
         let total = bvecs.len() as u64 * GRANULE;
-        if at0 % GRANULE == 0 && at0.checked_add(total).is_some_and(|e| e <= self.pad + self.size) {
+        if at0.is_multiple_of(GRANULE) && at0.checked_add(total).is_some_and(|e| e <= self.pad + self.size) {
             let iova = DmaAddr::new(self.base.as_u64() + at0);
             match self.domain.map(iova, MapSource::PageVecs(bvecs), dir.prot()) {
                 Ok(_) => {

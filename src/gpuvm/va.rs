@@ -272,7 +272,7 @@ impl VaBounds {
         if range == 0 {
             return Err(VaError::ZeroSize { addr });
         }
-        if (addr | range | offset) % GPU_PAGE != 0 {
+        if !(addr | range | offset).is_multiple_of(GPU_PAGE) {
             return Err(VaError::Unaligned { addr, range, offset });
         }
         let end = addr.checked_add(range).ok_or(VaError::Overflow { addr, range })?;
@@ -308,7 +308,7 @@ impl VaBounds {
                 if r.len == 0 || r.len % GPU_PAGE != 0 || r.start % GPU_PAGE != 0 {
                     return Err(VaError::BadRepeat { why: "the period must be a non-zero page multiple" });
                 }
-                if req.range % r.len != 0 {
+                if !req.range.is_multiple_of(r.len) {
                     return Err(VaError::BadRepeat { why: "the range must be a multiple of the period" });
                 }
                 if r.start.checked_add(r.len).is_none_or(|e| req.offset < r.start || req.offset >= e) {
@@ -339,7 +339,7 @@ impl<O: Clone + Eq + Hash> VaSpace<O> {
     pub fn new(start: u64, range: u64, reserved: Option<(u64, u64)>) -> Result<Self, VaError> {
         let bad = VaError::BadSpace { start, range };
         let end = start.checked_add(range).ok_or(bad.clone())?;
-        if range == 0 || (start | range) % GPU_PAGE != 0 {
+        if range == 0 || !(start | range).is_multiple_of(GPU_PAGE) {
             return Err(bad);
         }
         let reserved = match reserved {

@@ -284,7 +284,7 @@ impl Vm {
         let sum = *pages.summary();
         let size = sum.total;
         let arena = self.dev.mem().size();
-        if sum.bits % PAGE_SIZE != 0 || sum.min_len == 0 || !sum.all_below(arena) {
+        if !sum.bits.is_multiple_of(PAGE_SIZE) || sum.min_len == 0 || !sum.all_below(arena) {
             for (index, b) in pages.pages().iter().enumerate() {
                 let len = u64::from(b.len);
                 let bad = b.start().is_none_or(|s| {

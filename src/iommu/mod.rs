@@ -309,7 +309,7 @@ impl Iommu {
         }
         let end = 1u64 << cfg.aperture_bits;
         let start = cfg.aperture_start.as_u64();
-        if start == 0 || start % PAGE_SIZE != 0 || start >= end {
+        if start == 0 || !start.is_multiple_of(PAGE_SIZE) || start >= end {
             return Err(IommuError::BadConfig(
                 "aperture_start must be page aligned, above 0 and below the end",
             ));

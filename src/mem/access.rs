@@ -95,7 +95,7 @@ impl PhysMem {
     /// The arena word at byte offset `off`.
     #[inline(always)]
     fn word(&self, off: usize) -> &AtomicU64 {
-        debug_assert!(off % 8 == 0 && off as u64 + 8 <= self.size);
+        debug_assert!(off.is_multiple_of(8) && off as u64 + 8 <= self.size);
         // SAFETY: callers pass 8-byte-aligned offsets of words inside the arena (`check` ran on
         // the enclosing access, and the arena size is a 4 KiB multiple, so the aligned word
         // holding any in-bounds byte is in bounds); the mapping lives as long as `self`, and

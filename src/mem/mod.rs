@@ -165,7 +165,7 @@ impl PhysMem {
     /// [`MemError::BadSize`] for a size that is not a 4 KiB multiple, below 8 KiB or at least
     /// 16 TiB; [`MemError::Mmap`] when the OS refuses the mapping.
     pub fn new(size: u64) -> Result<Self, MemError> {
-        if size % PAGE_SIZE != 0 || !(2 * PAGE_SIZE..(1u64 << 44)).contains(&size) {
+        if !size.is_multiple_of(PAGE_SIZE) || !(2 * PAGE_SIZE..(1u64 << 44)).contains(&size) {
             return Err(MemError::BadSize { size });
         }
         let len = usize::try_from(size).map_err(|_| MemError::BadSize { size })?;

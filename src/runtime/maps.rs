@@ -170,7 +170,7 @@ impl Runtime {
                             return Err(RuntimeError::Zero { what: "period" });
                         }
                         Self::aligned("period", p, GPU_PAGE)?;
-                        if len % p != 0 {
+                        if !len.is_multiple_of(p) {
                             return Err(RuntimeError::BadPeriod { period: p, len });
                         }
                         p
@@ -425,7 +425,7 @@ impl Runtime {
 /// piece of a repeat mapping that is not a whole number of periods (what a sub-range leaves),
 /// one plain map per stretch of the repeated range it covers.
 pub(crate) fn push_maps(ops: &mut Vec<BindOp>, v: &Va<crate::gpuvm::BoId>) {
-    let Some(r) = v.repeat.filter(|r| r.len > 0 && v.range % r.len != 0) else {
+    let Some(r) = v.repeat.filter(|r| r.len > 0 && !v.range.is_multiple_of(r.len)) else {
         ops.push(BindOp::Map(v.clone()));
         return;
     };

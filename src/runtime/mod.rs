@@ -474,7 +474,7 @@ impl Runtime {
     }
 
     fn aligned(what: &'static str, value: u64, granularity: u64) -> Result<(), RuntimeError> {
-        if value % granularity != 0 {
+        if !value.is_multiple_of(granularity) {
             return Err(RuntimeError::Misaligned { what, value, granularity });
         }
         Ok(())

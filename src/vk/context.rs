@@ -66,6 +66,9 @@ pub struct Vk {
     #[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
     pub(crate) family: u32,
     info: DeviceInfo,
+    /// The owner of a device and instance vmbind did not create ([`Vk::from_raw_parts`]): they
+    /// are not destroyed here, and this goes after everything vmbind made on them.
+    keep_alive: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl core::fmt::Debug for Vk {
@@ -101,6 +104,30 @@ unsafe extern "system" fn on_message(
         sink.lock().push(format!("{severity:?}: {msg}"));
     }
     vk::FALSE
+}
+
+/// The debug messenger collecting warnings and errors into `messages` (`None` if it cannot be
+/// made). The instance must have `VK_EXT_debug_utils`; `messages` must outlive the messenger.
+fn messenger(
+    entry: &ash::Entry,
+    instance: &ash::Instance,
+    messages: &Mutex<Vec<String>>,
+) -> Option<(ash::ext::debug_utils::Instance, vk::DebugUtilsMessengerEXT)> {
+    let du = ash::ext::debug_utils::Instance::new(entry, instance);
+    let ci = vk::DebugUtilsMessengerCreateInfoEXT::default()
+        .message_severity(
+            vk::DebugUtilsMessageSeverityFlagsEXT::WARNING | vk::DebugUtilsMessageSeverityFlagsEXT::ERROR,
+        )
+        .message_type(
+            vk::DebugUtilsMessageTypeFlagsEXT::GENERAL
+                | vk::DebugUtilsMessageTypeFlagsEXT::VALIDATION
+                | vk::DebugUtilsMessageTypeFlagsEXT::PERFORMANCE,
+        )
+        .pfn_user_callback(Some(on_message))
+        .user_data((&raw const *messages).cast_mut().cast());
+    // SAFETY: the instance has VK_EXT_debug_utils (the callers enable it with the layer); the
+    // user data outlives the messenger (the callers' `Drop` destroys it first).
+    unsafe { du.create_debug_utils_messenger(&ci, None) }.ok().map(|m| (du, m))
 }
 
 fn version(v: u32) -> String {
@@ -149,29 +176,7 @@ impl Vk {
         // SAFETY: the create info and everything it points to live across the call.
         let instance = call("vkCreateInstance", unsafe { entry.create_instance(&info, None) })?;
         let messages: Box<Mutex<Vec<String>>> = Box::new(Mutex::new(Vec::new()));
-        let debug = if validation {
-            let du = ash::ext::debug_utils::Instance::new(&entry, &instance);
-            let ci = vk::DebugUtilsMessengerCreateInfoEXT::default()
-                .message_severity(
-                    vk::DebugUtilsMessageSeverityFlagsEXT::WARNING
-                        | vk::DebugUtilsMessageSeverityFlagsEXT::ERROR,
-                )
-                .message_type(
-                    vk::DebugUtilsMessageTypeFlagsEXT::GENERAL
-                        | vk::DebugUtilsMessageTypeFlagsEXT::VALIDATION
-                        | vk::DebugUtilsMessageTypeFlagsEXT::PERFORMANCE,
-                )
-                .pfn_user_callback(Some(on_message))
-                .user_data((&raw const *messages).cast_mut().cast());
-            // SAFETY: the instance has VK_EXT_debug_utils; the user data outlives the messenger
-            // (see `Drop`).
-            match unsafe { du.create_debug_utils_messenger(&ci, None) } {
-                Ok(m) => Some((du, m)),
-                Err(_) => None,
-            }
-        } else {
-            None
-        };
+        let debug = if validation { messenger(&entry, &instance, &messages) } else { None };
         match Self::open(entry, instance, debug, messages) {
             Ok(vk) => Ok(Arc::new(vk)),
             Err(failed) => {
@@ -262,42 +267,14 @@ impl Vk {
         };
         // SAFETY: the family was created with one queue.
         let queue = unsafe { device.get_device_queue(family, 0) };
-        let pci = vk::CommandPoolCreateInfo::default()
-            .queue_family_index(family)
-            .flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER);
-        // SAFETY: a live device.
-        let pool = match unsafe { device.create_command_pool(&pci, None) } {
-            Ok(p) => p,
-            Err(result) => {
-                fail(&device);
-                bail!(VkError::Call { call: "vkCreateCommandPool", result });
-            }
-        };
-        let allocator = match Allocator::new(&AllocatorCreateDesc {
-            instance: instance.clone(),
-            device: device.clone(),
-            physical_device: physical,
-            debug_settings: Default::default(),
-            buffer_device_address: true,
-            allocation_sizes: Default::default(),
-        }) {
-            Ok(a) => a,
-            Err(e) => {
-                // SAFETY: the pool is unused.
-                unsafe { device.destroy_command_pool(pool, None) };
-                fail(&device);
-                bail!(VkError::Alloc { what: "the allocator", why: e.to_string() });
-            }
-        };
-        let mut info = Self::describe(&instance, physical);
-        if !sparse {
-            info.sparse = None;
-        }
-        if let Some(si) = &mut info.sparse {
-            si.aliased = aliased;
-        }
-        // SAFETY: a query on a live physical device.
-        let memory_types = unsafe { instance.get_physical_device_memory_properties(physical) };
+        let (pool, allocator, info, memory_types) =
+            match Self::own_objects(&instance, &device, physical, family, sparse, aliased) {
+                Ok(o) => o,
+                Err(e) => {
+                    fail(&device);
+                    bail!(e);
+                }
+            };
         let host_memory = ash::ext::external_memory_host::Device::new(&instance, &device);
         Ok(Vk {
             _entry: entry,
@@ -313,7 +290,51 @@ impl Vk {
             physical,
             family,
             info,
+            keep_alive: None,
         })
+    }
+
+    /// What vmbind makes on a device, whoever created it: its command pool, its allocator, the
+    /// device's description (sparse as enabled) and memory types. On failure nothing of it
+    /// is left.
+    fn own_objects(
+        instance: &ash::Instance,
+        device: &ash::Device,
+        physical: vk::PhysicalDevice,
+        family: u32,
+        sparse: bool,
+        aliased: bool,
+    ) -> Result<(vk::CommandPool, Allocator, DeviceInfo, vk::PhysicalDeviceMemoryProperties), VkError> {
+        let pci = vk::CommandPoolCreateInfo::default()
+            .queue_family_index(family)
+            .flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER);
+        // SAFETY: a live device of `instance`.
+        let pool = call("vkCreateCommandPool", unsafe { device.create_command_pool(&pci, None) })?;
+        let allocator = match Allocator::new(&AllocatorCreateDesc {
+            instance: instance.clone(),
+            device: device.clone(),
+            physical_device: physical,
+            debug_settings: Default::default(),
+            buffer_device_address: true,
+            allocation_sizes: Default::default(),
+        }) {
+            Ok(a) => a,
+            Err(e) => {
+                // SAFETY: the pool is unused.
+                unsafe { device.destroy_command_pool(pool, None) };
+                return Err(VkError::Alloc { what: "the allocator", why: e.to_string() });
+            }
+        };
+        let mut info = Self::describe(instance, physical);
+        if !sparse {
+            info.sparse = None;
+        }
+        if let Some(si) = &mut info.sparse {
+            si.aliased = aliased;
+        }
+        // SAFETY: a query on a live physical device.
+        let memory_types = unsafe { instance.get_physical_device_memory_properties(physical) };
+        Ok((pool, allocator, info, memory_types))
     }
 
     /// Whether a device has what vmbind needs, and its compute queue family.
@@ -476,20 +497,100 @@ impl Vk {
     }
 }
 
+#[cfg(feature = "wgpu")]
+impl Vk {
+    /// What [`Vk::new`] finds `p` lacks (empty: usable), and whether it has sparse buffers
+    /// (the features and a compute + sparse family) and sparse aliasing.
+    pub(crate) fn suitability(
+        instance: &ash::Instance,
+        p: vk::PhysicalDevice,
+    ) -> (Vec<&'static str>, bool, bool) {
+        let c = Self::examine(instance, p);
+        (c.missing, c.sparse, c.aliased)
+    }
+
+    /// A context on a device someone else created: vmbind's own command pool, allocator and
+    /// (with `validate`) messenger on it, destroyed on drop before `keep_alive` is released;
+    /// the device and instance themselves are never destroyed here.
+    ///
+    /// # Safety
+    /// `parts` must be live handles of one instance, its physical device, a device created on it
+    /// as `RawParts::device` says, and a queue of `family` on it; `keep_alive` must keep all
+    /// of them alive until it is dropped. vmbind locks [`Vk::queue`] around its submits; the
+    /// owner must not use the queue at the same time.
+    pub(crate) unsafe fn from_raw_parts(
+        parts: crate::wgpu_interop::RawParts,
+        keep_alive: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Arc<Self>, VkError> {
+        let crate::wgpu_interop::RawParts {
+            entry,
+            instance,
+            physical,
+            device,
+            family,
+            queue,
+            sparse,
+            aliased,
+            validate,
+        } = parts;
+        let messages: Box<Mutex<Vec<String>>> = Box::new(Mutex::new(Vec::new()));
+        let debug = if validate { messenger(&entry, &instance, &messages) } else { None };
+        let undo_debug = |debug: Option<(ash::ext::debug_utils::Instance, vk::DebugUtilsMessengerEXT)>| {
+            if let Some((du, m)) = debug {
+                // SAFETY: the messenger is unused from here on.
+                unsafe { du.destroy_debug_utils_messenger(m, None) };
+            }
+        };
+        let (pool, allocator, info, memory_types) =
+            match Self::own_objects(&instance, &device, physical, family, sparse, aliased) {
+                Ok(o) => o,
+                Err(e) => {
+                    undo_debug(debug);
+                    return Err(e);
+                }
+            };
+        let host_memory = ash::ext::external_memory_host::Device::new(&instance, &device);
+        Ok(Arc::new(Vk {
+            _entry: entry,
+            instance,
+            debug,
+            messages,
+            device,
+            host_memory,
+            queue: Mutex::new(queue),
+            pool: Mutex::new(pool),
+            allocator: ManuallyDrop::new(Mutex::new(allocator)),
+            memory_types,
+            physical,
+            family,
+            info,
+            keep_alive: Some(keep_alive),
+        }))
+    }
+}
+
 impl Drop for Vk {
     fn drop(&mut self) {
+        let owned = self.keep_alive.is_none();
         // SAFETY: every import and job holds an `Arc<Vk>`, so none is alive: the device is idle
         // of vmbind's work. The allocator goes before the device, the messenger before the
-        // instance and before the message box it writes to.
+        // instance and before the message box it writes to. A borrowed device and instance
+        // (`keep_alive`) are left to their owner.
         unsafe {
             let _ = self.device.device_wait_idle();
             ManuallyDrop::drop(&mut self.allocator);
             self.device.destroy_command_pool(*self.pool.get_mut(), None);
-            self.device.destroy_device(None);
+            if owned {
+                self.device.destroy_device(None);
+            }
             if let Some((du, m)) = self.debug.take() {
                 du.destroy_debug_utils_messenger(m, None);
             }
-            self.instance.destroy_instance(None);
+            if owned {
+                self.instance.destroy_instance(None);
+            }
         }
+        // The owner of a borrowed device last, after everything vmbind made on it.
+        drop(self.keep_alive.take());
     }
 }

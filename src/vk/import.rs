@@ -42,10 +42,10 @@ impl HostImport {
         let align = ctx.info().host_pointer_alignment;
         let ptr = mem.host_ptr(PhysAddr::new(offset), len).map_err(|_| bad("it leaves the arena"))?;
         let host = ptr.as_ptr() as u64;
-        if host % align != 0 {
+        if !host.is_multiple_of(align) {
             return Err(VkError::Misaligned { what: "host pointer", value: host, align });
         }
-        if len % align != 0 {
+        if !len.is_multiple_of(align) {
             return Err(VkError::Misaligned { what: "length", value: len, align });
         }
         if len > ctx.info().max_allocation {

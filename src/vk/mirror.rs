@@ -221,7 +221,7 @@ impl SparseMirror {
             unsafe { ctx.device.destroy_buffer(buffer, None) };
             e
         };
-        if start % block != 0 || len % block != 0 {
+        if !start.is_multiple_of(block) || !len.is_multiple_of(block) {
             return Err(destroy(VkError::BadRequest(format!(
                 "window [{start:#x}, +{len:#x}) is not a multiple of the sparse block {block:#x}"
             ))));
@@ -274,6 +274,12 @@ impl SparseMirror {
     /// [`VkError::Mirror`] when the VM is gone from the service.
     pub fn detach(&self, service: &Service) -> Result<(), VkError> {
         service.remove_follower(self.vm, &self.follower).map(drop).map_err(|e| VkError::Mirror(e.to_string()))
+    }
+
+    /// The context the mirror's buffer lives on.
+    #[must_use]
+    pub fn context(&self) -> &Arc<Vk> {
+        &self.inner.ctx
     }
 
     /// The sparse buffer (for descriptors, copies, or a wgpu wrapper).
@@ -364,7 +370,7 @@ impl SparseMirror {
 
     fn read(&self, va: u64, len: u64, shader: bool) -> Result<Vec<u8>, VkError> {
         let (lo, _) = self.checked(va, len)?;
-        if (va | len) % 4 != 0 {
+        if !(va | len).is_multiple_of(4) {
             return Err(VkError::BadRequest(format!("[{va:#x}, +{len:#x}) is not 4-byte aligned")));
         }
         let i = &*self.inner;

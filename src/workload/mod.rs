@@ -511,7 +511,7 @@ impl Workload {
         dir: Option<&Path>,
     ) -> Result<(), WorkloadError> {
         let page = |field: &str, v: u64| -> Result<(), WorkloadError> {
-            if v % GPU_PAGE != 0 {
+            if !v.is_multiple_of(GPU_PAGE) {
                 return Err(bad(n, Some(field), format!("{v:#x} is not a multiple of the 4 KiB GPU page")));
             }
             Ok(())

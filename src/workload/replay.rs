@@ -220,7 +220,7 @@ impl<'w> Replay<'w> {
                 break;
             }
             self.step()?;
-            if self.next % 256 == 0 {
+            if self.next.is_multiple_of(256) {
                 progress(self.next, total);
             }
         }
