@@ -220,6 +220,15 @@ fn mirror_follows_random_binds_byte_for_byte_with_promised_record_counts() {
         q.bind(&singles).unwrap();
         assert_eq!(m.stats().last_records, 1, "32 adjacent pages at contiguous offsets");
         assert_mirror_matches(&f, &m, 99);
+        // The CPU writes through the VM; a copy-backed mirror shows it once refreshed.
+        vm.gpu_write(lo + 3 * P + 16, &[0x5a; 64]).unwrap();
+        m.refresh(lo, 64 * P).unwrap();
+        assert_mirror_matches(&f, &m, 100);
+        // A resync rebinds the whole window to the same content.
+        let calls = m.stats().calls;
+        m.resync().unwrap();
+        assert_eq!(m.stats().calls, calls + 1);
+        assert_mirror_matches(&f, &m, 101);
         assert!(m.stats().bytes_copied > 0);
         assert_eq!(m.diverged(), None);
         m.detach(&f.svc).unwrap();

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use rng::SplitMix64;
 use vmbind::addr::{PAGE_SIZE, PageSize, PhysAddr};
 use vmbind::dma::Device;
-use vmbind::gpuvm::{BindOp, BoId, Va, Vm};
+use vmbind::gpuvm::{BindOp, BoId, Populated, Va, Vm};
 use vmbind::iommu::DeviceId;
 use vmbind::mem::{BioVec, PhysMem};
 use vmbind::pt::PteLog;
@@ -101,11 +101,14 @@ fn compare(seed: u64, rounds: usize, mut exec: impl FnMut(&Side, &PteLog)) -> (u
     for round in 0..rounds {
         let ops = batch(&mut rng, &a.bos);
         let ra = a.vm.bind(&ops).map(|_| ());
-        let rb = b.vm.bind_deferred(&ops).map(|(_, log)| {
-            linear += log.runs.iter().filter(|r| r.linear).count();
-            copied += log.runs.iter().filter(|r| !r.linear).count();
-            exec(&b, &log);
-        });
+        let rb =
+            b.vm.bind_deferred(&ops, |log| {
+                linear += log.runs.iter().filter(|r| r.linear).count();
+                copied += log.runs.iter().filter(|r| !r.linear).count();
+                exec(&b, log);
+                Ok(())
+            })
+            .map(|(_, how)| assert!(!matches!(how, Populated::Fallback { .. }), "{how:?}"));
         assert_eq!(ra.is_ok(), rb.is_ok(), "round {round}: {ra:?} vs {rb:?}");
         let (x, y) = (arena_bytes(&a.mem), arena_bytes(&b.mem));
         if let Some(at) = first_difference(&x, &y) {
@@ -123,24 +126,51 @@ fn deferred_then_applied_on_the_cpu_is_the_cpu_commit_byte_for_byte() {
 }
 
 #[test]
-fn a_deferred_bind_leaves_its_new_4k_entries_unwritten_until_the_log_runs() {
+fn a_deferred_bind_hands_its_4k_entries_to_the_writer_inside_the_commit() {
     let s = side();
     let (bo, _) = s.bos[0];
-    let (_, log) = s.vm.bind_deferred(&[BindOp::Map(Va::object(0x20_0000, 64 * P, bo, 0))]).unwrap();
-    assert_eq!(log.entries(), 64);
+    let va = 0x20_0000u64;
+    let mut seen = 0;
+    let (_, how) =
+        s.vm.bind_deferred(&[BindOp::Map(Va::object(va, 64 * P, bo, 0))], |log| {
+            // Inside the commit the new entries are not present yet (the slots read 0, not
+            // whatever the fresh table frame held); the writer puts them there.
+            seen = log.entries();
+            assert!(s.vm.table().translate(vmbind::addr::GpuVa::new(va + 5 * P)).is_none());
+            log.apply(&s.mem).map_err(|e| e.to_string())
+        })
+        .unwrap();
+    assert_eq!(seen, 64);
+    assert!(matches!(how, Populated::Writer { entries: 64, runs } if runs >= 1), "{how:?}");
     let mut b = [0u8; 8];
-    assert!(s.vm.gpu_read(0x20_0000, &mut b).is_err(), "not present before the log runs");
-    log.apply(&s.mem).unwrap();
-    s.vm.gpu_read(0x20_0000 + 5 * P, &mut b).unwrap();
+    s.vm.gpu_read(va + 5 * P, &mut b).unwrap();
     assert_eq!(u64::from_le_bytes(b), 5 ^ 0xabcd);
-    // Unmaps and overlapping maps are not deferred: empty log, written at once.
-    let (_, log) = s.vm.bind_deferred(&[BindOp::Unmap { addr: 0x20_0000, range: P }]).unwrap();
-    assert!(log.is_empty());
+    // A writer that fails: the CPU applies the log, the bind still succeeds.
+    let (_, how) = s
+        .vm
+        .bind_deferred(&[BindOp::Map(Va::object(0x60_0000, 8 * P, bo, 8 * P))], |_| Err("device lost".into()))
+        .unwrap();
+    assert_eq!(how, Populated::Fallback { entries: 8, why: "device lost".into() });
+    s.vm.gpu_read(0x60_0000 + 3 * P, &mut b).unwrap();
+    assert_eq!(u64::from_le_bytes(b), 11 ^ 0xabcd);
+    // Unmaps and overlapping maps are not deferred: written at once, the writer not called.
+    let never = |_: &PteLog| -> Result<(), String> { panic!("not deferrable: the writer must not run") };
+    let (_, how) = s.vm.bind_deferred(&[BindOp::Unmap { addr: va, range: P }], never).unwrap();
+    assert_eq!(how, Populated::Cpu);
     let ops =
         [BindOp::Map(Va::object(0x40_0000, 4 * P, bo, 0)), BindOp::Map(Va::object(0x40_2000, 4 * P, bo, 0))];
-    let (_, log) = s.vm.bind_deferred(&ops).unwrap();
-    assert!(log.is_empty());
+    let (_, how) = s.vm.bind_deferred(&ops, never).unwrap();
+    assert_eq!(how, Populated::Cpu);
     s.vm.gpu_read(0x40_0000, &mut b).unwrap();
+    // A refused bind calls no writer and leaves no log behind for the next one.
+    assert!(s.vm.bind_deferred(&[BindOp::Map(Va::object(0x90_0000, P, bo, 1 << 30))], never).is_err());
+    let (_, how) =
+        s.vm.bind_deferred(&[BindOp::Map(Va::object(0x80_0000, 4 * P, bo, 0))], |log| {
+            assert_eq!(log.entries(), 4);
+            log.apply(&s.mem).map_err(|e| e.to_string())
+        })
+        .unwrap();
+    assert!(matches!(how, Populated::Writer { entries: 4, .. }), "{how:?}");
 }
 
 #[cfg(feature = "vulkan")]

@@ -102,4 +102,4 @@ mod vm;
 pub use access::{FaultStage, GpuFault};
 pub use picture::svg_picture;
 pub use va::{GPU_PAGE, Op, Repeat, Va, VaBounds, VaError, VaFlags, VaSpace};
-pub use vm::{BindOp, BoId, Bound, TlbFlush, Vm, VmError};
+pub use vm::{BindOp, BoId, Bound, Populated, TlbFlush, Vm, VmError};

@@ -117,6 +117,31 @@ pub struct TlbFlush {
     pub freed_tables: usize,
 }
 
+/// A deferred bind's writer, as the commit calls it.
+type PteWrite<'a> = dyn FnMut(&PteLog) -> Result<(), String> + 'a;
+
+/// Who wrote a [`Vm::bind_deferred`]'s 4 KiB leaf entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Populated {
+    /// The CPU commit, as in [`Vm::bind`]: the op array was not deferrable, or it made no
+    /// 4 KiB entries. The writer was not called.
+    Cpu,
+    /// The writer: `entries` entries in `runs` runs.
+    Writer {
+        /// Entries written.
+        entries: u64,
+        /// Runs they came in.
+        runs: usize,
+    },
+    /// The writer failed with `why`; the CPU applied the log instead.
+    Fallback {
+        /// Entries written.
+        entries: u64,
+        /// The writer's error.
+        why: String,
+    },
+}
+
 /// What a bind did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bound {
@@ -363,7 +388,7 @@ impl Vm {
         // mapping of another object into one of these ranges in between.
         let ops: Vec<BindOp> =
             guard.space.obj_mappings(&bo).map(|v| BindOp::Unmap { addr: v.addr, range: v.range }).collect();
-        self.bind_locked(&mut guard, &ops)
+        self.bind_locked(&mut guard, &ops, None).map(|(b, _)| b)
     }
 
     /// Unmaps `[addr, addr + range)` (one [`BindOp::Unmap`]). Never fails for lack of memory.
@@ -390,32 +415,45 @@ impl Vm {
     /// engine never does). A bind of only unmaps never fails for lack of memory.
     pub fn bind(&self, ops: &[BindOp]) -> Result<Bound, VmError> {
         let mut guard = self.state.lock();
-        self.bind_locked(&mut guard, ops)
+        self.bind_locked(&mut guard, ops, None).map(|(b, _)| b)
     }
 
-    /// [`Vm::bind`] whose 4 KiB leaf entries are **not** written: they come back as a
-    /// [`PteLog`] of linear and copied runs (what a GPU populate executes; see
-    /// [`PageTable::defer_leaves`]). Everything else — the VA space, directory entries, huge
-    /// leaves, clears, DMA mappings — is done as by [`Vm::bind`]. The new 4 KiB leaves read as
-    /// not present until the caller has executed the log; it must do so before the change is
-    /// called visible. Executed, the tables are bit for bit those of [`Vm::bind`].
+    /// [`Vm::bind`] whose 4 KiB leaf entries are **not** written by the CPU commit: they are
+    /// collected as a [`PteLog`] of linear and copied runs (see [`PageTable::defer_leaves`])
+    /// and handed to `write` (a GPU populate), which must write them into the arena. Everything
+    /// else — the VA space, directory entries, huge leaves, clears, DMA mappings — is done as
+    /// by [`Vm::bind`]. `write` runs inside the commit, with the VM's lock and access gate
+    /// held, so no other bind and no GPU access sees the tables before it is done: when
+    /// `bind_deferred` returns, the tables are bit for bit those of [`Vm::bind`]. If `write`
+    /// fails, the CPU applies the log ([`Populated::Fallback`]).
     ///
     /// Only an op array of maps of pairwise disjoint ranges is deferred (a later op of the
     /// same array must not meet entries an earlier one left unwritten); any other array is
-    /// bound as by [`Vm::bind`] and its log is empty.
+    /// bound as by [`Vm::bind`], without calling `write` ([`Populated::Cpu`]).
     ///
     /// # Errors
-    /// As [`Vm::bind`].
-    pub fn bind_deferred(&self, ops: &[BindOp]) -> Result<(Bound, PteLog), VmError> {
+    /// As [`Vm::bind`]; `write` is not called then.
+    pub fn bind_deferred(
+        &self,
+        ops: &[BindOp],
+        write: impl FnOnce(&PteLog) -> Result<(), String>,
+    ) -> Result<(Bound, Populated), VmError> {
         let mut guard = self.state.lock();
         if !Self::deferrable(ops) {
-            return self.bind_locked(&mut guard, ops).map(|b| (b, PteLog::default()));
+            return self.bind_locked(&mut guard, ops, None).map(|(b, _)| (b, Populated::Cpu));
         }
+        let mut write = Some(write);
+        let mut once = |log: &PteLog| match write.take() {
+            Some(w) => w(log),
+            None => Err("the writer ran already".into()),
+        };
         self.table.defer_leaves(true);
-        let r = self.bind_locked(&mut guard, ops);
+        let r = self.bind_locked(&mut guard, ops, Some(&mut once));
+        // On an error before the commit nothing was recorded; on any error nothing recorded may
+        // survive into a later bind's log.
         self.table.defer_leaves(false);
-        let log = self.table.take_log();
-        r.map(|b| (b, log))
+        drop(self.table.take_log());
+        r
     }
 
     /// Maps only, of pairwise disjoint ranges.
@@ -431,8 +469,14 @@ impl Vm {
         r.windows(2).all(|w| w[0].1 <= w[1].0)
     }
 
-    /// [`Vm::bind`] with the state lock held.
-    fn bind_locked(&self, st: &mut State, ops: &[BindOp]) -> Result<Bound, VmError> {
+    /// [`Vm::bind`] with the state lock held; with `populate`, the table defers its 4 KiB
+    /// entries and the commit hands them to it before it lets GPU accesses in again.
+    fn bind_locked(
+        &self,
+        st: &mut State,
+        ops: &[BindOp],
+        populate: Option<&mut PteWrite<'_>>,
+    ) -> Result<(Bound, Populated), VmError> {
         if self.unusable.load(Ordering::Acquire) {
             return Err(VmError::Unusable { why: "an earlier commit failed".into() });
         }
@@ -577,6 +621,26 @@ impl Vm {
             invs.push(self.table.reclaim(GpuVa::new(addr), len));
         }
         let _ = self.table.finish(prep);
+        let mut populated = Populated::Cpu;
+        if let Some(write) = populate
+            && failure.is_none()
+        {
+            self.table.defer_leaves(false);
+            let log = self.table.take_log();
+            if !log.is_empty() {
+                let (entries, runs) = (log.entries(), log.runs.len());
+                populated = match write(&log) {
+                    Ok(()) => Populated::Writer { entries, runs },
+                    Err(why) => match log.apply(self.mem()) {
+                        Ok(()) => Populated::Fallback { entries, why },
+                        Err(e) => {
+                            failure = Some(format!("the table's own deferred log did not apply: {e}"));
+                            Populated::Cpu
+                        }
+                    },
+                };
+            }
+        }
         // The model's GPU walk caches nothing: the flush is what the invalidations describe,
         // and the freed table pages can go now.
         let (mut lo, mut hi) = (u64::MAX, 0u64);
@@ -596,7 +660,7 @@ impl Vm {
         }
         drop(acts);
         bound.ops = applied;
-        Ok(bound)
+        Ok((bound, populated))
     }
 
     /// Whether a map reads only inside its object.

@@ -299,8 +299,13 @@ impl<F: Format> PageTable<F> {
         let all_new = pool.clone();
         let mut deferred = Vec::new();
         let mut ctx = Commit { bits, max_level, pool: &mut pool, stats: &mut stats, deferred: &mut deferred };
+        let mark = self.deferring().then(|| self.log.lock().mark());
         let built = self.build(Self::ROOT_LEVEL, self.root, false, v, v + len, &mut cursor(), &mut ctx);
         if let Err(index) = built {
+            // The fresh tables' deferred entries go with the tables.
+            if let Some(m) = mark {
+                self.log.lock().truncate(m);
+            }
             // Nothing was published: every new table is still private. Give it all back (a
             // prepared token gets its frames back as reserve, as far as the arena allows).
             let _ = self.mem.free_frames(&all_new);

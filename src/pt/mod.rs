@@ -58,7 +58,7 @@ use crate::sync::{Rank, SpinMutex};
 pub use format::{Format, Prot, Pte, X86Iommu};
 pub use gather::Invalidation;
 pub use gpu::GpuGfx9;
-pub use log::{PteLog, PteRun};
+pub use log::{PteLog, PteLogError, PteRun};
 pub use prepare::{PlannedMap, Prepared};
 pub use source::{MapOptions, MapSource, Segment};
 
@@ -405,6 +405,11 @@ impl<F: Format> PageTable<F> {
         let scratch: [AtomicU64; ENTRIES] = [const { AtomicU64::new(0) }; ENTRIES];
         let s = &scratch[..entries.len()];
         fill(s)?;
+        // The slots read as not present until the log runs: a fresh table page holds whatever
+        // its frame held before (its other slots were cleared, these were to be filled).
+        for e in entries {
+            e.store(0, Ordering::Relaxed);
+        }
         self.log.lock().push(table.as_u64() + i0 as u64 * 8, s);
         Ok(())
     }

@@ -11,7 +11,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use super::metrics::{Counters, Histogram};
 use super::{Fence, Follower, PteWriter, ServiceConfig, ServiceError, VmId};
 use crate::addr::PAGE_SIZE;
-use crate::gpuvm::{BindOp, BoId, Vm};
+use crate::gpuvm::{BindOp, BoId, Populated, Vm};
 use crate::hash::FastMap;
 
 /// One submission.
@@ -129,13 +129,14 @@ impl VmEntry {
         if pages < min_pages {
             return self.vm.bind(ops);
         }
-        let (b, log) = self.vm.bind_deferred(ops)?;
-        if !log.is_empty() {
-            Counters::add(&self.counters.device_populated, 1);
-            if w.write(&log).is_err() {
+        // The writer runs inside the commit, under the VM's lock and access gate.
+        let (b, populated) = self.vm.bind_deferred(ops, |log| w.write(log))?;
+        match populated {
+            Populated::Cpu => {}
+            Populated::Writer { .. } => Counters::add(&self.counters.device_populated, 1),
+            Populated::Fallback { .. } => {
+                Counters::add(&self.counters.device_populated, 1);
                 Counters::add(&self.counters.device_fallbacks, 1);
-                // The arena holds every table page the log names (made by this bind).
-                let _ = log.apply(self.vm.mem());
             }
         }
         Ok(b)
@@ -161,6 +162,7 @@ impl VmEntry {
             if let Err(why) = f.follow(&self.vm, ops)
                 && out.is_ok()
             {
+                let why = format!("the batch is committed in the VM's tables, but it did not follow: {why}");
                 out = Err(ServiceError::Follower { vm: self.id, follower: f.name(), why });
             }
         }

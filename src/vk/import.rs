@@ -15,6 +15,8 @@ pub struct HostImport {
     _mem: Arc<PhysMem>,
     pub(crate) buffer: vk::Buffer,
     pub(crate) memory: vk::DeviceMemory,
+    /// The memory type the import was allocated from.
+    pub(crate) memory_type: u32,
     addr: u64,
     offset: u64,
     len: u64,
@@ -120,7 +122,16 @@ impl HostImport {
         let bai = vk::BufferDeviceAddressInfo::default().buffer(buffer);
         // SAFETY: a bound buffer created with SHADER_DEVICE_ADDRESS.
         let addr = unsafe { d.get_buffer_device_address(&bai) };
-        Ok(HostImport { ctx: ctx.clone(), _mem: mem.clone(), buffer, memory, addr, offset, len })
+        Ok(HostImport {
+            ctx: ctx.clone(),
+            _mem: mem.clone(),
+            buffer,
+            memory,
+            memory_type: ty,
+            addr,
+            offset,
+            len,
+        })
     }
 
     /// Its device address.

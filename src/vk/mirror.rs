@@ -78,6 +78,11 @@ impl BoMem {
         while at < end && i < self.pages.len() {
             let p = &self.pages[i];
             let (s, l) = (self.starts[i], u64::from(p.len));
+            if at >= s + l {
+                // Past this run (an offset beyond the object ends the walk below).
+                i += 1;
+                continue;
+            }
             let base = p.phys.as_u64() + u64::from(p.offset);
             let n = (s + l).min(end) - at;
             f(at, base + (at - s), n);
@@ -99,6 +104,8 @@ struct State {
 
 struct Inner {
     ctx: Arc<Vk>,
+    /// The VM followed (the service hands the same one to every follower call).
+    vm: Arc<Vm>,
     import: Arc<ArenaImport>,
     mem: Arc<PhysMem>,
     base: u64,
@@ -145,6 +152,15 @@ struct Inner {
 /// than `maxMemoryAllocationSize` is refused with the copy backing. On lavapipe every
 /// non-contiguous record is one kernel mapping: keep well under `vm.max_map_count` (65530)
 /// scattered blocks bound per process.
+///
+/// **Synchronisation.** Binds are not ordered against command buffers: work that reads the
+/// buffer on another queue (wgpu's, the caller's) must have completed before the service
+/// commits a batch that unbinds what it reads. With the copy backing an object's device memory
+/// is freed once nothing of it is bound, after the context's queue has gone idle.
+///
+/// **Failures.** A failed `vkQueueBindSparse` fails that batch's fences and leaves the mirror
+/// [`SparseMirror::diverged`]: it refuses later submissions until [`SparseMirror::resync`]
+/// rebinds the whole window.
 ///
 /// A mirror follows the service's binds only; ops applied to the [`Vm`] directly are not seen.
 /// Add it while the VM is idle; it binds the VM's current state first.
@@ -244,6 +260,7 @@ impl SparseMirror {
                 .map_err(destroy)?;
         let inner = Arc::new(Inner {
             ctx: ctx.clone(),
+            vm: the_vm.clone(),
             import: import.clone(),
             mem: import.mem().clone(),
             base: start,
@@ -325,21 +342,32 @@ impl SparseMirror {
     }
 
     /// With [`MirrorBacking::DeviceCopy`], copies the arena's current bytes of what
-    /// `[va, va + len)` maps into the device memory again (after the CPU wrote them); nothing
-    /// to do with the host-import backing.
+    /// `[va, va + len)` of the followed VM maps into the device memory again (after the CPU
+    /// wrote them); nothing to do with the host-import backing.
     ///
     /// # Errors
     /// [`VkError::BadRequest`] for a range outside the window.
-    pub fn refresh(&self, vm: &Vm, va: u64, len: u64) -> Result<(), VkError> {
+    pub fn refresh(&self, va: u64, len: u64) -> Result<(), VkError> {
         let (lo, hi) = self.checked(va, len)?;
         if self.inner.backing == MirrorBacking::HostImport {
             return Ok(());
         }
-        let ps = pieces(&vm.mappings(), &[(lo, hi)]);
+        let ps = pieces(&self.inner.vm.mappings(), &[(lo, hi)]);
         let mut st = self.inner.state.lock();
         let copied = self.inner.fill(&mut st, &ps);
         st.stats.bytes_copied += copied;
         Ok(())
+    }
+
+    /// After a failed bind ([`SparseMirror::diverged`]): binds the VM's current state over the
+    /// whole window again and, when that succeeds, follows the service's binds as before.
+    ///
+    /// # Errors
+    /// [`VkError::Mirror`] when the bind fails again (the mirror stays diverged).
+    pub fn resync(&self) -> Result<(), VkError> {
+        self.inner.state.lock().diverged = None;
+        let whole = [BindOp::Unmap { addr: self.inner.base, range: self.inner.len }];
+        self.inner.follow_ops(&self.inner.vm, &whole).map_err(VkError::Mirror)
     }
 
     fn checked(&self, va: u64, len: u64) -> Result<(u64, u64), VkError> {
@@ -496,7 +524,8 @@ fn probe_host_import(import: &Arc<ArenaImport>) -> Result<bool, VkError> {
     let shift = import.chunk_shift();
     let chunk = &import.chunks()[(pa.as_u64() >> shift) as usize];
     let mut result = Ok(false);
-    if reqs.memory_type_bits != 0 {
+    // Every chunk's memory type must be one the sparse buffer takes.
+    if import.chunks().iter().all(|c| reqs.memory_type_bits & (1 << c.memory_type) != 0) {
         let bind = [vk::SparseMemoryBind::default()
             .resource_offset(0)
             .size(block)
@@ -550,8 +579,19 @@ impl Inner {
             out.push(r);
         };
         let shift = self.import.chunk_shift();
+        let b = self.block;
         for p in ps {
             let at = p.va - self.base;
+            if !at.is_multiple_of(b)
+                || p.len % b != 0
+                || matches!(p.target, Target::Bo { offset, .. } if offset % b != 0)
+            {
+                return Err(format!(
+                    "[{:#x}, +{:#x}) is not bound in whole sparse blocks of {b:#x} (a repeat period or an \
+                     object offset that is not a block multiple)",
+                    p.va, p.len
+                ));
+            }
             match p.target {
                 Target::Unbound => push(vk::SparseMemoryBind::default().resource_offset(at).size(p.len)),
                 Target::Bo { bo, offset } => {
@@ -573,6 +613,12 @@ impl Inner {
                                 while n > 0 {
                                     let c = pa >> shift;
                                     let take = (((c + 1) << shift) - pa).min(n);
+                                    if take % b != 0 || !(pa - (c << shift)).is_multiple_of(b) {
+                                        return Err(format!(
+                                            "{bo:?}'s pages at {pa:#x} are not contiguous in whole \
+                                             sparse blocks of {b:#x} (host-import backing)"
+                                        ));
+                                    }
                                     push(
                                         vk::SparseMemoryBind::default()
                                             .resource_offset(va)
@@ -690,6 +736,7 @@ impl Inner {
         });
         if let Err(why) = &r {
             st.diverged = Some(why.clone());
+            self.free_unused(&mut st);
             return r;
         }
         self.update_shadow(&mut st, &ps);
@@ -703,7 +750,7 @@ impl Inner {
             let first = st.shadow.range(..a).next_back().filter(|(s, v)| *s + v.0 > a).map(|(s, _)| *s);
             let keys: Vec<u64> = first.into_iter().chain(st.shadow.range(a..e).map(|(s, _)| *s)).collect();
             for k in keys {
-                let (len, bo, off) = st.shadow.remove(&k).expect("listed");
+                let Some((len, bo, off)) = st.shadow.remove(&k) else { continue };
                 let end = k + len;
                 if k < a {
                     st.shadow.insert(k, (a - k, bo, off));
@@ -723,17 +770,31 @@ impl Inner {
                 }
             }
         }
+        self.free_unused(st);
+    }
+
+    /// Frees the objects nothing of the buffer is bound to (also those a failed batch made).
+    fn free_unused(&self, st: &mut State) {
         let unused: Vec<BoId> = st.bos.iter().filter(|(_, m)| m.bound == 0).map(|(b, _)| *b).collect();
         for b in unused {
-            let m = st.bos.remove(&b).expect("listed");
-            self.free_bo(&m);
+            if let Some(m) = st.bos.remove(&b) {
+                self.free_bo(&m);
+            }
         }
     }
 
     fn free_bo(&self, m: &BoMem) {
         if m.memory != vk::DeviceMemory::null() {
-            // SAFETY: nothing of the buffer is bound to it any more (the unbind was waited for),
-            // and no submit of the mirror is pending.
+            {
+                // Work the context's queue still runs may have read the memory before the unbind.
+                let q = self.ctx.queue.lock();
+                // SAFETY: the queue is externally synchronized by its lock.
+                let _ = unsafe { self.ctx.device.queue_wait_idle(*q) };
+            }
+            // SAFETY: nothing of the buffer is bound to it any more (the unbind was waited for);
+            // the mirror's reads waited for their submits and the context's queue is idle. Work
+            // submitted elsewhere (wgpu's queue, the caller's) must have completed before the
+            // unbind, as the type's docs require.
             unsafe { self.ctx.device.free_memory(m.memory, None) };
         }
     }
@@ -757,6 +818,30 @@ impl Inner {
                     "[{a:#x}, {e:#x}) at object offset {off:#x} is not a multiple of the sparse block {b:#x}"
                 ));
             }
+            if let BindOp::Map(v) = op
+                && let Some(r) = v.repeat
+                && (r.start % b != 0 || r.len % b != 0)
+            {
+                return Err(format!(
+                    "the repeat period [{:#x}, +{:#x}) of [{a:#x}, {e:#x}) is not a multiple of the sparse \
+                     block {b:#x}",
+                    r.start, r.len
+                ));
+            }
+            if let (Some(bo), MirrorBacking::HostImport) = (bo, self.backing)
+                && b > PAGE_SIZE
+                && let Ok(pages) = vm.bo_pages(bo)
+                && let Some(p) = pages
+                    .iter()
+                    .find(|p| (p.phys.as_u64() + u64::from(p.offset)) % b != 0 || u64::from(p.len) % b != 0)
+            {
+                return Err(format!(
+                    "{bo:?} has pages at {:#x} (+{:#x}) that are not whole sparse blocks of {b:#x}: the \
+                     host-import backing binds its pages where they are",
+                    p.phys.as_u64() + u64::from(p.offset),
+                    p.len
+                ));
+            }
             if let (Some(bo), MirrorBacking::DeviceCopy) = (bo, self.backing)
                 && vm.bo_size(bo).is_ok_and(|s| s > self.ctx.info().max_allocation)
             {
@@ -773,10 +858,16 @@ impl Follower for Inner {
     }
 
     fn check(&self, vm: &Vm, ops: &[BindOp]) -> Result<(), String> {
+        if !std::ptr::eq(vm, &*self.vm) {
+            return Err("not the VM this mirror follows".into());
+        }
         self.check_ops(vm, ops)
     }
 
     fn follow(&self, vm: &Vm, ops: &[BindOp]) -> Result<(), String> {
+        if !std::ptr::eq(vm, &*self.vm) {
+            return Err("not the VM this mirror follows".into());
+        }
         self.follow_ops(vm, ops)
     }
 }

@@ -10,6 +10,7 @@ use gpu_allocator::MemoryLocation;
 
 use super::util::{ComputePipeline, GpuBuffer, end_for_host};
 use super::{ArenaImport, VkError, call};
+use crate::gpuvm::Populated;
 use crate::pt::PteLog;
 use crate::service::PteWriter;
 
@@ -68,23 +69,15 @@ impl GpuPopulate {
     }
 
     /// Writes every entry of `log` on the device and waits. The log must come from a table in
-    /// this import's arena ([`crate::gpuvm::Vm::bind_deferred`]).
+    /// this import's arena (the writer of [`crate::gpuvm::Vm::bind_deferred`]).
     ///
     /// # Errors
-    /// [`VkError::BadRequest`] for a run outside the arena or crossing a table page;
+    /// [`VkError::BadRequest`] for a log that fails [`PteLog::check`] (nothing is written);
     /// [`VkError::Alloc`], [`VkError::Call`].
     pub fn run(&self, log: &PteLog) -> Result<PopulateTiming, VkError> {
         let t0 = Instant::now();
         let size = self.import.mem().size();
-        for r in &log.runs {
-            let end = r.dst + u64::from(r.count) * 8;
-            if r.dst % 8 != 0 || end > size || r.dst >> 12 != (end - 1) >> 12 || r.count == 0 {
-                return Err(VkError::BadRequest(format!("run at {:#x} of {} entries", r.dst, r.count)));
-            }
-            if !r.linear && r.value + u64::from(r.count) > log.staged.len() as u64 {
-                return Err(VkError::BadRequest(format!("run at {:#x} reads past the staged array", r.dst)));
-            }
-        }
+        log.check(size).map_err(|e| VkError::BadRequest(e.to_string()))?;
         if log.runs.is_empty() {
             return Ok(PopulateTiming { entries: 0, runs: 0, ns: 0 });
         }
@@ -199,8 +192,12 @@ impl GpuPopulate {
                     let map = [BindOp::Map(Va::object(va, n * 4096, bo, 0))];
                     let t0 = Instant::now();
                     if gpu {
-                        let (_, log) = vm.bind_deferred(&map).map_err(|e| scratch(e.to_string()))?;
-                        self.run(&log)?;
+                        let (_, how) = vm
+                            .bind_deferred(&map, |log| self.write(log))
+                            .map_err(|e| scratch(e.to_string()))?;
+                        if let Populated::Fallback { why, .. } = how {
+                            return Err(scratch(format!("the populate failed: {why}")));
+                        }
                     } else {
                         vm.bind(&map).map_err(|e| scratch(e.to_string()))?;
                     }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::dma::Device;
-use crate::gpuvm::{BindOp, Va, Vm};
+use crate::gpuvm::{BindOp, Populated, Va, Vm};
 use crate::iommu::DeviceId;
 use crate::mem::{BioVec, PhysMem};
 use crate::vk::{ArenaImport, DriverBench, GpuPopulate, Vk};
@@ -109,8 +109,9 @@ fn populate(r: &mut Report, ctx: &Arc<Vk>, names: [&str; 2]) {
     let gpu: Run<'_> = Box::new(move || {
         let _ = vm.bind(unmap);
         let t0 = Instant::now();
-        let (_, log) = vm.bind_deferred(map).unwrap();
-        pop.run(&log).unwrap();
+        let (_, how) =
+            vm.bind_deferred(map, |log| pop.run(log).map(|_| ()).map_err(|e| e.to_string())).unwrap();
+        assert!(matches!(how, Populated::Writer { .. }), "{how:?}");
         t0.elapsed().as_secs_f64() * 1e9
     });
     let cpu: Run<'_> = Box::new(move || {
