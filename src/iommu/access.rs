@@ -285,6 +285,59 @@ impl Iommu {
         }
     }
 
+    /// The misses of one [`DevicePort::gather_u64`] chunk (indices into `iovas`), resolved
+    /// together: the device's attachment decoded once, the registry and the domain's
+    /// invalidation lock taken shared once, then every walk and fill in a row, so the walks'
+    /// cache misses overlap instead of each waiting behind its own fence. `Some(i)`: the first
+    /// miss this could not settle (a fault, a page the IOTLB cannot hold, a changed attachment);
+    /// those before it are read into `out`.
+    #[inline(never)]
+    fn gather_misses(
+        &self,
+        dev: DeviceId,
+        word: u64,
+        iovas: &[DmaAddr],
+        misses: &[u16],
+        out: &mut [u64],
+    ) -> Option<usize> {
+        // Upgrades the probes' relaxed loads of the device word, as in `read_u64_miss`.
+        fence(Ordering::Acquire);
+        let first = usize::from(*misses.first()?);
+        let Ok(Some(id)) = self.attachment(word, dev, iovas[first], Access::Read) else {
+            return Some(first);
+        };
+        let domains = self.inner.domains.read();
+        // Read again under the registry lock (see `resolve_slow`).
+        if self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire) != word {
+            return Some(first);
+        }
+        let Some(d) = domains.get(usize::from(id) - 1).and_then(Option::as_deref) else {
+            return Some(first);
+        };
+        let Some(table) = &d.table else {
+            return Some(first);
+        };
+        let words = self.inner.mem.words();
+        let iotlb = &self.inner.iotlb;
+        let _walks = d.inv_lock.read();
+        for &i in misses {
+            let i = usize::from(i);
+            let a = iovas[i];
+            if a.as_u64() < d.aperture.0 || a.as_u64() >= d.aperture.1 {
+                return Some(i);
+            }
+            let Some(t) = table.translate(a).filter(|t| t.prot.contains(Prot::READ)) else {
+                return Some(i);
+            };
+            let Some(v) = words.load(t.pa) else {
+                return Some(i);
+            };
+            iotlb.insert(id, a, t.pa, t.prot);
+            out[i] = v;
+        }
+        None
+    }
+
     #[inline(never)]
     fn dma_read_u64_slow(&self, dev: DeviceId, iova: DmaAddr) -> Result<u64, DmaFault> {
         if iova.as_u64() & (PAGE_SIZE - 1) > PAGE_SIZE - 8 {
@@ -313,6 +366,22 @@ impl Iommu {
         let _ = self.inner.mem.write_u64(pa, v);
         Ok(())
     }
+}
+
+/// Why a [`DevicePort::gather_u64`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GatherError {
+    /// The output slice is not as long as the address list.
+    #[error("gather of {iovas} addresses into {out} output words: the lengths must match")]
+    LengthMismatch {
+        /// Addresses given.
+        iovas: usize,
+        /// Output words given.
+        out: usize,
+    },
+    /// A read faulted (and was logged); the reads before it completed.
+    #[error("{0}")]
+    Fault(DmaFault),
 }
 
 /// A device's access handle from [`Iommu::port`]: the same accesses as the `Iommu::dma_*`
@@ -364,6 +433,62 @@ impl DevicePort<'_> {
             };
         }
         self.iommu.read_u64_miss(self.dev, word, iova)
+    }
+
+    /// Reads the 64-bit little-endian value at each of `iovas` into `out` (same length): a
+    /// device's gather, as a DMA engine walks a descriptor list. Each read is translated and
+    /// checked exactly as [`DevicePort::read_u64`] would; what differs is how IOTLB misses are
+    /// served. They are collected per chunk of 64 addresses and filled together under the
+    /// domain's invalidation lock, taken shared once per chunk (the locked fill of the `iotlb`
+    /// module, whose invalidations hold that lock exclusively), so that the table walks of many
+    /// misses overlap, as the several page walkers of a hardware IOMMU do.
+    ///
+    /// # Errors
+    /// [`GatherError::LengthMismatch`] when `out` is not as long as `iovas` (nothing is read);
+    /// [`GatherError::Fault`] with the first address, in order, whose read faults (the fault is
+    /// also logged): the values of the addresses before it are in `out`, those after it may or
+    /// may not have been read.
+    pub fn gather_u64(&self, iovas: &[DmaAddr], out: &mut [u64]) -> Result<(), GatherError> {
+        const CHUNK: usize = 64;
+        if iovas.len() != out.len() {
+            return Err(GatherError::LengthMismatch { iovas: iovas.len(), out: out.len() });
+        }
+        for (iv, ov) in iovas.chunks(CHUNK).zip(out.chunks_mut(CHUNK)) {
+            let mut misses = [0u16; CHUNK];
+            let mut n = 0;
+            let word = self.word.load(Ordering::Relaxed);
+            for (i, (&iova, o)) in iv.iter().zip(ov.iter_mut()).enumerate() {
+                let a = iova.as_u64();
+                if a & (PAGE_SIZE - 1) <= PAGE_SIZE - 8
+                    && let Some((page, prot)) = iotlb::lookup_key(self.entries, word, a)
+                    && prot & Prot::READ.bits() != 0
+                    && let Some(v) = self.words.load(PhysAddr::new(page | (a & (PAGE_SIZE - 1))))
+                {
+                    *o = v;
+                } else {
+                    misses[n] = i as u16;
+                    n += 1;
+                }
+            }
+            if n == 0 {
+                continue;
+            }
+            let misses = &misses[..n];
+            let stuck = if iv[usize::from(misses[0])].as_u64() & (PAGE_SIZE - 1) <= PAGE_SIZE - 8 {
+                self.iommu.gather_misses(self.dev, word, iv, misses, ov)
+            } else {
+                Some(usize::from(misses[0]))
+            };
+            // What the batch could not settle goes one by one the general way, which decides
+            // faults and logs them.
+            if let Some(j) = stuck {
+                for &i in misses.iter().skip_while(|&&i| usize::from(i) < j) {
+                    let i = usize::from(i);
+                    ov[i] = self.read_u64(iv[i]).map_err(GatherError::Fault)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The IOTLB-hit fast path: the physical address of `a` when the device is attached to a

@@ -88,7 +88,7 @@ use crate::mem::{MemError, PhysMem};
 use crate::pt::PageTable;
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::sync::{Mutex, Rank, RwLock};
-pub use access::DevicePort;
+pub use access::{DevicePort, GatherError};
 pub use domain::{Domain, DomainConfig, DomainError, DomainKind, FLUSH_QUEUE_MAX, FLUSH_TIMEOUT, Mode};
 pub use fault::{Access, DmaFault, FAULT_LOG_MAX, FaultLog, FaultReason};
 use iotlb::Iotlb;

@@ -229,6 +229,23 @@ pub fn iommu_cases(r: &mut Report) {
                 },
             ),
         );
+        let dprobes: Vec<DmaAddr> = probes.iter().map(|&p| DmaAddr::new(p)).collect();
+        let dprobes = &dprobes;
+        let gather = per(
+            probes.len() as f64,
+            timed(
+                || {
+                    if miss {
+                        iommu.flush_iotlb();
+                    }
+                    vec![0u64; dprobes.len()]
+                },
+                |mut out| {
+                    iommu.port(dev).gather_u64(dprobes, &mut out).unwrap();
+                    out.iter().fold(0u64, |a, &v| a ^ v)
+                },
+            ),
+        );
         let walker = per(
             probes.len() as f64,
             timed(
@@ -279,7 +296,14 @@ pub fn iommu_cases(r: &mut Report) {
             "ns/access",
             1.0,
             n,
-            vec![("vmbind", vm), ("x86_64", walker), ("btreemap", btree), ("vm-memory", vmmem), ("raw", raw)],
+            vec![
+                ("vmbind", vm),
+                ("vmbind-gather", gather),
+                ("x86_64", walker),
+                ("btreemap", btree),
+                ("vm-memory", vmmem),
+                ("raw", raw),
+            ],
         );
     }
 
