@@ -2,7 +2,7 @@
 //! device reads never succeed on a range whose unmap had already returned — whether they hit the
 //! IOTLB or miss and fill it (a flusher thread keeps emptying it, so fills race with unmaps) —
 //! and always succeed, with the bytes of the current mapping, while a map has returned and its
-//! unmap has not begun.
+//! unmap has not begun. The same holds for reads through `DevicePort::gather_u64`.
 //!
 //! Each slot publishes its phase in an atomic word *around* every table change (the phase is
 //! stored before the change begins and after it returns), and a reader loads that word before and
@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vmbind::addr::{DmaAddr, PAGE_SIZE};
-use vmbind::iommu::{DeviceId, DomainConfig, FaultReason, Iommu};
+use vmbind::iommu::{DeviceId, DomainConfig, FaultReason, GatherError, Iommu};
 use vmbind::mem::PhysMem;
 use vmbind::pt::{MapSource, Prot};
 
@@ -117,7 +117,18 @@ fn no_device_read_succeeds_after_strict_unmap_returned() {
                 while !stop.load(Ordering::Acquire) {
                     for (s, &iova) in iovas.iter().enumerate() {
                         let before = states[s].load(Ordering::SeqCst);
-                        let r = iommu.dma_read_u64(dev, iova);
+                        // Every other sweep reads through a one-address gather, whose misses
+                        // fill under the domain's invalidation lock instead of lock-free.
+                        let r = if sweeps.is_multiple_of(2) {
+                            iommu.dma_read_u64(dev, iova)
+                        } else {
+                            let mut out = [0u64];
+                            match iommu.port(dev).gather_u64(&[iova], &mut out) {
+                                Ok(()) => Ok(out[0]),
+                                Err(GatherError::Fault(f)) => Err(f),
+                                Err(e) => panic!("{e}"),
+                            }
+                        };
                         let after = states[s].load(Ordering::SeqCst);
                         let (g, phase) = (before / 4, before % 4);
                         if before == after && phase == MAPPED {

@@ -8,7 +8,7 @@ use vmbind::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use vmbind::iommu::iova::IovaError;
 use vmbind::iommu::{
     Access, DeviceId, DmaFault, Domain, DomainConfig, DomainError, DomainKind, FLUSH_QUEUE_MAX, FaultReason,
-    Iommu, IommuError, Mode,
+    GatherError, Iommu, IommuError, Mode,
 };
 use vmbind::mem::PhysMem;
 use vmbind::pt::{MapError, MapSource, Prot};
@@ -276,6 +276,70 @@ fn identity_domains_reach_physical_memory_directly() {
         id.map(DmaAddr::new(0x1000), MapSource::Pages(&[pa]), Prot::RW),
         Err(DomainError::Identity(id.id()))
     );
+}
+
+#[test]
+fn a_gather_reads_what_single_reads_read_and_stops_at_the_first_fault() {
+    let (mem, iommu, d1, _d2) = setup(Mode::Strict);
+    // 300 pages, each word tagged with its page and offset; read-only page 7.
+    let frames: Vec<PhysAddr> = (0..300).map(|_| mem.alloc_frame().unwrap()).collect();
+    for (p, f) in frames.iter().enumerate() {
+        let words: Vec<u8> = (0..512u64).flat_map(|w| ((p as u64) << 32 | w).to_le_bytes()).collect();
+        mem.write(*f, &words).unwrap();
+    }
+    let iova = d1.alloc_iova(300 * PAGE_SIZE).unwrap();
+    d1.map(iova, MapSource::Pages(&frames), Prot::RW).unwrap();
+    let page = |p: u64, off: u64| DmaAddr::new(iova.as_u64() + p * PAGE_SIZE + off);
+    // Misses and hits mixed (every third page read once before), 200 addresses, one crossing a
+    // page boundary (taken the general way).
+    for p in (0..300).step_by(3) {
+        iommu.dma_read_u64(A, page(p, 0)).unwrap();
+    }
+    let mut addrs: Vec<DmaAddr> = (0..200u64).map(|i| page((i * 37) % 300, (i % 512) * 8)).collect();
+    addrs[150] = page(20, PAGE_SIZE - 4);
+    let mut out = vec![0u64; addrs.len()];
+    let port = iommu.port(A);
+    port.gather_u64(&addrs, &mut out).unwrap();
+    let single: Vec<u64> = addrs.iter().map(|&a| port.read_u64(a).unwrap()).collect();
+    assert_eq!(out, single);
+    assert_eq!(out[1], 37 << 32 | 1);
+    assert!(d1.faults().records().is_empty());
+    // An unmapped address at 70 of 130: the fault names it and is logged; 0..70 were read.
+    let mut addrs: Vec<DmaAddr> = (0..130u64).map(|i| page((i * 11) % 300, 8)).collect();
+    addrs[70] = page(300, 0);
+    let mut out = vec![u64::MAX; addrs.len()];
+    let err = port.gather_u64(&addrs, &mut out).unwrap_err();
+    assert_eq!(
+        err,
+        GatherError::Fault(DmaFault {
+            device: A,
+            iova: addrs[70],
+            access: Access::Read,
+            reason: FaultReason::NotMapped
+        })
+    );
+    for (i, v) in out[..70].iter().enumerate() {
+        assert_eq!(*v, ((i as u64 * 11) % 300) << 32 | 1, "address {i}");
+    }
+    assert_eq!(d1.faults().records().len(), 1);
+    // Mismatched lengths: nothing read, nothing logged.
+    let mut short = [7u64; 3];
+    assert_eq!(
+        port.gather_u64(&addrs[..4], &mut short),
+        Err(GatherError::LengthMismatch { iovas: 4, out: 3 })
+    );
+    assert_eq!((short, d1.faults().records().len()), ([7; 3], 1));
+    // After a strict unmap, a gather faults on the unmapped page, cached or not.
+    d1.unmap(page(5, 0), PAGE_SIZE).unwrap();
+    let err = port.gather_u64(&[page(4, 0), page(5, 8)], &mut [0, 0]).unwrap_err();
+    assert!(
+        matches!(err, GatherError::Fault(f) if f.iova == page(5, 8) && f.reason == FaultReason::NotMapped)
+    );
+    // A detached device reaches nothing.
+    iommu.detach(A).unwrap();
+    let err = port.gather_u64(&[page(4, 0)], &mut [0]).unwrap_err();
+    assert!(matches!(err, GatherError::Fault(f) if f.reason == FaultReason::NotAttached), "{err:?}");
+    assert_eq!(port.gather_u64(&[], &mut []), Ok(()));
 }
 
 #[test]
