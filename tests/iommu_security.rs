@@ -337,8 +337,10 @@ fn a_gather_reads_what_single_reads_read_and_stops_at_the_first_fault() {
     );
     // A detached device reaches nothing.
     iommu.detach(A).unwrap();
+    let logged = iommu.faults().records().len();
     let err = port.gather_u64(&[page(4, 0)], &mut [0]).unwrap_err();
     assert!(matches!(err, GatherError::Fault(f) if f.reason == FaultReason::NotAttached), "{err:?}");
+    assert_eq!(iommu.faults().records().len(), logged + 1, "one fault, logged once");
     assert_eq!(port.gather_u64(&[], &mut []), Ok(()));
 }
 

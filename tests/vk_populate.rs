@@ -171,6 +171,13 @@ fn a_deferred_bind_hands_its_4k_entries_to_the_writer_inside_the_commit() {
         })
         .unwrap();
     assert!(matches!(how, Populated::Writer { entries: 4, .. }), "{how:?}");
+    // A writer that panics leaves its entries unwritten: the VM refuses further binds.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        s.vm.bind_deferred(&[BindOp::Map(Va::object(0xa0_0000, 4 * P, bo, 0))], |_| panic!("a writer bug"))
+    }));
+    assert!(r.is_err());
+    let r = s.vm.bind(&[BindOp::Map(Va::object(0xc0_0000, P, bo, 0))]);
+    assert!(matches!(r, Err(vmbind::gpuvm::VmError::Unusable { .. })), "{r:?}");
 }
 
 #[cfg(feature = "vulkan")]

@@ -447,13 +447,18 @@ impl Vm {
             Some(w) => w(log),
             None => Err("the writer ran already".into()),
         };
+        /// Switches deferral off and discards what is left of the log on every way out, a
+        /// panic included: nothing recorded may survive into a later bind.
+        struct Deferring<'t>(&'t PageTable<GpuGfx9>);
+        impl Drop for Deferring<'_> {
+            fn drop(&mut self) {
+                self.0.defer_leaves(false);
+                drop(self.0.take_log());
+            }
+        }
         self.table.defer_leaves(true);
-        let r = self.bind_locked(&mut guard, ops, Some(&mut once));
-        // On an error before the commit nothing was recorded; on any error nothing recorded may
-        // survive into a later bind's log.
-        self.table.defer_leaves(false);
-        drop(self.table.take_log());
-        r
+        let _deferring = Deferring(&self.table);
+        self.bind_locked(&mut guard, ops, Some(&mut once))
     }
 
     /// Maps only, of pairwise disjoint ranges.
@@ -622,12 +627,24 @@ impl Vm {
         }
         let _ = self.table.finish(prep);
         let mut populated = Populated::Cpu;
-        if let Some(write) = populate
-            && failure.is_none()
-        {
+        if let Some(write) = populate {
             self.table.defer_leaves(false);
             let log = self.table.take_log();
-            if !log.is_empty() {
+            if failure.is_some() {
+                // The VM is lost below, but its tables hold what a plain bind would have left:
+                // the ops committed before the failure get their entries.
+                let _ = log.apply(self.mem());
+            } else if !log.is_empty() {
+                // A writer that panics leaves entries unwritten: the VM is unusable then.
+                struct Lost<'v>(&'v AtomicBool);
+                impl Drop for Lost<'_> {
+                    fn drop(&mut self) {
+                        if std::thread::panicking() {
+                            self.0.store(true, Ordering::Release);
+                        }
+                    }
+                }
+                let _lost = Lost(&self.unusable);
                 let (entries, runs) = (log.entries(), log.runs.len());
                 populated = match write(&log) {
                     Ok(()) => Populated::Writer { entries, runs },

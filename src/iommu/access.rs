@@ -303,9 +303,11 @@ impl Iommu {
         // Upgrades the probes' relaxed loads of the device word, as in `read_u64_miss`.
         fence(Ordering::Acquire);
         let first = usize::from(*misses.first()?);
-        let Ok(Some(id)) = self.attachment(word, dev, iovas[first], Access::Read) else {
+        // Only a translated domain is batched; the general path decides (and logs) the rest.
+        let id = attached_domain(word);
+        if word & DEV_REGISTERED == 0 || id == 0 || word & DEV_IDENTITY != 0 {
             return Some(first);
-        };
+        }
         let domains = self.inner.domains.read();
         // Read again under the registry lock (see `resolve_slow`).
         if self.inner.devices[usize::from(dev.0)].load(Ordering::Acquire) != word {

@@ -235,7 +235,9 @@ pub enum ServiceError {
 pub trait PteWriter: Send + Sync {
     /// A short name.
     fn name(&self) -> String;
-    /// Writes every entry of `log` and returns when they are in memory.
+    /// Writes every entry of `log` and returns when they are in memory. It runs inside the
+    /// VM's commit, with the VM's lock and access gate held: it must not call back into the VM
+    /// (`mappings`, `bo_pages`, `gpu_read`, a bind: they would deadlock).
     ///
     /// # Errors
     /// Why not; the service then writes them on the CPU.

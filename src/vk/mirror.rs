@@ -483,6 +483,17 @@ fn bind_sparse(
     binds: &[vk::SparseMemoryBind],
     fence: vk::Fence,
 ) -> Result<(), VkError> {
+    bind_sparse_submitted(ctx, buffer, binds, fence).map_err(|(_, e)| e)
+}
+
+/// [`bind_sparse`], whose error also says whether the bind was submitted (then it may have
+/// taken effect, and `fence` may still be pending or signaled).
+fn bind_sparse_submitted(
+    ctx: &Vk,
+    buffer: vk::Buffer,
+    binds: &[vk::SparseMemoryBind],
+    fence: vk::Fence,
+) -> Result<(), (bool, VkError)> {
     let bufs = [vk::SparseBufferMemoryBindInfo::default().buffer(buffer).binds(binds)];
     let info = [vk::BindSparseInfo::default().buffer_binds(&bufs)];
     let r = {
@@ -492,12 +503,12 @@ fn bind_sparse(
         // is unsignaled.
         unsafe { ctx.device.queue_bind_sparse(*q, &info, fence) }
     };
-    call("vkQueueBindSparse", r)?;
+    call("vkQueueBindSparse", r).map_err(|e| (false, e))?;
     // SAFETY: the fence belongs to this device and was submitted.
     let waited = unsafe { ctx.device.wait_for_fences(&[fence], true, u64::MAX) };
-    call("vkWaitForFences", waited)?;
+    call("vkWaitForFences", waited).map_err(|e| (true, e))?;
     // SAFETY: signaled, no longer in use.
-    call("vkResetFences", unsafe { ctx.device.reset_fences(&[fence]) })
+    call("vkResetFences", unsafe { ctx.device.reset_fences(&[fence]) }).map_err(|e| (true, e))
 }
 
 /// Whether the driver really binds host-imported memory in a sparse buffer: binds one arena
@@ -723,12 +734,16 @@ impl Inner {
             return Ok(());
         }
         let ps = pieces(&vm.mappings(), &ranges);
+        let mut submitted = false;
         let r = self.records(&mut st, vm, &ps).and_then(|binds| {
             if self.backing == MirrorBacking::DeviceCopy {
                 let copied = self.fill(&mut st, &ps);
                 st.stats.bytes_copied += copied;
             }
-            bind_sparse(&self.ctx, self.buffer, &binds, st.fence).map_err(|e| e.to_string())?;
+            bind_sparse_submitted(&self.ctx, self.buffer, &binds, st.fence).map_err(|(s, e)| {
+                submitted = s;
+                e.to_string()
+            })?;
             st.stats.calls += 1;
             st.stats.records += binds.len() as u64;
             st.stats.last_records = binds.len() as u64;
@@ -736,7 +751,19 @@ impl Inner {
         });
         if let Err(why) = &r {
             st.diverged = Some(why.clone());
-            self.free_unused(&mut st);
+            if submitted {
+                // The bind may have taken effect: the memory it names stays until a resync
+                // has rebound the window (its shadow update frees what is then unused). The
+                // fence may still be pending: a new one serves the resync, the old one is
+                // left alone (a wait on it failed; destroying it could be invalid).
+                // SAFETY: a live device.
+                if let Ok(f) = unsafe { self.ctx.device.create_fence(&vk::FenceCreateInfo::default(), None) }
+                {
+                    st.fence = f;
+                }
+            } else {
+                self.free_unused(&mut st);
+            }
             return r;
         }
         self.update_shadow(&mut st, &ps);
