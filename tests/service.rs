@@ -56,9 +56,11 @@ fn map(va: u64, pages: u64, bo: BoId, page: u64) -> BindOp {
 #[test]
 fn submissions_of_one_queue_take_effect_in_order_while_other_queues_run() {
     let (_mem, svc, vm, bo) = setup(ServiceConfig::default(), 512);
+    // All four made before any runs: a queue dropped early would retire its slot, and the next
+    // one made would take it over.
+    let queues: Vec<_> = (0..4).map(|_| svc.create_queue(vm).unwrap()).collect();
     std::thread::scope(|s| {
-        for c in 0..4u64 {
-            let q = svc.create_queue(vm).unwrap();
+        for (c, q) in (0..4u64).zip(queues) {
             let svc = &svc;
             s.spawn(move || {
                 let va = (c + 1) << 30;
