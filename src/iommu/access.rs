@@ -424,12 +424,10 @@ impl DevicePort<'_> {
         // access is visible to it by coherence, and a hit publishes nothing. The miss path
         // upgrades this very load with an acquire fence instead of loading the word again.
         let word = self.word.load(Ordering::Relaxed);
-        if let Some((page, prot)) = iotlb::lookup_key(self.entries, word, a)
-            && prot & Prot::READ.bits() != 0
-        {
+        if let Some(pa) = self.hit_with(word, a, Prot::READ.bits()) {
             // A hit whose word the fast load refuses (unaligned, at the arena's end) takes the
             // general read, not a refill of an entry that is valid.
-            return match self.words.load(PhysAddr::new(page | (a & (PAGE_SIZE - 1)))) {
+            return match self.words.load(PhysAddr::new(pa)) {
                 Some(v) => Ok(v),
                 None => self.iommu.dma_read_u64_slow(self.dev, iova),
             };
@@ -460,30 +458,25 @@ impl DevicePort<'_> {
             let mut n = 0;
             let word = self.word.load(Ordering::Relaxed);
             for (i, (&iova, o)) in iv.iter().zip(ov.iter_mut()).enumerate() {
-                let a = iova.as_u64();
-                if a & (PAGE_SIZE - 1) <= PAGE_SIZE - 8
-                    && let Some((page, prot)) = iotlb::lookup_key(self.entries, word, a)
-                    && prot & Prot::READ.bits() != 0
-                    && let Some(v) = self.words.load(PhysAddr::new(page | (a & (PAGE_SIZE - 1))))
+                // A word the fast load refuses (unaligned, crossing a page) is settled below.
+                match self
+                    .hit_with(word, iova.as_u64(), Prot::READ.bits())
+                    .and_then(|pa| self.words.load(PhysAddr::new(pa)))
                 {
-                    *o = v;
-                } else {
-                    misses[n] = i as u16;
-                    n += 1;
+                    Some(v) => *o = v,
+                    None => {
+                        misses[n] = i as u16;
+                        n += 1;
+                    }
                 }
             }
             if n == 0 {
                 continue;
             }
             let misses = &misses[..n];
-            let stuck = if iv[usize::from(misses[0])].as_u64() & (PAGE_SIZE - 1) <= PAGE_SIZE - 8 {
-                self.iommu.gather_misses(self.dev, word, iv, misses, ov)
-            } else {
-                Some(usize::from(misses[0]))
-            };
             // What the batch could not settle goes one by one the general way, which decides
             // faults and logs them.
-            if let Some(j) = stuck {
+            if let Some(j) = self.iommu.gather_misses(self.dev, word, iv, misses, ov) {
                 for &i in misses.iter().skip_while(|&&i| usize::from(i) < j) {
                     let i = usize::from(i);
                     ov[i] = self.read_u64(iv[i]).map_err(GatherError::Fault)?;
@@ -500,7 +493,13 @@ impl DevicePort<'_> {
     fn hit(&self, a: u64, need: u8) -> Option<u64> {
         // Relaxed is enough: a detach or an invalidation that happens before this access is
         // visible to it by coherence, and a hit publishes nothing.
-        let (page, prot) = iotlb::lookup_key(self.entries, self.word.load(Ordering::Relaxed), a)?;
+        self.hit_with(self.word.load(Ordering::Relaxed), a, need)
+    }
+
+    /// [`DevicePort::hit`] with the device word already loaded.
+    #[inline(always)]
+    fn hit_with(&self, word: u64, a: u64, need: u8) -> Option<u64> {
+        let (page, prot) = iotlb::lookup_key(self.entries, word, a)?;
         (prot & need != 0).then_some(page | (a & (PAGE_SIZE - 1)))
     }
 

@@ -214,30 +214,27 @@ pub fn iommu_cases(r: &mut Report) {
         // The slow peers read the first 8192 probes only, so that samples stay short.
         let few = &probes[..8192];
         let (iommu, bt, vmm, x86) = (&iommu, &bt, &vmm, &x86);
+        // Every miss sample starts from an empty IOTLB.
+        let flush = move || {
+            if miss {
+                iommu.flush_iotlb();
+            }
+        };
         let vm = per(
             probes.len() as f64,
-            timed(
-                || {
-                    if miss {
-                        iommu.flush_iotlb();
-                    }
-                },
-                |()| {
-                    // The device's access handle: 8-byte device reads through the IOMMU.
-                    let port = iommu.port(dev);
-                    probes.iter().fold(0u64, |a, &p| a ^ port.read_u64(DmaAddr::new(p)).unwrap())
-                },
-            ),
+            timed(flush, |()| {
+                // The device's access handle: 8-byte device reads through the IOMMU.
+                let port = iommu.port(dev);
+                probes.iter().fold(0u64, |a, &p| a ^ port.read_u64(DmaAddr::new(p)).unwrap())
+            }),
         );
         let dprobes: Vec<DmaAddr> = probes.iter().map(|&p| DmaAddr::new(p)).collect();
         let dprobes = &dprobes;
         let gather = per(
             probes.len() as f64,
             timed(
-                || {
-                    if miss {
-                        iommu.flush_iotlb();
-                    }
+                move || {
+                    flush();
                     vec![0u64; dprobes.len()]
                 },
                 |mut out| {
