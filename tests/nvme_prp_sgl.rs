@@ -244,4 +244,14 @@ fn sgl_is_preferred_for_large_segments_or_when_prp_cannot_express_it() {
     odd.push(DmaAddr::new(0x10_0000), 0x800).unwrap();
     odd.push(DmaAddr::new(0x20_0000), PAGE_SIZE).unwrap();
     assert!(nvme::prefers_sgl(&odd, PAGE_SIZE, true));
+    // The average is rounded up, as Linux's: 32 KiB and 32 KiB - 1 average 32 KiB (SGL); two
+    // segments of 32 KiB - 1 average 32 KiB - 1 (PRP).
+    let mut edge = DmaVec::default();
+    edge.push(DmaAddr::new(0x10_0000), 32 << 10).unwrap();
+    edge.push(DmaAddr::new(0x80_0000), (32 << 10) - 1).unwrap();
+    assert!(nvme::prefers_sgl(&edge, PAGE_SIZE, true));
+    let mut under = DmaVec::default();
+    under.push(DmaAddr::new(0x10_0001), (32 << 10) - 1).unwrap();
+    under.push(DmaAddr::new(0x80_0000), (32 << 10) - 1).unwrap();
+    assert!(!nvme::prefers_sgl(&under, PAGE_SIZE, true));
 }

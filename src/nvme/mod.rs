@@ -266,7 +266,9 @@ pub(super) fn checked_segments(data: &DmaVec, max_len: u64) -> Result<(&[DmaSeg]
 
 /// Linux's choice between the two: SGL when the controller supports it and the request's
 /// average segment is at least 32 KiB, or when PRP cannot express the request at all (which
-/// includes a `page_size` that is not a controller page size, and a segment that wraps).
+/// includes a `page_size` that is not a controller page size, and a segment that wraps). The
+/// average is rounded up, as Linux's `nvme_pci_avg_seg_size` computes it (`DIV_ROUND_UP` of the
+/// payload by the segment count): segments of 32 KiB and 32 KiB − 1 average 32 KiB.
 #[must_use]
 pub fn prefers_sgl(data: &DmaVec, page_size: u64, controller_supports_sgl: bool) -> bool {
     if !controller_supports_sgl || data.is_empty() {
@@ -279,7 +281,7 @@ pub fn prefers_sgl(data: &DmaVec, page_size: u64, controller_supports_sgl: bool)
                 && (i + 1 == segs.len() || seg_end(s).is_ok_and(|end| end & mask == 0))
         })
     });
-    !prp_ok || data.total_len() / segs.len() as u64 >= 32 << 10
+    !prp_ok || data.total_len().div_ceil(segs.len() as u64) >= 32 << 10
 }
 
 /// The decoders' common check of `len`: not 0 and not over [`MAX_DECODE_LEN`].
