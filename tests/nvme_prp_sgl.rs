@@ -244,14 +244,26 @@ fn sgl_is_preferred_for_large_segments_or_when_prp_cannot_express_it() {
     odd.push(DmaAddr::new(0x10_0000), 0x800).unwrap();
     odd.push(DmaAddr::new(0x20_0000), PAGE_SIZE).unwrap();
     assert!(nvme::prefers_sgl(&odd, PAGE_SIZE, true));
-    // The average is rounded up, as Linux's: 32 KiB and 32 KiB - 1 average 32 KiB (SGL); two
-    // segments of 32 KiB - 1 average 32 KiB - 1 (PRP).
+    // The average is rounded up, as Linux's: 32 KiB and 32 KiB - 1 average 32 KiB (SGL);
+    // 32 KiB and 32 KiB - 2 average 32 KiB - 1 (PRP, which builds).
     let mut edge = DmaVec::default();
     edge.push(DmaAddr::new(0x10_0000), 32 << 10).unwrap();
     edge.push(DmaAddr::new(0x80_0000), (32 << 10) - 1).unwrap();
     assert!(nvme::prefers_sgl(&edge, PAGE_SIZE, true));
     let mut under = DmaVec::default();
-    under.push(DmaAddr::new(0x10_0001), (32 << 10) - 1).unwrap();
-    under.push(DmaAddr::new(0x80_0000), (32 << 10) - 1).unwrap();
+    under.push(DmaAddr::new(0x10_0000), 32 << 10).unwrap();
+    under.push(DmaAddr::new(0x80_0000), (32 << 10) - 2).unwrap();
     assert!(!nvme::prefers_sgl(&under, PAGE_SIZE, true));
+    let mut r = rig();
+    let p = nvme::build_prp(&mut r.pool, &under, PAGE_SIZE, MAX_TRANSFER).unwrap();
+    r.pool.release(p.lists);
+    // A first byte PRP1 cannot carry (bits 1:0 set) needs SGL, whatever the average says.
+    let mut odd1 = DmaVec::default();
+    odd1.push(DmaAddr::new(0x10_0001), PAGE_SIZE - 1).unwrap();
+    odd1.push(DmaAddr::new(0x80_0000), PAGE_SIZE).unwrap();
+    assert_eq!(
+        nvme::build_prp(&mut r.pool, &odd1, PAGE_SIZE, MAX_TRANSFER).unwrap_err(),
+        NvmeError::Unaligned(DmaAddr::new(0x10_0001))
+    );
+    assert!(nvme::prefers_sgl(&odd1, PAGE_SIZE, true));
 }

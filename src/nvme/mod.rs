@@ -266,7 +266,8 @@ pub(super) fn checked_segments(data: &DmaVec, max_len: u64) -> Result<(&[DmaSeg]
 
 /// Linux's choice between the two: SGL when the controller supports it and the request's
 /// average segment is at least 32 KiB, or when PRP cannot express the request at all (which
-/// includes a `page_size` that is not a controller page size, and a segment that wraps). The
+/// includes a `page_size` that is not a controller page size, a segment that wraps, and a first
+/// byte that is not dword aligned, which PRP1 cannot carry). The
 /// average is rounded up, as Linux's `nvme_pci_avg_seg_size` computes it (`DIV_ROUND_UP` of the
 /// payload by the segment count): segments of 32 KiB and 32 KiB − 1 average 32 KiB.
 #[must_use]
@@ -275,13 +276,25 @@ pub fn prefers_sgl(data: &DmaVec, page_size: u64, controller_supports_sgl: bool)
         return false;
     }
     let segs = data.segments();
-    let prp_ok = page_mask(page_size).is_ok_and(|mask| {
-        segs.iter().enumerate().all(|(i, s)| {
-            (i == 0 || s.addr.as_u64() & mask == 0)
-                && (i + 1 == segs.len() || seg_end(s).is_ok_and(|end| end & mask == 0))
-        })
-    });
+    let prp_ok = page_mask(page_size).is_ok_and(|mask| prp_expressible(segs, mask).is_ok());
     !prp_ok || data.total_len().div_ceil(segs.len() as u64) >= 32 << 10
+}
+
+/// Whether PRP can describe `segs` (non-empty) with a controller page mask `mask`: every segment
+/// but the first starts on a page and every segment but the last ends on one
+/// ([`NvmeError::NotPrpExpressible`] names the first that does not), and PRP1, the first byte,
+/// has bits 1:0 clear ([`NvmeError::Unaligned`]). A segment that wraps is its
+/// [`NvmeError::Dma`] error.
+pub(super) fn prp_expressible(segs: &[DmaSeg], mask: u64) -> Result<(), NvmeError> {
+    for (i, s) in segs.iter().enumerate() {
+        if (i > 0 && s.addr.as_u64() & mask != 0) || (i + 1 < segs.len() && seg_end(s)? & mask != 0) {
+            return Err(NvmeError::NotPrpExpressible { segment: i });
+        }
+    }
+    match segs.first() {
+        Some(s) if s.addr.as_u64() & 3 != 0 => Err(NvmeError::Unaligned(s.addr)),
+        _ => Ok(()),
+    }
 }
 
 /// The decoders' common check of `len`: not 0 and not over [`MAX_DECODE_LEN`].

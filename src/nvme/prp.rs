@@ -4,7 +4,7 @@
 
 use core::sync::atomic::Ordering;
 
-use super::{ListPool, NvmeError, checked_segments, decode_len, page_mask, seg_end};
+use super::{ListPool, NvmeError, checked_segments, decode_len, page_mask, prp_expressible, seg_end};
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::dma::DmaVec;
 use crate::iommu::{DeviceId, Iommu};
@@ -37,15 +37,8 @@ pub fn build_prp(pool: &mut ListPool, data: &DmaVec, page_size: u64, max_len: u6
         return Err(NvmeError::BadPageSize(page_size));
     }
     let (segs, len) = checked_segments(data, max_len)?;
-    for (i, s) in segs.iter().enumerate() {
-        if (i > 0 && s.addr.as_u64() & mask != 0) || (i + 1 < segs.len() && seg_end(s)? & mask != 0) {
-            return Err(NvmeError::NotPrpExpressible { segment: i });
-        }
-    }
+    prp_expressible(segs, mask)?;
     let prp1 = segs[0].addr;
-    if prp1.as_u64() & 3 != 0 {
-        return Err(NvmeError::Unaligned(prp1));
-    }
     let first_chunk = page_size - (prp1.as_u64() & mask);
     if len <= first_chunk {
         return Ok(Prp { prp1, prp2: DmaAddr::ZERO, lists: Vec::new() });
